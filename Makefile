@@ -1,0 +1,45 @@
+# Two commands do everything on a fresh machine (each installs what it needs, safe to rerun):
+#   make bench   the main job: verify against nn.Embedding, then benchmark (quick preset)
+#   make test    the test suite
+# Extra:
+#   make test-cpu-torch   build and test against the CPU-only torch==2.13.0 (CI runs it)
+#   make build            (re)build the extension in place
+SHELL := /bin/bash
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.14.1
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+BENCH_ARGS ?= --preset quick
+export MAX_JOBS ?= 2
+
+.PHONY: all setup build test bench test-cpu-torch clean
+
+all: test
+
+$(VENV)/.installed: requirements-dev.txt Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+# An in-place build (ninja recompiles only what changed; one build folder per venv, so the
+# in-place _C module always matches $(VENV)'s torch), and a .pth that puts this checkout on
+# the venv's path.
+build: setup
+	$(PY) setup.py -q build_ext --inplace --build-temp build/$(notdir $(VENV))
+	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/embedding_ext_checkout.pth"
+	$(PY) -c "import embedding_ext as ee; print('embedding_ext build:', ee.build_info())"
+
+test: build
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: build
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+test-cpu-torch:
+	$(MAKE) test VENV=.venv-cpu TORCH_SPEC=torch==2.13.0 PYTEST_ARGS="$(PYTEST_ARGS)"
+
+clean:
+	rm -rf build embedding_ext/*.so

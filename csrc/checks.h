@@ -1,0 +1,52 @@
+// Boundary checks shared by the CPU and CUDA kernels. Each message names the argument,
+// the rule and the offending value; the fake kernels in embedding_ext/ops.py repeat the
+// same rules with torch._check.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace embedding_ext {
+
+inline void check_indices_dtype(const at::Tensor& indices, const char* op) {
+  TORCH_CHECK(
+      indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt, op,
+      ": 'indices' must be an int64 or int32 tensor, got ", indices.scalar_type());
+}
+
+inline void check_weight_2d(const at::Tensor& weight, const char* op, const char* name = "weight") {
+  TORCH_CHECK(weight.dim() == 2, op, ": '", name, "' must be 2-D, got a ", weight.dim(),
+              "-D tensor of shape ", weight.sizes());
+}
+
+inline void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                              const char* b_name, const char* op) {
+  TORCH_CHECK(a.device() == b.device(), op, ": '", a_name, "' and '", b_name,
+              "' must be on the same device, got ", a.device(), " and ", b.device());
+}
+
+// grad_output of a lookup must have shape indices.shape + (D,).
+inline void check_grad_shape(const at::Tensor& grad, const at::Tensor& indices, const char* op) {
+  bool ok = grad.dim() == indices.dim() + 1;
+  for (int64_t d = 0; ok && d < indices.dim(); ++d) ok = grad.size(d) == indices.size(d);
+  TORCH_CHECK(ok, op, ": 'grad_output' must have shape indices.shape + (D,) = ", indices.sizes(),
+              " + (D,), got ", grad.sizes());
+}
+
+inline void check_renorm_args(double max_norm, double norm_type, const char* op) {
+  TORCH_CHECK(std::isfinite(max_norm) && max_norm >= 0, op,
+              ": 'max_norm' must be a finite number >= 0, got ", max_norm);
+  TORCH_CHECK(!std::isnan(norm_type) && norm_type > 0, op,
+              ": 'norm_type' must be > 0 (inf allowed), got ", norm_type);
+}
+
+// The error every backend raises for an index outside [0, num_rows).
+[[noreturn]] inline void throw_index_error(int64_t value, int64_t position, int64_t num_rows,
+                                           const char* op, const char* when = "") {
+  TORCH_CHECK_INDEX(false, op, ": index ", value, " at position ", position,
+                    " (row-major) is out of range for 'weight' with ", num_rows,
+                    " rows; valid indices are 0 <= index < ", num_rows, when);
+  __builtin_unreachable();
+}
+
+}  // namespace embedding_ext

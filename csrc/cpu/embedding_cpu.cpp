@@ -1,0 +1,410 @@
+// CPU kernels. All of them are deterministic: work is split by output row or by lookup
+// position, never by atomics, so results do not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "../checks.h"
+
+namespace embedding_ext {
+namespace {
+
+// Chunks of parallel work should move at least this many bytes, so that thread start-up
+// and scheduling stay small next to the copy itself.
+constexpr int64_t kMinBytesPerTask = 32 * 1024;
+// Rows ahead to prefetch while gathering: enough to cover DRAM latency for random rows.
+constexpr int64_t kPrefetchDistance = 8;
+
+int64_t grain_for(int64_t bytes_per_item) {
+  return std::max<int64_t>(1, kMinBytesPerTask / std::max<int64_t>(1, bytes_per_item));
+}
+
+// Records the smallest bad position seen by any thread.
+void record_bad(std::atomic<int64_t>& first_bad, int64_t pos) {
+  int64_t cur = first_bad.load(std::memory_order_relaxed);
+  while (pos < cur && !first_bad.compare_exchange_weak(cur, pos)) {
+  }
+}
+
+// Raises the index error for the first out-of-range entry, if any. A sequential scan is
+// cheap next to any kernel that touches D elements per index.
+template <typename index_t>
+void check_index_range(const index_t* idx, int64_t n, int64_t num_rows, const char* op) {
+  std::atomic<int64_t> first_bad{n};
+  at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t k = idx[i];
+      if (k < 0 || k >= num_rows) {
+        record_bad(first_bad, i);
+        return;
+      }
+    }
+  });
+  const int64_t bad = first_bad.load();
+  if (bad < n) throw_index_error(static_cast<int64_t>(idx[bad]), bad, num_rows, op);
+}
+
+// The rows of `weight` stored with unit stride along D, so each row is one memcpy.
+at::Tensor rows_unit_stride(const at::Tensor& weight) {
+  return (weight.size(1) <= 1 || weight.stride(1) == 1) ? weight : weight.contiguous();
+}
+
+std::vector<int64_t> lookup_shape(const at::Tensor& indices, int64_t dim) {
+  std::vector<int64_t> shape(indices.sizes().begin(), indices.sizes().end());
+  shape.push_back(dim);
+  return shape;
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward: a dtype-agnostic row copy.
+
+template <typename index_t>
+void gather_rows(const char* weight, int64_t row_stride_bytes, const index_t* idx, int64_t n,
+                 int64_t num_rows, char* out, int64_t row_bytes, const char* op) {
+  std::atomic<int64_t> first_bad{n};
+  at::parallel_for(0, n, grain_for(row_bytes), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t k = idx[i];
+      if (k < 0 || k >= num_rows) {
+        record_bad(first_bad, i);
+        return;
+      }
+      if (i + kPrefetchDistance < end) {
+        // A prefetch of a bad address does not fault, so no range check is needed here.
+        __builtin_prefetch(weight + static_cast<int64_t>(idx[i + kPrefetchDistance]) * row_stride_bytes);
+      }
+      std::memcpy(out + i * row_bytes, weight + k * row_stride_bytes, row_bytes);
+    }
+  });
+  const int64_t bad = first_bad.load();
+  if (bad < n) throw_index_error(static_cast<int64_t>(idx[bad]), bad, num_rows, op);
+}
+
+at::Tensor embedding_forward_cpu(const at::Tensor& weight_in, const at::Tensor& indices_in) {
+  constexpr const char* op = "embedding_forward";
+  check_weight_2d(weight_in, op);
+  check_indices_dtype(indices_in, op);
+  check_same_device(weight_in, "weight", indices_in, "indices", op);
+  const at::Tensor weight = rows_unit_stride(weight_in);
+  const at::Tensor indices = indices_in.contiguous();
+  const int64_t num_rows = weight.size(0), dim = weight.size(1), n = indices.numel();
+  at::Tensor out = at::empty(lookup_shape(indices, dim), weight.options());
+  const int64_t elem = weight.element_size();
+  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "embedding_forward_cpu", [&] {
+    gather_rows<index_t>(static_cast<const char*>(weight.const_data_ptr()),
+                         weight.stride(0) * elem, indices.const_data_ptr<index_t>(), n, num_rows,
+                         static_cast<char*>(out.mutable_data_ptr()), dim * elem, op);
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// Row counts, shared by the backward kernels.
+
+// occurrences[k] = number of positions i with idx[i] == k (padding positions excluded).
+template <typename index_t>
+std::vector<int64_t> count_rows(const index_t* idx, int64_t n, int64_t num_rows,
+                                int64_t padding_idx) {
+  std::vector<int64_t> occurrences(num_rows, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t k = idx[i];
+    if (k != padding_idx) ++occurrences[k];
+  }
+  return occurrences;
+}
+
+// Positions grouped by row, each group in ascending position order (a stable counting
+// sort). Row k's positions are order[end[k-1] .. end[k]) with end[-1] = 0.
+struct RowGroups {
+  std::vector<int64_t> end;
+  std::vector<int64_t> order;
+  int64_t begin_of(int64_t k) const { return k == 0 ? 0 : end[k - 1]; }
+};
+
+template <typename index_t>
+RowGroups group_by_row(const index_t* idx, int64_t n, int64_t num_rows, int64_t padding_idx) {
+  RowGroups g;
+  g.end = count_rows(idx, n, num_rows, padding_idx);
+  int64_t running = 0;
+  for (auto& e : g.end) {  // exclusive prefix sum: end[k] = start of row k for now
+    const int64_t c = e;
+    e = running;
+    running += c;
+  }
+  g.order.resize(running);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t k = idx[i];
+    if (k != padding_idx) g.order[g.end[k]++] = i;  // afterwards end[k] = start of row k + 1
+  }
+  return g;
+}
+
+// ---------------------------------------------------------------------------------------
+// Dense backward: every output row is owned by one thread, which zero-fills it or sums
+// its positions in ascending order in the accumulation type (fp32 for fp16/bf16), so the
+// zero-fill and the accumulation are one pass and the result is deterministic.
+
+template <typename scalar_t, typename index_t>
+void dense_backward_rows(const scalar_t* grad, const index_t* idx, int64_t n, int64_t num_rows,
+                         int64_t dim, int64_t padding_idx, bool scale_grad_by_freq,
+                         scalar_t* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const RowGroups groups = group_by_row(idx, n, num_rows, padding_idx);
+  at::parallel_for(0, num_rows, grain_for(dim * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(dim);
+    for (int64_t k = begin; k < end; ++k) {
+      scalar_t* dst = out + k * dim;
+      const int64_t s = groups.begin_of(k), e = groups.end[k];
+      if (s == e) {
+        std::memset(dst, 0, dim * sizeof(scalar_t));
+        continue;
+      }
+      const scalar_t* first = grad + groups.order[s] * dim;
+      for (int64_t d = 0; d < dim; ++d) acc[d] = static_cast<acc_t>(first[d]);
+      for (int64_t j = s + 1; j < e; ++j) {
+        const scalar_t* g = grad + groups.order[j] * dim;
+        for (int64_t d = 0; d < dim; ++d) acc[d] += static_cast<acc_t>(g[d]);
+      }
+      if (scale_grad_by_freq && e - s > 1) {
+        const acc_t inv = acc_t(1) / static_cast<acc_t>(e - s);
+        for (int64_t d = 0; d < dim; ++d) acc[d] *= inv;
+      }
+      for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(acc[d]);
+    }
+  });
+}
+
+at::Tensor embedding_dense_backward_cpu(const at::Tensor& grad_in, const at::Tensor& indices_in,
+                                        c10::SymInt num_weights_sym, int64_t padding_idx,
+                                        bool scale_grad_by_freq) {
+  constexpr const char* op = "embedding_dense_backward";
+  check_indices_dtype(indices_in, op);
+  check_same_device(grad_in, "grad_output", indices_in, "indices", op);
+  check_grad_shape(grad_in, indices_in, op);
+  const int64_t num_rows = num_weights_sym.expect_int();
+  TORCH_CHECK(num_rows >= 0, op, ": 'num_weights' must be >= 0, got ", num_rows);
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor indices = indices_in.contiguous();
+  const int64_t dim = grad.size(-1), n = indices.numel();
+  at::Tensor out = at::empty({num_rows, dim}, grad.options());
+  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "embedding_dense_backward_cpu", [&] {
+    const index_t* idx = indices.const_data_ptr<index_t>();
+    check_index_range(idx, n, num_rows, op);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), op, [&] {
+      dense_backward_rows<scalar_t, index_t>(grad.const_data_ptr<scalar_t>(), idx, n, num_rows,
+                                             dim, padding_idx, scale_grad_by_freq,
+                                             out.mutable_data_ptr<scalar_t>());
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// Scaled gather (the double backward): out[i] = weight[idx[i]] / count, 0 at padding.
+
+template <typename scalar_t, typename index_t>
+void scaled_gather_rows(const scalar_t* weight, int64_t row_stride, const index_t* idx, int64_t n,
+                        int64_t num_rows, int64_t dim, int64_t padding_idx,
+                        bool scale_grad_by_freq, scalar_t* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<int64_t> occurrences;
+  if (scale_grad_by_freq) occurrences = count_rows(idx, n, num_rows, padding_idx);
+  at::parallel_for(0, n, grain_for(dim * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t k = idx[i];
+      scalar_t* dst = out + i * dim;
+      if (k == padding_idx) {
+        std::memset(dst, 0, dim * sizeof(scalar_t));
+        continue;
+      }
+      const scalar_t* src = weight + k * row_stride;
+      if (!scale_grad_by_freq) {
+        std::memcpy(dst, src, dim * sizeof(scalar_t));
+        continue;
+      }
+      const acc_t inv = acc_t(1) / static_cast<acc_t>(occurrences[k]);
+      for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(static_cast<acc_t>(src[d]) * inv);
+    }
+  });
+}
+
+at::Tensor embedding_scaled_gather_cpu(const at::Tensor& weight_in, const at::Tensor& indices_in,
+                                       int64_t padding_idx, bool scale_grad_by_freq) {
+  constexpr const char* op = "embedding_scaled_gather";
+  check_weight_2d(weight_in, op);
+  check_indices_dtype(indices_in, op);
+  check_same_device(weight_in, "weight", indices_in, "indices", op);
+  const at::Tensor weight = rows_unit_stride(weight_in);
+  const at::Tensor indices = indices_in.contiguous();
+  const int64_t num_rows = weight.size(0), dim = weight.size(1), n = indices.numel();
+  at::Tensor out = at::empty(lookup_shape(indices, dim), weight.options());
+  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "embedding_scaled_gather_cpu", [&] {
+    const index_t* idx = indices.const_data_ptr<index_t>();
+    check_index_range(idx, n, num_rows, op);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
+      scaled_gather_rows<scalar_t, index_t>(weight.const_data_ptr<scalar_t>(), weight.stride(0),
+                                            idx, n, num_rows, dim, padding_idx, scale_grad_by_freq,
+                                            out.mutable_data_ptr<scalar_t>());
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// Sparse backward: (row indices, values) in position order, padding positions removed.
+
+template <typename scalar_t, typename index_t>
+void sparse_backward_rows(const scalar_t* grad, const index_t* idx, int64_t n, int64_t num_rows,
+                          int64_t dim, int64_t padding_idx, bool scale_grad_by_freq,
+                          int64_t* rows_out, scalar_t* values) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<int64_t> occurrences;
+  if (scale_grad_by_freq) occurrences = count_rows(idx, n, num_rows, padding_idx);
+  // source[j] = the position whose gradient becomes the j-th value.
+  std::vector<int64_t> source;
+  source.reserve(n);
+  for (int64_t i = 0; i < n; ++i) {
+    if (static_cast<int64_t>(idx[i]) != padding_idx) {
+      rows_out[source.size()] = idx[i];
+      source.push_back(i);
+    }
+  }
+  const int64_t nnz = static_cast<int64_t>(source.size());
+  at::parallel_for(0, nnz, grain_for(dim * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const scalar_t* src = grad + source[j] * dim;
+      scalar_t* dst = values + j * dim;
+      if (!scale_grad_by_freq) {
+        std::memcpy(dst, src, dim * sizeof(scalar_t));
+        continue;
+      }
+      const acc_t inv = acc_t(1) / static_cast<acc_t>(occurrences[rows_out[j]]);
+      for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(static_cast<acc_t>(src[d]) * inv);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> embedding_sparse_backward_cpu(const at::Tensor& grad_in,
+                                                                 const at::Tensor& indices_in,
+                                                                 c10::SymInt num_weights_sym,
+                                                                 int64_t padding_idx,
+                                                                 bool scale_grad_by_freq) {
+  constexpr const char* op = "embedding_sparse_backward";
+  check_indices_dtype(indices_in, op);
+  check_same_device(grad_in, "grad_output", indices_in, "indices", op);
+  check_grad_shape(grad_in, indices_in, op);
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor indices = indices_in.contiguous();
+  const int64_t num_rows = num_weights_sym.expect_int();
+  const int64_t dim = grad.size(-1), n = indices.numel();
+  int64_t nnz = n;
+  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "embedding_sparse_count_cpu", [&] {
+    if (padding_idx >= 0) {
+      const index_t* idx = indices.const_data_ptr<index_t>();
+      nnz = n - std::count(idx, idx + n, static_cast<index_t>(padding_idx));
+    }
+  });
+  at::Tensor rows = at::empty({1, nnz}, indices.options().dtype(at::kLong));
+  at::Tensor values = at::empty({nnz, dim}, grad.options());
+  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "embedding_sparse_backward_cpu", [&] {
+    const index_t* idx = indices.const_data_ptr<index_t>();
+    check_index_range(idx, n, num_rows, op);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), op, [&] {
+      sparse_backward_rows<scalar_t, index_t>(grad.const_data_ptr<scalar_t>(), idx, n,
+                                              num_rows, dim, padding_idx, scale_grad_by_freq,
+                                              rows.mutable_data_ptr<int64_t>(),
+                                              values.mutable_data_ptr<scalar_t>());
+    });
+  });
+  return {rows, values};
+}
+
+// ---------------------------------------------------------------------------------------
+// max_norm renorm, in place on the distinct referenced rows.
+
+template <typename acc_t, typename scalar_t>
+acc_t row_norm(const scalar_t* row, int64_t stride, int64_t dim, double p) {
+  acc_t total = 0;
+  if (std::isinf(p)) {
+    for (int64_t d = 0; d < dim; ++d) total = std::max(total, std::abs(static_cast<acc_t>(row[d * stride])));
+    return total;
+  }
+  if (p == 1.0) {
+    for (int64_t d = 0; d < dim; ++d) total += std::abs(static_cast<acc_t>(row[d * stride]));
+    return total;
+  }
+  if (p == 2.0) {
+    for (int64_t d = 0; d < dim; ++d) {
+      const acc_t x = static_cast<acc_t>(row[d * stride]);
+      total += x * x;
+    }
+    return std::sqrt(total);
+  }
+  const acc_t pp = static_cast<acc_t>(p);
+  for (int64_t d = 0; d < dim; ++d) total += std::pow(std::abs(static_cast<acc_t>(row[d * stride])), pp);
+  return std::pow(total, acc_t(1) / pp);
+}
+
+template <typename scalar_t>
+void renorm_rows(scalar_t* weight, int64_t row_stride, int64_t col_stride, int64_t dim,
+                 const std::vector<int64_t>& rows, double max_norm, double norm_type) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, static_cast<int64_t>(rows.size()), grain_for(dim * sizeof(scalar_t)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      scalar_t* row = weight + rows[j] * row_stride;
+      const double norm = static_cast<double>(row_norm<acc_t>(row, col_stride, dim, norm_type));
+      if (norm > max_norm) {
+        const acc_t scale = static_cast<acc_t>(max_norm / (norm + 1e-7));
+        for (int64_t d = 0; d < dim; ++d) {
+          row[d * col_stride] = static_cast<scalar_t>(static_cast<acc_t>(row[d * col_stride]) * scale);
+        }
+      }
+    }
+  });
+}
+
+void embedding_renorm_cpu(const at::Tensor& weight, const at::Tensor& indices_in, double max_norm,
+                          double norm_type) {
+  constexpr const char* op = "embedding_renorm_";
+  check_weight_2d(weight, op);
+  check_indices_dtype(indices_in, op);
+  check_same_device(weight, "weight", indices_in, "indices", op);
+  check_renorm_args(max_norm, norm_type, op);
+  const at::Tensor indices = indices_in.contiguous();
+  const int64_t num_rows = weight.size(0), n = indices.numel();
+  std::vector<int64_t> rows;
+  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "embedding_renorm_cpu", [&] {
+    const index_t* idx = indices.const_data_ptr<index_t>();
+    check_index_range(idx, n, num_rows, op);
+    rows.assign(idx, idx + n);
+  });
+  std::sort(rows.begin(), rows.end());
+  rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
+    renorm_rows<scalar_t>(weight.mutable_data_ptr<scalar_t>(), weight.stride(0), weight.stride(1),
+                          weight.size(1), rows, max_norm, norm_type);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(embedding_ext, CPU, m) {
+  m.impl("embedding_forward", &embedding_forward_cpu);
+  m.impl("embedding_dense_backward", &embedding_dense_backward_cpu);
+  m.impl("embedding_scaled_gather", &embedding_scaled_gather_cpu);
+  m.impl("embedding_sparse_backward", &embedding_sparse_backward_cpu);
+  m.impl("embedding_renorm_", &embedding_renorm_cpu);
+}
+
+}  // namespace embedding_ext

@@ -1,0 +1,67 @@
+"""embedding_ext: a drop-in ``torch.nn.Embedding`` whose lookup, gradients and renorm run in
+our own C++ and CUDA kernels (registered as ``torch.ops.embedding_ext.*``).
+
+    import embedding_ext as ee
+    emb = ee.Embedding(50257, 768, padding_idx=0)   # same constructor as nn.Embedding
+    out = ee.embedding(ids, weight)                  # same signature as F.embedding
+"""
+import os
+
+import torch
+
+try:
+    from . import _C
+except ImportError as exc:  # pragma: no cover - only without a build
+    raise ImportError(
+        "embedding_ext: the compiled module embedding_ext._C is missing or does not load "
+        f"({exc}). Build it with `pip install --no-build-isolation -e .` (or `make build`) "
+        "in the repository, against the torch you import."
+    ) from exc
+
+if _C.torch_version != torch.__version__:
+    raise ImportError(
+        f"embedding_ext: the compiled kernels were built against torch {_C.torch_version}, "
+        f"but torch {torch.__version__} is imported. Rebuild with "
+        "`pip install --no-build-isolation -e .` against this torch."
+    )
+
+from . import ops  # noqa: E402  (registers fake kernels)
+from .autograd import EmbeddingFunction  # noqa: E402
+from .functional import embedding  # noqa: E402
+from .module import Embedding  # noqa: E402
+
+
+def build_info() -> dict:
+    """How the loaded binary was built: backends, CUDA arch list, torch version."""
+    return {
+        "torch_version": _C.torch_version,
+        "backends": ["cpu"] + (["cuda"] if _C.with_cuda else []),
+        "cuda_arch_list": _C.cuda_arch_list or None,
+        "openmp": _C.with_openmp,
+    }
+
+
+def check_cuda_index_errors() -> None:
+    """Wait for the GPU and raise ``IndexError`` if any embedding_ext CUDA kernel met an
+    out-of-range index since the last check (see README: "Bad indices on CUDA")."""
+    if _C.with_cuda and torch.cuda.is_available():
+        _C.check_cuda_index_errors()
+
+
+def set_synchronous_index_checks(enabled: bool) -> None:
+    """With ``True``, every CUDA call waits for its kernels and raises ``IndexError`` from
+    the call that met a bad index (costs a host synchronisation per call). Default: off,
+    or ``EMBEDDING_EXT_SYNC_INDEX_CHECKS=1`` in the environment."""
+    _C.set_synchronous_index_checks(bool(enabled))
+
+
+set_synchronous_index_checks(os.environ.get("EMBEDDING_EXT_SYNC_INDEX_CHECKS", "0") == "1")
+
+__all__ = [
+    "Embedding",
+    "EmbeddingFunction",
+    "embedding",
+    "build_info",
+    "check_cuda_index_errors",
+    "set_synchronous_index_checks",
+]

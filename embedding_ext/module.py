@@ -1,0 +1,31 @@
+"""``Embedding``: a subclass of ``torch.nn.Embedding`` whose forward runs our kernels.
+
+Construction, ``reset_parameters``, ``from_pretrained``, ``extra_repr``, ``state_dict`` and
+pickling are inherited unchanged, so the module is interchangeable with ``nn.Embedding``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .functional import embedding
+
+
+class Embedding(torch.nn.Embedding):
+    """Equivalent to :class:`torch.nn.Embedding`; see :func:`embedding_ext.embedding`."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 max_norm: float | None = None, norm_type: float = 2.0,
+                 scale_grad_by_freq: bool = False, sparse: bool = False,
+                 _weight: Tensor | None = None, _freeze: bool = False, device=None,
+                 dtype=None) -> None:
+        if num_embeddings < 0 or embedding_dim < 0:
+            raise ValueError(
+                "Embedding: 'num_embeddings' and 'embedding_dim' must be >= 0, got "
+                f"num_embeddings={num_embeddings}, embedding_dim={embedding_dim}")
+        super().__init__(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type,
+                         scale_grad_by_freq, sparse, _weight, _freeze, device, dtype)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type,
+                         self.scale_grad_by_freq, self.sparse)

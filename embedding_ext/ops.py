@@ -1,0 +1,112 @@
+"""Typed wrappers over ``torch.ops.embedding_ext.*`` and their fake (meta) kernels.
+
+The fake kernels repeat the C++ boundary checks with ``torch._check`` and size outputs from
+shapes and the ``num_weights`` argument only, so ``torch.compile`` never reads data.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.embedding_ext
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def embedding_forward(weight: Tensor, indices: Tensor) -> Tensor:
+    """``weight[indices]`` as a fresh contiguous tensor of shape ``indices.shape + (D,)``."""
+    return _ops.embedding_forward(weight, indices)
+
+
+def embedding_dense_backward(grad_output: Tensor, indices: Tensor, num_weights: int,
+                             padding_idx: int, scale_grad_by_freq: bool) -> Tensor:
+    """The ``(num_weights, D)`` gradient of the lookup; ``padding_idx < 0`` means none."""
+    return _ops.embedding_dense_backward(grad_output, indices, num_weights, padding_idx,
+                                         scale_grad_by_freq)
+
+
+def embedding_scaled_gather(weight: Tensor, indices: Tensor, padding_idx: int,
+                            scale_grad_by_freq: bool) -> Tensor:
+    """The adjoint of :func:`embedding_dense_backward` (used for double backward)."""
+    return _ops.embedding_scaled_gather(weight, indices, padding_idx, scale_grad_by_freq)
+
+
+def embedding_sparse_backward(grad_output: Tensor, indices: Tensor, num_weights: int,
+                              padding_idx: int, scale_grad_by_freq: bool) -> tuple[Tensor, Tensor]:
+    """``(rows (1, nnz) int64, values (nnz, D))`` of the sparse gradient."""
+    return _ops.embedding_sparse_backward(grad_output, indices, num_weights, padding_idx,
+                                          scale_grad_by_freq)
+
+
+def embedding_renorm_(weight: Tensor, indices: Tensor, max_norm: float, norm_type: float) -> None:
+    """Scales, in place, each referenced row whose norm exceeds ``max_norm``."""
+    _ops.embedding_renorm_(weight, indices, float(max_norm), float(norm_type))
+
+
+# --------------------------------------------------------------------------------------
+# Fake kernels: same rules as csrc/checks.h.
+
+def _check_indices(indices: Tensor, op: str) -> None:
+    torch._check(indices.dtype in _INDEX_DTYPES,
+                 lambda: f"{op}: 'indices' must be an int64 or int32 tensor, got {indices.dtype}")
+
+
+def _check_weight(weight: Tensor, op: str) -> None:
+    torch._check(weight.dim() == 2,
+                 lambda: f"{op}: 'weight' must be 2-D, got a {weight.dim()}-D tensor "
+                         f"of shape {tuple(weight.shape)}")
+
+
+def _check_grad(grad: Tensor, indices: Tensor, op: str) -> None:
+    torch._check(grad.dim() == indices.dim() + 1 and grad.shape[:-1] == indices.shape,
+                 lambda: f"{op}: 'grad_output' must have shape indices.shape + (D,) = "
+                         f"{tuple(indices.shape)} + (D,), got {tuple(grad.shape)}")
+
+
+def _check_devices(a: Tensor, a_name: str, indices: Tensor, op: str) -> None:
+    torch._check(a.device == indices.device,
+                 lambda: f"{op}: '{a_name}' and 'indices' must be on the same device, got "
+                         f"{a.device} and {indices.device}")
+
+
+@torch.library.register_fake("embedding_ext::embedding_forward")
+def _forward_fake(weight, indices):
+    _check_weight(weight, "embedding_forward")
+    _check_indices(indices, "embedding_forward")
+    _check_devices(weight, "weight", indices, "embedding_forward")
+    return weight.new_empty((*indices.shape, weight.shape[1]))
+
+
+@torch.library.register_fake("embedding_ext::embedding_dense_backward")
+def _dense_backward_fake(grad_output, indices, num_weights, padding_idx, scale_grad_by_freq):
+    _check_indices(indices, "embedding_dense_backward")
+    _check_grad(grad_output, indices, "embedding_dense_backward")
+    _check_devices(grad_output, "grad_output", indices, "embedding_dense_backward")
+    return grad_output.new_empty((num_weights, grad_output.shape[-1]))
+
+
+@torch.library.register_fake("embedding_ext::embedding_scaled_gather")
+def _scaled_gather_fake(weight, indices, padding_idx, scale_grad_by_freq):
+    _check_weight(weight, "embedding_scaled_gather")
+    _check_indices(indices, "embedding_scaled_gather")
+    _check_devices(weight, "weight", indices, "embedding_scaled_gather")
+    return weight.new_empty((*indices.shape, weight.shape[1]))
+
+
+@torch.library.register_fake("embedding_ext::embedding_sparse_backward")
+def _sparse_backward_fake(grad_output, indices, num_weights, padding_idx, scale_grad_by_freq):
+    _check_indices(indices, "embedding_sparse_backward")
+    _check_grad(grad_output, indices, "embedding_sparse_backward")
+    _check_devices(grad_output, "grad_output", indices, "embedding_sparse_backward")
+    # Removing padding positions makes the count data-dependent.
+    nnz = torch.library.get_ctx().new_dynamic_size() if padding_idx >= 0 else indices.numel()
+    rows = indices.new_empty((1, nnz), dtype=torch.int64)
+    values = grad_output.new_empty((nnz, grad_output.shape[-1]))
+    return rows, values
+
+
+@torch.library.register_fake("embedding_ext::embedding_renorm_")
+def _renorm_fake(weight, indices, max_norm, norm_type):
+    _check_weight(weight, "embedding_renorm_")
+    _check_indices(indices, "embedding_renorm_")
+    _check_devices(weight, "weight", indices, "embedding_renorm_")
+    return None

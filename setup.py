@@ -1,0 +1,75 @@
+"""Build embedding_ext: the C++ kernels always, the CUDA kernels whenever torch is a CUDA
+build and nvcc is found (a visible GPU is not needed).
+
+Environment switches (all optional):
+  EMBEDDING_EXT_FORCE_CPU=1      build the C++ kernels only, even where CUDA could be built
+  TORCH_CUDA_ARCH_LIST="9.0"     the CUDA architectures; default "8.0;9.0+PTX" with no GPU
+                                 visible (A100, H100/H200, PTX for newer cards)
+  CUDA_HOME=/path                the CUDA toolkit; default: the one holding `nvcc` on PATH,
+                                 else /usr/local/cuda
+  MAX_JOBS=N                     parallel compile jobs (ninja)
+"""
+import os
+import shutil
+from pathlib import Path
+
+
+def _find_cuda_home():
+    """torch's own guess can land on /usr/local (where a wrapper `nvcc` script may live);
+    take the first candidate that is a real toolkit: bin/nvcc plus the runtime headers."""
+    candidates = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    for home in filter(None, candidates):
+        if (Path(home) / "bin" / "nvcc").exists() and (Path(home) / "include" / "cuda_runtime.h").exists():
+            return home
+    return None
+
+
+_cuda_home = _find_cuda_home()
+if _cuda_home:
+    # Must be set before torch.utils.cpp_extension is imported: it reads it once.
+    os.environ["CUDA_HOME"] = _cuda_home
+
+import torch  # noqa: E402
+from setuptools import setup  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+ROOT = Path(__file__).parent
+CSRC = ROOT / "csrc"
+
+
+def _want_cuda():
+    if os.environ.get("EMBEDDING_EXT_FORCE_CPU", "0") == "1":
+        return False
+    return torch.version.cuda is not None and _cuda_home is not None and (
+        Path(_cuda_home) / "bin" / "nvcc").exists()
+
+
+def _extension():
+    with_cuda = _want_cuda()
+    sources = [str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.cpp"))]
+    sources += [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cpu").glob("*.cpp"))]
+    openmp = torch.backends.openmp.is_available()
+    macros = [("EMBEDDING_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
+    cxx = ["-O3"] + (["-fopenmp"] if openmp else [])
+    link = ["-fopenmp"] if openmp else []
+    if not with_cuda:
+        return CppExtension("embedding_ext._C", sources, define_macros=macros,
+                            extra_compile_args={"cxx": cxx}, extra_link_args=link)
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "detected")
+    sources += [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cuda").glob("*.cu"))]
+    macros += [("EMBEDDING_EXT_WITH_CUDA", None),
+               ("EMBEDDING_EXT_CUDA_ARCH_LIST", f'"{arch_list}"')]
+    nvcc = ["-O3", "-lineinfo"]
+    return CUDAExtension("embedding_ext._C", sources, define_macros=macros,
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+)

@@ -1,0 +1,87 @@
+"""Shared test matrix pieces: devices, dtypes, tolerances, index generators, seeding."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[
+        pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible")]),
+]
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+INDEX_DTYPES = [torch.int32, torch.int64]
+
+# Tolerances against the float64 reference: a few ulps of the dtype, scaled for sums.
+TOL = {
+    torch.float64: dict(atol=1e-12, rtol=1e-12),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+}
+
+# Index shapes: 0-dim, empty, 1-D, odd 3-D, and a non-contiguous view.
+SHAPES = ["scalar", "empty", "empty3d", "1d", "3d", "noncontig"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed(request):
+    """Fresh random inputs on every run; the seed is printed so a failure can be replayed
+    with EMBEDDING_EXT_TEST_SEED=<seed>."""
+    seed = int(os.environ.get("EMBEDDING_EXT_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    torch.manual_seed(seed)
+    print(f"EMBEDDING_EXT_TEST_SEED={seed}")
+    yield seed
+
+
+def make_indices(shape: str | tuple, num_weights: int, device="cpu", dtype=torch.int64,
+                 padding_idx: int | None = None) -> torch.Tensor:
+    """Indices with heavy duplicates (half the positions hit 3 hot rows) and, when a padding
+    index is given, padding at about a fifth of the positions."""
+    if isinstance(shape, str):
+        sizes = {"scalar": (), "empty": (0,), "empty3d": (2, 0, 3), "1d": (17,),
+                 "3d": (2, 3, 5), "noncontig": (6, 4)}[shape]
+    else:
+        sizes = shape
+    n = 1
+    for s in sizes:
+        n *= s
+    idx = torch.randint(0, num_weights, (n,))
+    if n and num_weights:
+        hot = torch.randint(0, num_weights, (3,))
+        use_hot = torch.rand(n) < 0.5
+        idx = torch.where(use_hot, hot[torch.randint(0, 3, (n,))], idx)
+        if padding_idx is not None:
+            pad = padding_idx % num_weights
+            idx = torch.where(torch.rand(n) < 0.2, torch.full_like(idx, pad), idx)
+    idx = idx.reshape(sizes).to(device=device, dtype=dtype)
+    if shape == "noncontig":
+        idx = idx.t()
+        assert not idx.is_contiguous()
+    return idx
+
+
+def make_weight(num_weights: int, dim: int, dtype=torch.float32, device="cpu",
+                noncontig: bool = False) -> torch.Tensor:
+    if noncontig:
+        # Every other column of a wider table: stride(0) != dim, stride(1) == 2.
+        return torch.randn(num_weights, 2 * dim, dtype=dtype, device=device)[:, ::2]
+    return torch.randn(num_weights, dim, dtype=dtype, device=device)
+
+
+def poison(numel: int, dtype: torch.dtype, device) -> None:
+    """Allocate and free a NaN-filled block so that the next allocation of that size is
+    likely to reuse it (always on the CUDA caching allocator): elements a kernel forgets
+    to write then show up as NaN."""
+    if numel > 0:
+        fill = float("nan") if dtype.is_floating_point else -1
+        del_me = torch.full((numel,), fill, dtype=dtype, device=device)
+        del del_me
+
+
+def assert_close(actual, expected, dtype):
+    torch.testing.assert_close(actual.double(), expected.double(), **TOL[dtype])

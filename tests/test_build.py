@@ -1,0 +1,66 @@
+"""The build reports what it compiled, CUDA is compiled wherever it can be, and no
+aten::embedding* op runs underneath our API."""
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import embedding_ext as ee
+from conftest import make_indices
+
+
+def _nvcc_available():
+    homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    if shutil.which("nvcc"):
+        homes.append(str(Path(shutil.which("nvcc")).resolve().parent.parent))
+    return any(h and (Path(h) / "bin" / "nvcc").exists() for h in homes)
+
+
+def test_cuda_kernels_built_whenever_possible():
+    info = ee.build_info()
+    assert info["torch_version"] == torch.__version__
+    expected = (torch.version.cuda is not None and _nvcc_available()
+                and os.environ.get("EMBEDDING_EXT_FORCE_CPU", "0") != "1")
+    assert ("cuda" in info["backends"]) == expected, (
+        f"torch CUDA build: {torch.version.cuda}, nvcc found: {_nvcc_available()}, "
+        f"but the extension reports backends {info['backends']}")
+    for op in ("embedding_forward", "embedding_dense_backward", "embedding_scaled_gather",
+               "embedding_sparse_backward", "embedding_renorm_"):
+        name = f"embedding_ext::{op}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA") == expected
+    if expected:
+        assert info["cuda_arch_list"]
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_aten_embedding_op_runs():
+    weight = torch.randn(20, 4, dtype=torch.float64, requires_grad=True)
+    idx = make_indices((3, 5), 20, padding_idx=0)
+    with _RecordOps() as rec:
+        for sparse in (False, True):
+            out = ee.embedding(idx, weight, padding_idx=0, max_norm=1.0,
+                               scale_grad_by_freq=True, sparse=sparse)
+            grad_out = torch.randn_like(out, requires_grad=not sparse)
+            (g,) = torch.autograd.grad(out, weight, grad_out, create_graph=not sparse)
+            if not sparse:
+                torch.autograd.grad(g, grad_out, torch.randn_like(g))
+        module = ee.Embedding(20, 4)
+        module(idx).sum().backward()
+    assert any(op.startswith("embedding_ext.") for op in rec.ops)
+    assert [op for op in rec.ops if "embedding" in op and not op.startswith("embedding_ext.")] == []
+    assert {"embedding_ext.embedding_forward.default", "embedding_ext.embedding_renorm_.default",
+            "embedding_ext.embedding_dense_backward.default",
+            "embedding_ext.embedding_scaled_gather.default",
+            "embedding_ext.embedding_sparse_backward.default"} <= set(rec.ops)

@@ -1,0 +1,99 @@
+"""CUDA-only behaviour: bad indices leave the context usable, CUDA graphs, streams."""
+import pytest
+import torch
+
+import embedding_ext as ee
+from embedding_ext import reference
+from conftest import make_indices, make_weight
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")]
+
+
+def test_bad_index_is_reported_later_without_sync_and_context_survives():
+    weight = make_weight(10, 16, device="cuda")
+    bad = torch.tensor([1, 2, 12, 3], device="cuda")
+    out = ee.embedding(bad, weight)  # asynchronous: no error yet, no out-of-bounds access
+    with pytest.raises(IndexError, match="index 12 at position 2 .* 10 rows"):
+        ee.check_cuda_index_errors()
+    assert not out[2].any(), "the bad position's row is zero-filled"
+    ee.check_cuda_index_errors()  # the record was cleared
+    good = make_indices((50,), 10, "cuda")
+    assert torch.equal(ee.embedding(good, weight), weight[good])
+    torch.cuda.synchronize()
+
+
+def test_bad_index_raised_by_next_call():
+    weight = make_weight(10, 4, device="cuda")
+    ee.embedding(torch.tensor([-1], device="cuda"), weight)
+    torch.cuda.synchronize()
+    with pytest.raises(IndexError, match="index -1 at position 0 .*earlier asynchronous"):
+        ee.embedding(torch.tensor([0], device="cuda"), weight)
+    ee.check_cuda_index_errors()
+
+
+def test_synchronous_mode_raises_from_the_call():
+    weight = make_weight(10, 4, device="cuda").requires_grad_()
+    ee.set_synchronous_index_checks(True)
+    try:
+        with pytest.raises(IndexError, match="index 10 at position 0"):
+            ee.embedding(torch.tensor([10, 1], device="cuda"), weight)
+    finally:
+        ee.set_synchronous_index_checks(False)
+    ee.embedding(torch.tensor([1], device="cuda"), weight).sum().backward()
+
+
+def test_cuda_graph_capture_and_replay():
+    weight = make_weight(100, 64, device="cuda").requires_grad_()
+    static_idx = make_indices((256,), 100, "cuda", padding_idx=0)
+    static_grad = torch.randn(256, 64, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up outside the graph
+        for _ in range(2):
+            weight.grad = None
+            ee.embedding(static_idx, weight, padding_idx=0, scale_grad_by_freq=True).backward(static_grad)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    weight.grad = None
+    with torch.cuda.graph(graph):
+        static_out = ee.embedding(static_idx, weight, padding_idx=0, scale_grad_by_freq=True)
+        static_out.backward(static_grad)
+    for _ in range(3):
+        static_idx.copy_(make_indices((256,), 100, "cuda", padding_idx=0))
+        static_grad.copy_(torch.randn(256, 64, device="cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, weight.detach()[static_idx])
+        expected = reference.dense_backward(static_grad, static_idx, 100, 0, True)
+        torch.testing.assert_close(weight.grad.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_runs_on_the_current_stream():
+    weight = make_weight(1000, 256, device="cuda")
+    idx = make_indices((4096,), 1000, "cuda")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        out = ee.embedding(idx, weight)
+        expected = weight[idx]
+    side.synchronize()
+    assert torch.equal(out, expected)
+
+
+def test_other_device_index_guard():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    weight = make_weight(10, 4, device="cuda:1")
+    idx = torch.tensor([1, 2], device="cuda:1")
+    assert torch.equal(ee.embedding(idx, weight), weight[idx])
+
+
+def test_large_table_int32_offsets():
+    """Row offsets beyond 2^31 elements must use 64-bit arithmetic."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 12 * 2**30:
+        pytest.skip("needs 12 GiB of free GPU memory")
+    weight = torch.empty(2**21 + 8, 1024, dtype=torch.float16, device="cuda")  # > 2^31 elements
+    weight[-3:].normal_()
+    idx = torch.tensor([2**21 + 7, 2**21 + 5], device="cuda", dtype=torch.int32)
+    assert torch.equal(ee.embedding(idx, weight), weight[idx.long()])

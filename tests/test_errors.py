@@ -1,0 +1,115 @@
+"""Every bad input gets an error that names the argument, the rule and the value."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import embedding_ext as ee
+from conftest import DEVICES, make_weight
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,name", [(torch.float32, "Float"), (torch.int16, "Short"),
+                                        (torch.uint8, "Byte"), (torch.bool, "Bool")])
+def test_index_dtype(device, dtype, name):
+    weight = make_weight(5, 3, device=device)
+    idx = torch.tensor([1, 2], device=device).to(dtype)
+    with pytest.raises(RuntimeError, match=f"'indices' must be an int64 or int32 tensor, got {name}"):
+        ee.embedding(idx, weight)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(5,), (2, 3, 4), ()])
+def test_weight_must_be_2d(device, shape):
+    weight = torch.randn(shape, device=device)
+    with pytest.raises(RuntimeError, match="'weight' must be 2-D"):
+        ee.embedding(torch.tensor([0], device=device), weight)
+    with pytest.raises(RuntimeError, match="'weight' must be 2-D"):
+        torch.ops.embedding_ext.embedding_forward(weight, torch.tensor([0], device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [10, -1, 1 << 40])
+@pytest.mark.parametrize("options", [dict(), dict(max_norm=1.0), dict(scale_grad_by_freq=True)])
+def test_out_of_range_index(device, bad, options):
+    weight = make_weight(10, 3, device=device).requires_grad_()
+    idx = torch.tensor([[1, 2], [bad, 3]], device=device)
+    ee.set_synchronous_index_checks(True)
+    try:
+        with pytest.raises(IndexError, match=rf"index {bad} at position 2 .* 10 rows; valid indices are 0 <= index < 10"):
+            ee.embedding(idx, weight, **options)
+    finally:
+        ee.set_synchronous_index_checks(False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_of_range_index_in_backward_ops(device):
+    g = torch.randn(3, 2, device=device)
+    idx = torch.tensor([0, 7, 1], device=device)
+    ee.set_synchronous_index_checks(True)
+    try:
+        for call in (lambda: torch.ops.embedding_ext.embedding_dense_backward(g, idx, 5, -1, False),
+                     lambda: torch.ops.embedding_ext.embedding_sparse_backward(g, idx, 5, -1, False),
+                     lambda: torch.ops.embedding_ext.embedding_scaled_gather(torch.randn(5, 2, device=device), idx, -1, True)):
+            with pytest.raises(IndexError, match="index 7 at position 1"):
+                call()
+    finally:
+        ee.set_synchronous_index_checks(False)
+
+
+@pytest.mark.parametrize("padding_idx", [10, 11, -11, -100])
+def test_padding_idx_out_of_range(padding_idx):
+    weight = make_weight(10, 3)
+    for fn in (ee.embedding, F.embedding):
+        with pytest.raises(AssertionError, match="Padding_idx must be within num_embeddings"):
+            fn(torch.tensor([1]), weight, padding_idx=padding_idx)
+    with pytest.raises(AssertionError, match="Padding_idx must be within num_embeddings"):
+        ee.Embedding(10, 3, padding_idx=padding_idx)
+
+
+def test_weight_shape_mismatch():
+    with pytest.raises(AssertionError, match="Shape of weight does not match num_embeddings and embedding_dim"):
+        ee.Embedding(10, 3, _weight=torch.randn(10, 4))
+
+
+def test_from_pretrained_needs_2d():
+    with pytest.raises(AssertionError, match="Embeddings parameter is expected to be 2-dimensional"):
+        ee.Embedding.from_pretrained(torch.randn(4))
+
+
+@pytest.mark.parametrize("num_embeddings,embedding_dim", [(-1, 3), (3, -2)])
+def test_negative_sizes(num_embeddings, embedding_dim):
+    with pytest.raises(ValueError, match=rf"num_embeddings={num_embeddings}, embedding_dim={embedding_dim}"):
+        ee.Embedding(num_embeddings, embedding_dim)
+
+
+@pytest.mark.parametrize("max_norm,norm_type,message", [
+    (math.nan, 2.0, "'max_norm' must be a finite number >= 0, got nan"),
+    (math.inf, 2.0, "'max_norm' must be a finite number >= 0, got inf"),
+    (-1.0, 2.0, "'max_norm' must be a finite number >= 0, got -1"),
+    (1.0, 0.0, "'norm_type' must be > 0 \\(inf allowed\\), got 0"),
+    (1.0, -2.0, "'norm_type' must be > 0 \\(inf allowed\\), got -2"),
+    (1.0, math.nan, "'norm_type' must be > 0 \\(inf allowed\\), got nan"),
+])
+def test_renorm_arguments(max_norm, norm_type, message):
+    weight = make_weight(5, 3)
+    before = weight.clone()
+    with pytest.raises(RuntimeError, match=message):
+        ee.embedding(torch.tensor([1]), weight, max_norm=max_norm, norm_type=norm_type)
+    assert torch.equal(weight, before)
+
+
+def test_grad_output_shape():
+    with pytest.raises(RuntimeError, match=r"'grad_output' must have shape indices.shape \+ \(D,\)"):
+        torch.ops.embedding_ext.embedding_dense_backward(torch.randn(3, 4), torch.tensor([1, 2]), 5, -1, False)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+def test_mixed_devices():
+    weight = make_weight(5, 3, device="cuda")
+    with pytest.raises(RuntimeError, match="'weight' and 'indices' must be on the same device"):
+        ee.embedding(torch.tensor([1]), weight)
+    with pytest.raises(RuntimeError, match="must be on the same device|must be a CUDA tensor"):
+        ee.embedding(torch.tensor([1], device="cuda"), make_weight(5, 3))
