@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu/output_allocator.h"
 #ifdef EMBEDDING_EXT_WITH_CUDA
 #include "cuda/index_errors.h"
 #endif
@@ -99,6 +100,12 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("set_synchronous_index_checks", &set_synchronous_index_checks,
           "Make every CUDA call synchronise and raise bad-index errors from that call.");
   mod.def("synchronous_index_checks", &synchronous_index_checks);
+  mod.def("cpu_output_cache_bytes", &embedding_ext::cpu::cached_output_bytes,
+          "Bytes of freed CPU output buffers kept for reuse.");
+  mod.def("set_cpu_output_cache_limit", &embedding_ext::cpu::set_output_cache_limit,
+          "Most bytes of freed CPU output buffers to keep (0: keep none).");
+  mod.def("release_cpu_output_cache", &embedding_ext::cpu::release_cached_outputs,
+          "Return every cached CPU output buffer to the OS.");
 #ifdef _OPENMP
   mod.attr("with_openmp") = true;
 #else

@@ -55,6 +55,20 @@ def set_synchronous_index_checks(enabled: bool) -> None:
     _C.set_synchronous_index_checks(bool(enabled))
 
 
+def release_cpu_output_cache() -> None:
+    """Return the freed large CPU outputs that embedding_ext keeps for reuse to the OS.
+
+    Large CPU outputs (>= 1 MiB) are taken from a cache of recently freed buffers, which
+    avoids the page faults of fresh memory (see README, "CPU memory"); the cache holds at
+    most ``EMBEDDING_EXT_CPU_CACHE_MB`` MiB (default 1024, 0 disables it)."""
+    _C.release_cpu_output_cache()
+
+
+def cpu_output_cache_bytes() -> int:
+    """Bytes currently held by that cache."""
+    return _C.cpu_output_cache_bytes()
+
+
 set_synchronous_index_checks(os.environ.get("EMBEDDING_EXT_SYNC_INDEX_CHECKS", "0") == "1")
 
 __all__ = [
@@ -64,4 +78,6 @@ __all__ = [
     "build_info",
     "check_cuda_index_errors",
     "set_synchronous_index_checks",
+    "release_cpu_output_cache",
+    "cpu_output_cache_bytes",
 ]

@@ -93,3 +93,22 @@ def test_weight_without_grad_gets_none(device):
     idx = make_indices((5,), 6, device)
     out = ee.embedding(idx, weight)
     assert not out.requires_grad
+
+
+def test_large_outputs_reuse_freed_buffers_without_stale_data():
+    """Large CPU outputs come from a cache of freed buffers: a reused buffer still holds
+    the previous result, so every element must be rewritten."""
+    num_weights, dim = 4096, 96  # a 1.5 MiB gradient: above the caching threshold
+    weight = make_weight(num_weights, dim).requires_grad_()
+    ee.release_cpu_output_cache()
+    for step in range(3):
+        idx = make_indices((500,), num_weights, padding_idx=step)
+        out = ee.embedding(idx, weight, padding_idx=step)
+        grad_out = torch.randn_like(out)
+        (grad,) = torch.autograd.grad(out, weight, grad_out)
+        assert_close(grad, reference.dense_backward(grad_out, idx, num_weights, step), torch.float32)
+        assert torch.equal(out, weight.detach()[idx])
+        del grad, out
+        assert ee.cpu_output_cache_bytes() > 0
+    ee.release_cpu_output_cache()
+    assert ee.cpu_output_cache_bytes() == 0

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "output_allocator.h"
 
 namespace embedding_ext {
 namespace {
@@ -98,7 +99,7 @@ at::Tensor embedding_forward_cpu(const at::Tensor& weight_in, const at::Tensor& 
   const at::Tensor weight = rows_unit_stride(weight_in);
   const at::Tensor indices = indices_in.contiguous();
   const int64_t num_rows = weight.size(0), dim = weight.size(1), n = indices.numel();
-  at::Tensor out = at::empty(lookup_shape(indices, dim), weight.options());
+  at::Tensor out = cpu::empty_output(lookup_shape(indices, dim), weight.options());
   const int64_t elem = weight.element_size();
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "embedding_forward_cpu", [&] {
     gather_rows<index_t>(static_cast<const char*>(weight.const_data_ptr()),
@@ -196,7 +197,7 @@ at::Tensor embedding_dense_backward_cpu(const at::Tensor& grad_in, const at::Ten
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor indices = indices_in.contiguous();
   const int64_t dim = grad.size(-1), n = indices.numel();
-  at::Tensor out = at::empty({num_rows, dim}, grad.options());
+  at::Tensor out = cpu::empty_output({num_rows, dim}, grad.options());
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "embedding_dense_backward_cpu", [&] {
     const index_t* idx = indices.const_data_ptr<index_t>();
     check_index_range(idx, n, num_rows, op);
@@ -247,7 +248,7 @@ at::Tensor embedding_scaled_gather_cpu(const at::Tensor& weight_in, const at::Te
   const at::Tensor weight = rows_unit_stride(weight_in);
   const at::Tensor indices = indices_in.contiguous();
   const int64_t num_rows = weight.size(0), dim = weight.size(1), n = indices.numel();
-  at::Tensor out = at::empty(lookup_shape(indices, dim), weight.options());
+  at::Tensor out = cpu::empty_output(lookup_shape(indices, dim), weight.options());
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "embedding_scaled_gather_cpu", [&] {
     const index_t* idx = indices.const_data_ptr<index_t>();
     check_index_range(idx, n, num_rows, op);
@@ -315,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor> embedding_sparse_backward_cpu(const at::Tenso
     }
   });
   at::Tensor rows = at::empty({1, nnz}, indices.options().dtype(at::kLong));
-  at::Tensor values = at::empty({nnz, dim}, grad.options());
+  at::Tensor values = cpu::empty_output({nnz, dim}, grad.options());
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "embedding_sparse_backward_cpu", [&] {
     const index_t* idx = indices.const_data_ptr<index_t>();
     check_index_range(idx, n, num_rows, op);

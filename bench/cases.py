@@ -1,0 +1,88 @@
+"""Benchmark cases, named after what users run, and the presets that group them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# Operations, each timed for ours and PyTorch's equivalent.
+FORWARD = "forward"
+DENSE = "dense_backward"
+DENSE_PAD_FREQ = "dense_backward+pad+freq"
+SPARSE = "sparse_backward"
+FWD_BWD = "forward+backward"
+MAX_NORM = "max_norm_forward"
+ALL_OPS = (FORWARD, DENSE, DENSE_PAD_FREQ, SPARSE, FWD_BWD, MAX_NORM)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str                 # what users run, e.g. "gpt2-vocab"
+    num_embeddings: int
+    dim: int
+    lookups: int
+    dtype: torch.dtype
+    index_dtype: torch.dtype = torch.int64
+    distribution: str = "uniform"  # uniform | zipf1.05 | zipf1.2 | hot
+    ops: tuple = field(default=ALL_OPS)
+
+    @property
+    def label(self) -> str:
+        d = str(self.dtype).removeprefix("torch.")
+        i = str(self.index_dtype).removeprefix("torch.")
+        return f"{self.name} V={self.num_embeddings} D={self.dim} N={self.lookups} {d} {i} {self.distribution}"
+
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+I32, I64 = torch.int32, torch.int64
+LM_OPS = (FORWARD, DENSE, DENSE_PAD_FREQ, FWD_BWD)
+
+# Sized for a 2-core CPU: the whole preset runs in about 3 minutes.
+QUICK = [
+    Case("gpt2-vocab", 50257, 768, 4096, F32),
+    Case("gpt2-vocab", 50257, 768, 4096, BF16, ops=(FORWARD, DENSE, FWD_BWD)),
+    Case("llama2-vocab", 32000, 4096, 2048, F16, I32, ops=(FORWARD, DENSE)),
+    Case("gemma-vocab", 256000, 768, 2048, BF16, ops=(FORWARD, DENSE)),
+    Case("rec-table", 1_000_000, 64, 65536, F32, I32, "zipf1.05"),
+    Case("rec-table", 1_000_000, 128, 262144, BF16, I64, "zipf1.2", ops=(FORWARD, DENSE, SPARSE)),
+    Case("rec-table", 1_000_000, 64, 65536, F32, I64, "hot", ops=(FORWARD, DENSE_PAD_FREQ, SPARSE)),
+    Case("rec-small-rows", 100_000, 16, 262144, F32, I64, "uniform", ops=(FORWARD, DENSE)),
+]
+
+# For an H100/H200: full-size tables.
+GPU = [
+    Case("gpt2-vocab", 50257, 768, 16384, F32),
+    Case("gpt2-vocab", 50257, 768, 16384, BF16),
+    Case("llama2-vocab", 32000, 4096, 16384, BF16, I64, ops=LM_OPS),
+    Case("llama3-vocab", 128256, 4096, 16384, BF16, I64, ops=LM_OPS),
+    Case("gemma-vocab", 256000, 2048, 16384, BF16, I32, ops=LM_OPS),
+    Case("llama2-vocab", 32000, 4096, 16384, F16, I32, "zipf1.05", ops=LM_OPS),
+    Case("rec-table", 1_000_000, 128, 524288, F32, I64, "uniform"),
+    Case("rec-table", 1_000_000, 128, 524288, F32, I64, "zipf1.05"),
+    Case("rec-table", 1_000_000, 128, 524288, F32, I64, "zipf1.2"),
+    Case("rec-table", 1_000_000, 128, 524288, F32, I64, "hot"),
+    Case("rec-table", 10_000_000, 64, 524288, F16, I32, "zipf1.05"),
+    Case("rec-table", 10_000_000, 256, 65536, BF16, I64, "uniform"),
+    Case("rec-small-rows", 1_000_000, 16, 524288, F32, I32, "uniform", ops=(FORWARD, DENSE, SPARSE)),
+]
+
+PRESETS = {"quick": QUICK, "gpu": GPU}
+
+
+def make_indices(case: Case, device, generator: torch.Generator) -> torch.Tensor:
+    """Lookup ids for a case. Zipf: row popularity ~ 1/rank^s over the whole table, ranks
+    scattered over random rows; hot: half the lookups hit one row."""
+    n, v = case.lookups, case.num_embeddings
+    if case.distribution == "uniform":
+        idx = torch.randint(0, v, (n,), generator=generator)
+    elif case.distribution.startswith("zipf"):
+        s = float(case.distribution.removeprefix("zipf"))
+        cdf = torch.cumsum(torch.arange(1, v + 1, dtype=torch.float64).pow(-s), 0)
+        ranks = torch.searchsorted(cdf, torch.rand(n, generator=generator, dtype=torch.float64) * cdf[-1])
+        idx = torch.randperm(v, generator=generator)[ranks.clamp_max(v - 1)]
+    elif case.distribution == "hot":
+        idx = torch.randint(0, v, (n,), generator=generator)
+        idx[torch.rand(n, generator=generator) < 0.5] = 7
+    else:
+        raise ValueError(f"unknown distribution {case.distribution!r}")
+    return idx.to(device=device, dtype=case.index_dtype)

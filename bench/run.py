@@ -1,0 +1,331 @@
+"""The main job: check embedding_ext against PyTorch, then time both in the same run.
+
+    python -m bench.run --preset quick            # sized for a 2-core CPU (about 3 minutes)
+    python -m bench.run --preset gpu --device cuda --out DIR
+
+For every case and operation it first verifies our result (against F.embedding / PyTorch's
+own ops, and against the float64 reference where PyTorch accumulates in low precision) and
+aborts on a mismatch; then it times ours and PyTorch's with torch.utils.benchmark (warmed
+up, CUDA-synchronised, median of many runs). Each row reports the bytes the operation must
+move (formula printed below the table), GB/s, the share of the copy bandwidth measured in
+the same run, the time against that bytes floor, and the speed-up over PyTorch. Results go
+to a table on the terminal and CSV, JSON, Markdown and PNG files.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torch.utils.benchmark as benchmark
+from tqdm import tqdm
+
+import embedding_ext as ee
+from embedding_ext import ops, reference
+
+from .cases import (DENSE, DENSE_PAD_FREQ, FORWARD, FWD_BWD, MAX_NORM, PRESETS, SPARSE, Case,
+                    make_indices)
+
+BYTES_FORMULAS = {
+    FORWARD: "2*N*D*s + N*i   (read N rows, write N rows, read ids)",
+    DENSE: "V*D*s + N*D*s + 2*U*D*s + N*i   (zero-fill the gradient, read grad_output, "
+           "read-modify-write the U touched rows, read ids)",
+    DENSE_PAD_FREQ: "same as dense_backward",
+    SPARSE: "2*N*D*s + N*i + 8*N   (with padding_idx = the first id: read grad_output, write "
+            "values, read ids, write int64 rows)",
+    FWD_BWD: "forward + dense_backward",
+    MAX_NORM: "forward + U*D*s   (read the U referenced rows for their norms)",
+}
+# Norm-wise relative error allowed against the float64 reference.
+REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+class Mismatch(RuntimeError):
+    pass
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return model
+
+
+def median_seconds(fn, min_run_time: float) -> float:
+    for _ in range(2):  # warm-up: allocator, caches, lazy initialisation
+        fn()
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})  # synchronises CUDA itself
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def copy_bandwidth(device: str, min_run_time: float) -> float:
+    """Bytes per second of a large device-to-device copy (read + write counted)."""
+    nbytes = (1 << 30) if device == "cuda" else (256 << 20)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    t = median_seconds(lambda: dst.copy_(src), min_run_time)
+    return 2 * nbytes / t
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double(), expected.double()
+    denom = expected.norm().item()
+    return (actual - expected).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def check(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, label: str):
+    err = rel_error(actual, expected)
+    if not err <= REL_TOL[dtype]:
+        raise Mismatch(f"{label}: {name} differs, relative error {err:.3g} > {REL_TOL[dtype]:g}")
+
+
+def op_bytes(op: str, case: Case, unique_rows: int) -> int:
+    s = torch.empty((), dtype=case.dtype).element_size()
+    i = torch.empty((), dtype=case.index_dtype).element_size()
+    n, d, v = case.lookups, case.dim, case.num_embeddings
+    forward = 2 * n * d * s + n * i
+    dense = v * d * s + n * d * s + 2 * unique_rows * d * s + n * i
+    return {FORWARD: forward, DENSE: dense, DENSE_PAD_FREQ: dense,
+            SPARSE: 2 * n * d * s + n * i + 8 * n, FWD_BWD: forward + dense,
+            MAX_NORM: forward + unique_rows * d * s}[op]
+
+
+def prepare(case: Case, op: str, device: str, gen: torch.Generator):
+    """Verifies ours against PyTorch / the reference, then returns (ours, theirs) callables."""
+    label = f"{case.label} {op}"
+    v, d = case.num_embeddings, case.dim
+    weight = torch.randn(v, d, generator=gen).to(device=device, dtype=case.dtype)
+    idx = make_indices(case, device, gen)
+    grad = torch.randn(case.lookups, d, generator=gen).to(device=device, dtype=case.dtype)
+    pad, freq = (int(idx[0]), True) if op == DENSE_PAD_FREQ else (-1, False)
+    if op == SPARSE:
+        # Without padding both sides just wrap grad_output (no work); with it, rows are dropped.
+        pad = int(idx[0])
+
+    if op == FORWARD:
+        ours, theirs = (lambda: ee.embedding(idx, weight)), (lambda: F.embedding(idx, weight))
+        if not torch.equal(ours(), theirs()):
+            raise Mismatch(f"{label}: forward output differs from F.embedding")
+    elif op in (DENSE, DENSE_PAD_FREQ):
+        ours = lambda: ops.embedding_dense_backward(grad, idx, v, pad, freq)  # noqa: E731
+        theirs = lambda: torch.ops.aten.embedding_dense_backward(grad, idx, v, pad, freq)  # noqa: E731
+        got = ours()
+        check("dense gradient vs float64 reference", got,
+              reference.dense_backward(grad, idx, v, None if pad < 0 else pad, freq), case.dtype, label)
+        if case.dtype in (torch.float32, torch.float64):
+            check("dense gradient vs PyTorch", got, theirs(), case.dtype, label)
+        if pad >= 0 and got[pad].any():
+            raise Mismatch(f"{label}: padding row has a gradient")
+    elif op == SPARSE:
+        def ours():
+            rows, values = ops.embedding_sparse_backward(grad, idx, v, pad, False)
+            return torch.sparse_coo_tensor(rows, values, (v, d), is_coalesced=False,
+                                           check_invariants=False)
+        theirs = lambda: torch.ops.aten.embedding_sparse_backward(grad, idx, v, pad, False)  # noqa: E731
+        got, want = ours(), theirs()
+        if not (torch.equal(got._indices(), want._indices())
+                and torch.equal(got._values(), want._values())):
+            raise Mismatch(f"{label}: sparse gradient differs from PyTorch's")
+    elif op == FWD_BWD:
+        w_ours = weight.clone().requires_grad_()
+        w_theirs = weight.clone().requires_grad_()
+
+        def step(fn, w):
+            def run():
+                w.grad = None
+                out = fn(idx, w)
+                out.backward(grad)
+                return out
+            return run
+        ours, theirs = step(ee.embedding, w_ours), step(F.embedding, w_theirs)
+        out = ours()
+        if not torch.equal(out, theirs()):
+            raise Mismatch(f"{label}: forward output differs from F.embedding")
+        check("gradient vs float64 reference", w_ours.grad,
+              reference.dense_backward(grad, idx, v), case.dtype, label)
+    elif op == MAX_NORM:
+        w_ours, w_theirs = weight.clone(), weight.clone()
+        expected = reference.renorm(weight, idx, 1.0, 2.0)
+        ours = lambda: ee.embedding(idx, w_ours, max_norm=1.0)  # noqa: E731
+        theirs = lambda: F.embedding(idx, w_theirs, max_norm=1.0)  # noqa: E731
+        ours(), theirs()
+        check("renormed weight vs float64 reference", w_ours, expected, case.dtype, label)
+        check("renormed weight vs PyTorch", w_ours, w_theirs, case.dtype, label)
+    else:
+        raise ValueError(op)
+    return ours, theirs, torch.unique(idx).numel()
+
+
+def run(args) -> list[dict]:
+    device = args.device
+    cases = PRESETS[args.preset]
+    if args.filter:
+        cases = [c for c in cases if args.filter in c.label]
+    tasks = [(c, op) for c in cases for op in c.ops if not args.ops or op in args.ops]
+    threads = args.threads if device == "cpu" else [torch.get_num_threads()]
+    gen = torch.Generator().manual_seed(args.seed)
+    rows = []
+    default_threads = torch.get_num_threads()
+    bandwidth = {}
+    with tqdm(total=len(tasks) * len(threads), desc="bench", unit="row", file=sys.stderr) as bar:
+        for t in threads:
+            torch.set_num_threads(t)
+            bandwidth[t] = copy_bandwidth(device, args.min_run_time)
+            for case, op in tasks:
+                bar.set_postfix_str(f"{case.name} {op} threads={t}")
+                ours, theirs, unique_rows = prepare(case, op, device, gen)
+                t_ours = median_seconds(ours, args.min_run_time)
+                t_theirs = median_seconds(theirs, args.min_run_time)
+                nbytes = op_bytes(op, case, unique_rows)
+                floor = nbytes / bandwidth[t]
+                rows.append({
+                    "case": case.name, "V": case.num_embeddings, "D": case.dim,
+                    "N": case.lookups, "dtype": str(case.dtype).removeprefix("torch."),
+                    "index_dtype": str(case.index_dtype).removeprefix("torch."),
+                    "distribution": case.distribution, "op": op, "threads": t,
+                    "ours_ms": t_ours * 1e3, "torch_ms": t_theirs * 1e3,
+                    "speedup": t_theirs / t_ours, "bytes": nbytes,
+                    "ours_GBps": nbytes / t_ours / 1e9, "torch_GBps": nbytes / t_theirs / 1e9,
+                    "copy_GBps": bandwidth[t] / 1e9,
+                    "ours_pct_copy": 100 * nbytes / t_ours / bandwidth[t],
+                    "ours_x_floor": t_ours / floor,
+                })
+                del ours, theirs
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                bar.update()
+    torch.set_num_threads(default_threads)
+    return rows
+
+
+def short_label(r: dict) -> str:
+    return (f"{r['case']} V={r['V']:.3g} D={r['D']} N={r['N']} {r['dtype']} {r['index_dtype']} "
+            f"{r['distribution']}")
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("| case | op | thr | ours ms | torch ms | speed-up | GB/s ours | GB/s torch "
+            "| % copy BW | x floor |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        lines.append(
+            f"| {short_label(r)} | {r['op']} | {r['threads']} | {r['ours_ms']:.3f} | "
+            f"{r['torch_ms']:.3f} | {r['speedup']:.2f}x | {r['ours_GBps']:.1f} | "
+            f"{r['torch_GBps']:.1f} | {r['ours_pct_copy']:.0f}% | {r['ours_x_floor']:.2f} |")
+    return "\n".join(lines)
+
+
+def geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def summary(rows: list[dict]) -> str:
+    lines = ["| op | threads | geomean speed-up | min speed-up | rows |", "|---|---|---|---|---|"]
+    for t in sorted({r["threads"] for r in rows}):
+        for op in dict.fromkeys(r["op"] for r in rows):
+            sel = [r["speedup"] for r in rows if r["op"] == op and r["threads"] == t]
+            if sel:
+                lines.append(f"| {op} | {t} | {geomean(sel):.2f}x | {min(sel):.2f}x | {len(sel)} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    threads = max(r["threads"] for r in rows)
+    sel = [r for r in rows if r["threads"] == threads]
+    labels = [f"{short_label(r)}\n{r['op']}" for r in sel]
+    fig, ax = plt.subplots(figsize=(11, 0.55 * len(sel) + 1.5))
+    y = range(len(sel))
+    ax.barh([i + 0.2 for i in y], [r["ours_GBps"] for r in sel], height=0.4, label="embedding_ext")
+    ax.barh([i - 0.2 for i in y], [r["torch_GBps"] for r in sel], height=0.4, label="PyTorch")
+    ax.axvline(sel[0]["copy_GBps"], color="k", linestyle="--",
+               label=f"copy bandwidth {sel[0]['copy_GBps']:.0f} GB/s")
+    ax.set_yticks(list(y), labels, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("GB/s (bytes the operation must move / median time)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--threads", default=None,
+                        help="CPU thread counts to run, comma-separated (default: 1 and all)")
+    parser.add_argument("--min-run-time", type=float, default=0.25,
+                        help="seconds of timed runs per measurement")
+    parser.add_argument("--filter", default="", help="only cases whose label contains this")
+    parser.add_argument("--ops", default="", help="comma-separated operations to run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench/results", help="folder for CSV/JSON/MD/PNG")
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.threads = ([int(t) for t in args.threads.split(",")] if args.threads
+                    else sorted({1, torch.get_num_threads()}))
+    args.ops = [o for o in args.ops.split(",") if o]
+
+    started = datetime.datetime.now(datetime.timezone.utc)
+    try:
+        rows = run(args)
+    except Mismatch as err:
+        print(f"ABORTED: result check failed: {err}", file=sys.stderr)
+        return 1
+    name = device_name(args.device)
+    meta = {
+        "device": name, "device_kind": args.device,
+        "threads": args.threads if args.device == "cpu" else None,
+        "torch": torch.__version__, "embedding_ext": ee.build_info(),
+        "date": started.strftime("%Y-%m-%d %H:%M UTC"), "preset": args.preset,
+        "command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv),
+        "bytes_formulas": BYTES_FORMULAS,
+        "notes": "s = element size, i = index size, U = distinct ids; x floor = time / "
+                 "(bytes / copy bandwidth measured in this run)",
+    }
+    title = (f"{args.preset} preset on {name}"
+             + (f", threads {','.join(map(str, args.threads))}" if args.device == "cpu" else "")
+             + f", torch {torch.__version__}, {meta['date']}")
+    table, summ = format_table(rows), summary(rows)
+    formulas = "\n".join(f"- {op}: {f}" for op, f in BYTES_FORMULAS.items())
+    report = (f"### {title}\n\n{table}\n\nSpeed-up over PyTorch (median times):\n\n{summ}\n\n"
+              f"Bytes moved per operation ({meta['notes']}):\n\n{formulas}\n\n"
+              f"Command: `{meta['command']}`\n")
+    print(report)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{args.preset}-{args.device}"
+    with open(f"{stem}.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    Path(f"{stem}.md").write_text(report)
+    plot(rows, Path(f"{stem}.png"), title)
+    print(f"wrote {stem}.csv, .json, .md, .png", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
