@@ -19,6 +19,7 @@ import datetime
 import json
 import math
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -70,6 +71,16 @@ def median_seconds(fn, min_run_time: float) -> float:
         fn()
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})  # synchronises CUDA itself
     return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def interleaved_medians(ours, theirs, min_run_time: float, rounds: int) -> tuple[float, float]:
+    """Alternates the two measurements in `rounds` rounds and takes the median of each side,
+    so that drift on a shared machine hits both alike."""
+    t_ours, t_theirs = [], []
+    for _ in range(rounds):
+        t_ours.append(median_seconds(ours, min_run_time / rounds))
+        t_theirs.append(median_seconds(theirs, min_run_time / rounds))
+    return statistics.median(t_ours), statistics.median(t_theirs)
 
 
 def copy_bandwidth(device: str, min_run_time: float) -> float:
@@ -188,8 +199,7 @@ def run(args) -> list[dict]:
             for case, op in tasks:
                 bar.set_postfix_str(f"{case.name} {op} threads={t}")
                 ours, theirs, unique_rows = prepare(case, op, device, gen)
-                t_ours = median_seconds(ours, args.min_run_time)
-                t_theirs = median_seconds(theirs, args.min_run_time)
+                t_ours, t_theirs = interleaved_medians(ours, theirs, args.min_run_time, args.rounds)
                 nbytes = op_bytes(op, case, unique_rows)
                 floor = nbytes / bandwidth[t]
                 rows.append({
@@ -274,8 +284,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--threads", default=None,
                         help="CPU thread counts to run, comma-separated (default: 1 and all)")
-    parser.add_argument("--min-run-time", type=float, default=0.25,
+    parser.add_argument("--min-run-time", type=float, default=0.3,
                         help="seconds of timed runs per measurement")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds of ours/PyTorch timing (median taken)")
     parser.add_argument("--filter", default="", help="only cases whose label contains this")
     parser.add_argument("--ops", default="", help="comma-separated operations to run")
     parser.add_argument("--seed", type=int, default=0)
