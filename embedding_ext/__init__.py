@@ -29,6 +29,7 @@ from . import ops  # noqa: E402  (registers fake kernels)
 from .autograd import EmbeddingFunction  # noqa: E402
 from .functional import embedding  # noqa: E402
 from .module import Embedding  # noqa: E402
+from .swap import replace_embeddings, restore_embeddings  # noqa: E402
 
 
 def build_info() -> dict:
@@ -75,6 +76,8 @@ __all__ = [
     "Embedding",
     "EmbeddingFunction",
     "embedding",
+    "replace_embeddings",
+    "restore_embeddings",
     "build_info",
     "check_cuda_index_errors",
     "set_synchronous_index_checks",
