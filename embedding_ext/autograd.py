@@ -80,7 +80,7 @@ def _sparse_gradient(grad_output, indices, num_weights, padding_idx, scale_grad_
         # kernel and no copy. The forward already checked these ids, and autograd's version
         # counter guarantees they have not changed since.
         rows = indices.reshape(1, -1).to(torch.int64)
-        values = grad_output.reshape(-1, grad_output.shape[-1])
+        values = grad_output.reshape(rows.shape[1], grad_output.shape[-1])
     else:
         rows, values = ops.embedding_sparse_backward(grad_output, indices, num_weights,
                                                      padding_idx, scale_grad_by_freq)

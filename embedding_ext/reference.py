@@ -28,7 +28,7 @@ def dense_backward(grad_output: Tensor, indices: Tensor, num_weights: int,
                    padding_idx: int | None = None, scale_grad_by_freq: bool = False) -> Tensor:
     dim = grad_output.shape[-1]
     flat = indices.reshape(-1).long()
-    g = grad_output.double().reshape(-1, dim)
+    g = grad_output.double().reshape(flat.numel(), dim)
     scale = position_scales(indices, num_weights, padding_idx, scale_grad_by_freq)
     out = torch.zeros(num_weights, dim, dtype=torch.float64, device=grad_output.device)
     return out.index_add_(0, flat, g * scale[:, None])
@@ -41,12 +41,14 @@ def sparse_backward(grad_output: Tensor, indices: Tensor, num_weights: int,
     flat = indices.reshape(-1).long()
     keep = torch.ones_like(flat, dtype=torch.bool) if padding_idx is None else flat != padding_idx
     scale = position_scales(indices, num_weights, padding_idx, scale_grad_by_freq)
-    values = grad_output.double().reshape(-1, dim) * scale[:, None]
+    values = grad_output.double().reshape(flat.numel(), dim) * scale[:, None]
     return flat[keep], values[keep]
 
 
 def vector_norm(rows: Tensor, norm_type: float) -> Tensor:
-    """A true p-norm along the last dim, for any p > 0 (inf included)."""
+    """A true p-norm along the last dim, for any p > 0 (inf included); 0 for empty rows."""
+    if rows.shape[-1] == 0:
+        return rows.new_zeros(rows.shape[:-1], dtype=torch.float64)
     return torch.linalg.vector_norm(rows.double(), ord=norm_type, dim=-1)
 
 

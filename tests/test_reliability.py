@@ -1,0 +1,93 @@
+"""Reliability: inputs PyTorch users hit in practice, 64-bit sizes, threads, long runs."""
+import concurrent.futures
+import os
+
+import pytest
+import torch
+
+import embedding_ext as ee
+from embedding_ext import reference
+from conftest import assert_close, make_indices, make_weight
+
+
+def _available_bytes() -> int:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def test_float_indices_that_require_grad_are_refused():
+    weight = make_weight(5, 3).requires_grad_()
+    idx = torch.tensor([1.0, 2.0], requires_grad=True)
+    with pytest.raises(RuntimeError, match="'indices' must be an int64 or int32 tensor, got Float"):
+        ee.embedding(idx, weight)
+
+
+def test_errors_leave_the_weight_untouched():
+    weight = make_weight(6, 4) * 10
+    before = weight.clone()
+    with pytest.raises(IndexError):
+        ee.embedding(torch.tensor([1, 6]), weight, max_norm=1.0)
+    assert torch.equal(weight, before), "renorm must not run when an index is bad"
+
+
+@pytest.mark.skipif(_available_bytes() < 12 * 2**30, reason="needs 12 GiB of free memory")
+def test_outputs_and_gradients_beyond_2_31_elements():
+    """Offsets past 2^31 elements must not wrap: an output and a gradient of more than
+    2^31 elements, checked at their last rows."""
+    num_weights, dim = 2**21 + 3, 1024  # 2^31 + 3*1024 elements
+    weight = torch.empty(num_weights, dim, dtype=torch.int8)
+    weight[-3:] = torch.randint(-100, 100, (3, dim), dtype=torch.int8)
+    idx = torch.full((2**21 + 1,), num_weights - 1, dtype=torch.int32)
+    idx[-1] = num_weights - 2
+    out = ee.embedding(idx, weight)  # int8 rows: a 2 GiB output
+    assert out.numel() > 2**31
+    assert torch.equal(out[-1], weight[-2]) and torch.equal(out[-2], weight[-1])
+    del out
+    grad_out = torch.randn(2, dim, dtype=torch.float16)
+    grad = torch.ops.embedding_ext.embedding_dense_backward(
+        grad_out, torch.tensor([num_weights - 1, 5]), num_weights, -1, False)
+    assert grad.numel() > 2**31
+    assert torch.equal(grad[-1], grad_out[0]) and torch.equal(grad[5], grad_out[1])
+    assert not grad[-2].any() and not grad[-3].any()
+
+
+def test_concurrent_calls_from_python_threads():
+    def work(seed):
+        g = torch.Generator().manual_seed(seed)
+        weight = torch.randn(3000, 96, generator=g).requires_grad_()  # 1.1 MiB: cached outputs
+        idx = torch.randint(0, 3000, (4000,), generator=g)
+        grad_out = torch.randn(4000, 96, generator=g)
+        for _ in range(5):
+            weight.grad = None
+            out = ee.embedding(idx, weight, padding_idx=seed % 7, scale_grad_by_freq=True)
+            out.backward(grad_out)
+            if not torch.equal(out, weight.detach()[idx]):
+                return False
+            expected = reference.dense_backward(grad_out, idx, 3000, seed % 7, True)
+            assert_close(weight.grad, expected, torch.float32)
+        return True
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        assert all(pool.map(work, range(8)))
+
+
+def test_many_calls_leave_memory_flat():
+    """A short version of bench/soak.py: RSS after 3,000 forward+backward calls stays
+    within 32 MiB of where it was after the first 300."""
+    def rss():
+        with open(f"/proc/{os.getpid()}/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    emb = ee.Embedding(5000, 64, padding_idx=0, scale_grad_by_freq=True)
+    idx = make_indices((32, 16), 5000, padding_idx=0)
+    for step in range(3000):
+        emb.weight.grad = None
+        emb(idx).sum().backward()
+        if step == 299:
+            start = rss()
+    assert rss() - start < 32 * 2**20
