@@ -8,7 +8,7 @@
 #include <sys/mman.h>
 
 #include <cstdlib>
-#include <map>
+#include <list>
 #include <mutex>
 #include <string>
 
@@ -79,12 +79,15 @@ class ReusingAllocator final : public c10::Allocator {
 
   void* take_cached(size_t bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
-    auto it = free_.find(bytes);
-    if (it == free_.end()) return nullptr;
-    void* ptr = it->second;
-    free_.erase(it);
-    cached_ -= bytes;
-    return ptr;
+    for (auto it = free_.rbegin(); it != free_.rend(); ++it) {  // newest first
+      if (it->bytes == bytes) {
+        void* ptr = it->ptr;
+        free_.erase(std::next(it).base());
+        cached_ -= bytes;
+        return ptr;
+      }
+    }
+    return nullptr;
   }
 
   static void release(void* ctx) {
@@ -93,12 +96,15 @@ class ReusingAllocator final : public c10::Allocator {
     delete block;
   }
 
+  // The most recently freed buffers are the ones a loop will ask for again: keep those,
+  // evicting the longest-cached ones to stay under the limit.
   void give_back(void* ptr, size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (cached_ + bytes <= limit_) {
-        free_.emplace(bytes, ptr);
+      if (bytes <= limit_) {
+        free_.push_back({ptr, bytes});
         cached_ += bytes;
+        trim_locked();
         return;
       }
     }
@@ -107,15 +113,15 @@ class ReusingAllocator final : public c10::Allocator {
 
   void trim_locked() {
     while (cached_ > limit_ && !free_.empty()) {
-      auto it = free_.begin();
-      munmap(it->second, it->first);
-      cached_ -= it->first;
-      free_.erase(it);
+      const Block oldest = free_.front();
+      free_.pop_front();
+      munmap(oldest.ptr, oldest.bytes);
+      cached_ -= oldest.bytes;
     }
   }
 
   std::mutex mutex_;
-  std::multimap<size_t, void*> free_;  // size -> buffer, exact-size reuse
+  std::list<Block> free_;  // oldest first; reuse needs an exact size match
   size_t cached_ = 0;
   size_t limit_;
 };
