@@ -64,3 +64,16 @@ def test_no_aten_embedding_op_runs():
             "embedding_ext.embedding_dense_backward.default",
             "embedding_ext.embedding_scaled_gather.default",
             "embedding_ext.embedding_sparse_backward.default"} <= set(rec.ops)
+
+
+def test_import_refuses_a_binary_built_for_another_torch(monkeypatch):
+    import importlib
+
+    monkeypatch.setattr(torch, "__version__", "0.0.0-not-this-one")
+    try:
+        with __import__("pytest").raises(ImportError, match="built against torch .* but torch 0.0.0-not-this-one is imported"):
+            importlib.reload(ee)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(ee)
+    assert ee.build_info()["torch_version"] == torch.__version__

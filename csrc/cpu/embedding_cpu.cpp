@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -32,6 +33,13 @@ constexpr int64_t kPrefetchDistance = 8;
 inline void prefetch_row(const void* row, size_t row_bytes) {
   const char* p = static_cast<const char*>(row);
   for (size_t off = 0; off < std::min<size_t>(row_bytes, 256); off += 64) __builtin_prefetch(p + off);
+}
+
+// EMBEDDING_EXT_CPU_SORTED_BACKWARD=1 sends fp32/fp64 through the sorted path too (the
+// tests use it to check that both paths agree bit for bit).
+bool force_sorted_backward() {
+  const char* v = std::getenv("EMBEDDING_EXT_CPU_SORTED_BACKWARD");
+  return v != nullptr && v[0] == '1';
 }
 
 int64_t grain_for(int64_t bytes_per_item) {
@@ -238,6 +246,41 @@ void dense_backward_rows(const scalar_t* grad, const index_t* idx, int64_t n, in
   });
 }
 
+// Dense backward for fp32/fp64, no sort: each thread owns a range of output rows, zeroes
+// it, then scans every id in position order and adds the grad_output rows that land in its
+// range. grad_output is read in order (prefetcher-friendly), each thread re-reads only the
+// ids (N * 4 or 8 bytes), and every row is still summed in ascending position order, so
+// the result is bitwise the same as dense_backward_rows and independent of thread count.
+template <typename scalar_t, typename index_t>
+void dense_backward_scatter(const scalar_t* grad, const index_t* idx, int64_t n, int64_t num_rows,
+                            int64_t dim, int64_t padding_idx, bool scale_grad_by_freq,
+                            scalar_t* out) {
+  const size_t row_bytes = dim * sizeof(scalar_t);
+  at::parallel_for(0, num_rows, grain_for(row_bytes), [&](int64_t begin, int64_t end) {
+    std::memset(out + begin * dim, 0, (end - begin) * row_bytes);
+    std::vector<int32_t> counts(scale_grad_by_freq ? end - begin : 0, 0);
+    for (int64_t i = 0; i < n; ++i) {
+      if (i + kPrefetchDistance < n) {  // the output rows are updated in random order
+        const int64_t ahead = idx[i + kPrefetchDistance];
+        if (ahead >= begin && ahead < end) prefetch_row(out + ahead * dim, row_bytes);
+      }
+      const int64_t k = idx[i];
+      if (k < begin || k >= end || k == padding_idx) continue;
+      scalar_t* dst = out + k * dim;
+      const scalar_t* g = grad + i * dim;
+      for (int64_t d = 0; d < dim; ++d) dst[d] += g[d];
+      if (scale_grad_by_freq) ++counts[k - begin];
+    }
+    for (int64_t r = 0; r < static_cast<int64_t>(counts.size()); ++r) {
+      if (counts[r] > 1) {
+        const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(counts[r]);
+        scalar_t* dst = out + (begin + r) * dim;
+        for (int64_t d = 0; d < dim; ++d) dst[d] *= inv;
+      }
+    }
+  });
+}
+
 at::Tensor embedding_dense_backward_cpu(const at::Tensor& grad_in, const at::Tensor& indices_in,
                                         c10::SymInt num_weights_sym, int64_t padding_idx,
                                         bool scale_grad_by_freq) {
@@ -255,9 +298,18 @@ at::Tensor embedding_dense_backward_cpu(const at::Tensor& grad_in, const at::Ten
     const index_t* idx = indices.const_data_ptr<index_t>();
     check_index_range(idx, n, num_rows, op);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), op, [&] {
-      dense_backward_rows<scalar_t, index_t>(grad.const_data_ptr<scalar_t>(), idx, n, num_rows,
-                                             dim, padding_idx, scale_grad_by_freq,
-                                             out.mutable_data_ptr<scalar_t>());
+      // Full-precision types add straight into the output; fp16/bf16 need an fp32
+      // accumulator per row, which the sorted path keeps in registers/L1.
+      constexpr bool full_precision = std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
+      if (full_precision && !force_sorted_backward()) {
+        dense_backward_scatter<scalar_t, index_t>(grad.const_data_ptr<scalar_t>(), idx, n, num_rows,
+                                                  dim, padding_idx, scale_grad_by_freq,
+                                                  out.mutable_data_ptr<scalar_t>());
+      } else {
+        dense_backward_rows<scalar_t, index_t>(grad.const_data_ptr<scalar_t>(), idx, n, num_rows,
+                                               dim, padding_idx, scale_grad_by_freq,
+                                               out.mutable_data_ptr<scalar_t>());
+      }
     });
   });
   return out;
