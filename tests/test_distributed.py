@@ -39,6 +39,9 @@ def _worker(rank: int, init_file: str, sparse: bool, out_dir: str):
         torch.nn.functional.mse_loss(ddp(ids), y).backward()
         opt.step()
     torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    # Without this barrier torch 2.13's gloo can abort a rank whose peer has already torn
+    # the group down ("terminate called without an active exception", seen in CI).
+    dist.barrier()
     dist.destroy_process_group()
 
 
