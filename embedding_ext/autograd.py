@@ -9,11 +9,42 @@ from torch.autograd import forward_ad
 from . import ops
 
 
+# The lookup's context and derivatives, shared by the Function variants below.
+def _save(ctx, weight, indices, padding_idx, scale_grad_by_freq, sparse):
+    ctx.save_for_backward(indices)
+    ctx.save_for_forward(indices)
+    ctx.num_weights = weight.shape[0]
+    ctx.padding_idx = padding_idx
+    ctx.scale_grad_by_freq = scale_grad_by_freq
+    ctx.sparse = sparse
+
+
+def _backward(ctx, grad_output):
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None, None
+    (indices,) = ctx.saved_tensors
+    args = (grad_output, indices, ctx.num_weights, ctx.padding_idx, ctx.scale_grad_by_freq)
+    if ctx.sparse:
+        grad_weight = _sparse_gradient(*args)
+    elif torch.is_grad_enabled():  # create_graph=True: keep the gradient differentiable
+        grad_weight = _DenseBackward.apply(*args)
+    else:
+        grad_weight = ops.embedding_dense_backward(*args)
+    return grad_weight, None, None, None, None
+
+
+def _jvp(ctx, weight_tangent, *_):
+    (indices,) = ctx.saved_tensors
+    return ops.embedding_forward(weight_tangent, indices)
+
+
 class EmbeddingFunction(torch.autograd.Function):
     """``weight[indices]`` with PyTorch's embedding gradient semantics.
 
     ``apply(weight, indices, padding_idx, scale_grad_by_freq, sparse)`` where
     ``padding_idx`` is already normalised to ``[0, num_embeddings)`` or ``-1`` for none.
+    Works with torch.func transforms; :func:`embedding` uses a cheaper twin in plain eager
+    mode (see ``apply_embedding``).
     """
 
     @staticmethod
@@ -22,31 +53,23 @@ class EmbeddingFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        weight, indices, padding_idx, scale_grad_by_freq, sparse = inputs
-        ctx.save_for_backward(indices)
-        ctx.save_for_forward(indices)
-        ctx.num_weights = weight.shape[0]
-        ctx.padding_idx = padding_idx
-        ctx.scale_grad_by_freq = scale_grad_by_freq
-        ctx.sparse = sparse
+        _save(ctx, *inputs)
+
+    backward = staticmethod(_backward)
+    jvp = staticmethod(_jvp)
+
+
+class _EagerEmbeddingFunction(torch.autograd.Function):
+    """EmbeddingFunction in the older ``forward(ctx, ...)`` style: ``apply`` costs ~5 us
+    instead of ~25 us (no functorch dispatch), but it cannot run under torch.func."""
 
     @staticmethod
-    def backward(ctx, grad_output):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        (indices,) = ctx.saved_tensors
-        if ctx.sparse:
-            grad_weight = _sparse_gradient(grad_output, indices, ctx.num_weights,
-                                           ctx.padding_idx, ctx.scale_grad_by_freq)
-        else:
-            grad_weight = _DenseBackward.apply(grad_output, indices, ctx.num_weights,
-                                               ctx.padding_idx, ctx.scale_grad_by_freq)
-        return grad_weight, None, None, None, None
+    def forward(ctx, weight, indices, padding_idx, scale_grad_by_freq, sparse):
+        _save(ctx, weight, indices, padding_idx, scale_grad_by_freq, sparse)
+        return ops.embedding_forward(weight, indices)
 
-    @staticmethod
-    def jvp(ctx, weight_tangent, *_):
-        (indices,) = ctx.saved_tensors
-        return ops.embedding_forward(weight_tangent, indices)
+    backward = staticmethod(_backward)
+    jvp = staticmethod(_jvp)
 
 
 class _EmbeddingFunctionForCompile(EmbeddingFunction):
@@ -57,17 +80,18 @@ class _EmbeddingFunctionForCompile(EmbeddingFunction):
 
 
 def apply_embedding(weight, indices, padding_idx: int, scale_grad_by_freq: bool, sparse: bool):
-    """The entry point of functional.embedding. When no derivative can be asked for
-    (inference, frozen tables) it calls the op directly: autograd.Function.apply alone costs
-    ~25 us, ten times a small lookup."""
+    """The entry point of functional.embedding: the cheapest variant that supports what the
+    caller can ask for. Without any possible derivative (inference, frozen tables) it calls
+    the op directly."""
+    args = (weight, indices, padding_idx, scale_grad_by_freq, sparse)
     if torch.compiler.is_compiling():
-        return _EmbeddingFunctionForCompile.apply(weight, indices, padding_idx,
-                                                  scale_grad_by_freq, sparse)
+        return _EmbeddingFunctionForCompile.apply(*args)
+    if torch._C._are_functorch_transforms_active():
+        return EmbeddingFunction.apply(*args)
     if (not (weight.requires_grad and torch.is_grad_enabled())
-            and forward_ad._current_level < 0  # no dual tensors can exist
-            and not torch._C._are_functorch_transforms_active()):
+            and forward_ad._current_level < 0):  # no dual tensors can exist
         return ops.embedding_forward(weight, indices)
-    return EmbeddingFunction.apply(weight, indices, padding_idx, scale_grad_by_freq, sparse)
+    return _EagerEmbeddingFunction.apply(*args)
 
 
 def _sparse_gradient(grad_output, indices, num_weights, padding_idx, scale_grad_by_freq):

@@ -101,3 +101,18 @@ def test_opcheck_every_op(device):
     assert registered and registered <= covered, f"ops without an opcheck case: {registered - covered}"
     for op, args in cases:
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_public_function_and_torch_func_grad(device):
+    """ee.EmbeddingFunction itself, and torch.func.grad (which needs the setup_context
+    style), give the same gradient as the eager path."""
+    weight = make_weight(9, 4, torch.float64, device).requires_grad_()
+    idx = make_indices((6,), 9, device, padding_idx=2)
+    out = ee.EmbeddingFunction.apply(weight, idx, 2, True, False)
+    (direct,) = torch.autograd.grad(out.sum(), weight)
+    (eager,) = torch.autograd.grad(ee.embedding(idx, weight, padding_idx=2,
+                                                scale_grad_by_freq=True).sum(), weight)
+    functional = torch.func.grad(
+        lambda w: ee.embedding(idx, w, padding_idx=2, scale_grad_by_freq=True).sum())(weight.detach())
+    assert torch.equal(direct, eager) and torch.equal(functional, eager)
