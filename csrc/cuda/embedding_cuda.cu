@@ -46,9 +46,13 @@ const char* op_name(int code) {
 }
 
 std::atomic<bool> g_synchronous_checks{false};
+std::mutex g_record_mutex;
+constexpr int kMaxDevices = 64;
+int* g_claimed[kMaxDevices] = {};  // per device, guarded by g_record_mutex
 
-// Pinned host memory that kernels write through unified virtual addressing.
-IndexErrorRecord* error_record() {
+// Pinned host memory that kernels write through unified virtual addressing (plain stores
+// only: atomics on host memory are not reliable across PCIe).
+IndexErrorRecord* host_record() {
   static IndexErrorRecord* record = [] {
     void* p = nullptr;
     C10_CUDA_CHECK(cudaHostAlloc(&p, sizeof(IndexErrorRecord),
@@ -59,18 +63,41 @@ IndexErrorRecord* error_record() {
   return record;
 }
 
-std::mutex g_record_mutex;
+// What a kernel needs to report a bad index: the record, and a flag in device memory whose
+// atomicCAS elects the one thread that writes it.
+struct ErrorSink {
+  IndexErrorRecord* record;
+  int* claimed;
+  int device;
+};
+
+ErrorSink error_sink() {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  TORCH_CHECK(device < kMaxDevices, "embedding_ext: more than ", kMaxDevices, " CUDA devices");
+  IndexErrorRecord* record = host_record();
+  std::lock_guard<std::mutex> lock(g_record_mutex);
+  if (g_claimed[device] == nullptr) {  // once per device, during the first call (warm-up)
+    const int zero = 0;
+    C10_CUDA_CHECK(cudaMalloc(&g_claimed[device], sizeof(int)));
+    C10_CUDA_CHECK(cudaMemcpy(g_claimed[device], &zero, sizeof(int), cudaMemcpyHostToDevice));
+  }
+  return {record, g_claimed[device], device};
+}
 
 void raise_pending_index_error(bool synchronize) {
-  IndexErrorRecord* record = error_record();
   if (synchronize) C10_CUDA_CHECK(cudaDeviceSynchronize());
-  volatile IndexErrorRecord* seen = record;
+  volatile IndexErrorRecord* seen = host_record();
   if (seen->state != 2) return;
   std::lock_guard<std::mutex> lock(g_record_mutex);
   if (seen->state != 2) return;
   const long long value = seen->value, position = seen->position, rows = seen->num_rows;
-  const int op = seen->op;
-  seen->state = 0;  // ready for the next error
+  const int op = seen->op, device = seen->device;
+  seen->state = 0;
+  // Re-arm the device's flag (the error path may synchronise).
+  const int zero = 0;
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  C10_CUDA_CHECK(cudaMemcpy(g_claimed[device], &zero, sizeof(int), cudaMemcpyHostToDevice));
   throw_index_error(value, position, rows, op_name(op),
                     synchronize ? "" : " (seen by an earlier asynchronous CUDA call)");
 }
@@ -82,17 +109,18 @@ __device__ __forceinline__ bool row_in_range(int64_t k, int64_t num_rows) {
   return k >= 0 && k < num_rows;
 }
 
-// Called by one thread per bad position; the first caller's record wins.
-__device__ void report_bad_index(IndexErrorRecord* record, int op, int64_t position, int64_t value,
+// Called by one thread per bad position; the first to claim the device's flag writes.
+__device__ void report_bad_index(ErrorSink sink, int op, int64_t position, int64_t value,
                                  int64_t num_rows) {
-  if (atomicCAS_system(&record->state, 0, 1) == 0) {
-    record->op = op;
-    record->position = position;
-    record->value = value;
-    record->num_rows = num_rows;
-    __threadfence_system();
-    atomicExch_system(&record->state, 2);
-  }
+  if (atomicCAS(sink.claimed, 0, 1) != 0) return;
+  volatile IndexErrorRecord* record = sink.record;
+  record->op = op;
+  record->device = sink.device;
+  record->position = position;
+  record->value = value;
+  record->num_rows = num_rows;
+  __threadfence_system();  // the fields reach host memory before the state does
+  record->state = 2;
 }
 
 namespace {
@@ -153,7 +181,7 @@ template <typename vec_t, typename index_t>
 __global__ void gather_rows_kernel(const vec_t* __restrict__ weight, int64_t row_stride_vecs,
                                    const index_t* __restrict__ idx, int64_t n, int64_t num_rows,
                                    vec_t* __restrict__ out, int64_t row_vecs,
-                                   IndexErrorRecord* record) {
+                                   ErrorSink record) {
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; i < n; i += step) {
     const int64_t k = idx[i];
@@ -192,7 +220,7 @@ void launch_gather(const at::Tensor& weight, const index_t* idx, int64_t n, at::
     using vec_t = decltype(vec_tag);
     gather_rows_kernel<vec_t, index_t><<<l.grid, l.block, 0, stream>>>(
         reinterpret_cast<const vec_t*>(w), stride_bytes / vb, idx, n, weight.size(0),
-        reinterpret_cast<vec_t*>(o), row_vecs, error_record());
+        reinterpret_cast<vec_t*>(o), row_vecs, error_sink());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   switch (vb) {
@@ -265,7 +293,7 @@ template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void scatter_add_kernel(const scalar_t* __restrict__ grad, const index_t* __restrict__ idx,
                                    int64_t n, int64_t num_rows, int64_t dim, int64_t padding_idx,
                                    const int* __restrict__ counts, acc_t* __restrict__ out,
-                                   IndexErrorRecord* record) {
+                                   ErrorSink record) {
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; i < n; i += step) {
     const int64_t k = idx[i];
@@ -291,7 +319,7 @@ __global__ void segment_sum_kernel(const scalar_t* __restrict__ grad,
                                    const int64_t* __restrict__ positions, int64_t n,
                                    int64_t num_rows, int64_t dim, int64_t padding_idx,
                                    bool scale_grad_by_freq, scalar_t* __restrict__ out,
-                                   IndexErrorRecord* record) {
+                                   ErrorSink record) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; j < n; j += step) {
@@ -332,7 +360,7 @@ at::Tensor embedding_dense_backward_cuda(const at::Tensor& grad_in, const at::Te
       AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "embedding_probe_cuda", [&] {
         const RowLaunch l = row_launch(n, 0);
         gather_rows_kernel<uint8_t, index_t><<<l.grid, l.block, 0, scope.stream>>>(
-            nullptr, 0, indices.const_data_ptr<index_t>(), n, num_rows, nullptr, 0, error_record());
+            nullptr, 0, indices.const_data_ptr<index_t>(), n, num_rows, nullptr, 0, error_sink());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
       scope.finish();
@@ -353,7 +381,7 @@ at::Tensor embedding_dense_backward_cuda(const at::Tensor& grad_in, const at::Te
         segment_sum_kernel<scalar_t, index_t><<<l.grid, l.block, 0, scope.stream>>>(
             grad.const_data_ptr<scalar_t>(), sorted_rows.const_data_ptr<index_t>(),
             positions.const_data_ptr<int64_t>(), n, num_rows, dim, padding_idx, scale_grad_by_freq,
-            result.mutable_data_ptr<scalar_t>(), error_record());
+            result.mutable_data_ptr<scalar_t>(), error_sink());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
@@ -363,7 +391,7 @@ at::Tensor embedding_dense_backward_cuda(const at::Tensor& grad_in, const at::Te
       scatter_add_kernel<scalar_t, acc_t, index_t><<<l.grid, l.block, 0, scope.stream>>>(
           grad.const_data_ptr<scalar_t>(), idx, n, num_rows, dim, padding_idx,
           scale_grad_by_freq ? counts.const_data_ptr<int>() : nullptr,
-          acc.mutable_data_ptr<acc_t>(), error_record());
+          acc.mutable_data_ptr<acc_t>(), error_sink());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       // fp16/bf16 were summed in fp32 and are rounded once here.
       result = acc.scalar_type() == grad.scalar_type() ? acc : acc.to(grad.scalar_type());
@@ -381,7 +409,7 @@ __global__ void scaled_gather_kernel(const scalar_t* __restrict__ weight, int64_
                                      const index_t* __restrict__ idx, int64_t n, int64_t num_rows,
                                      int64_t dim, int64_t padding_idx,
                                      const int* __restrict__ counts, scalar_t* __restrict__ out,
-                                     IndexErrorRecord* record) {
+                                     ErrorSink record) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; i < n; i += step) {
@@ -422,7 +450,7 @@ at::Tensor embedding_scaled_gather_cuda(const at::Tensor& weight_in, const at::T
       scaled_gather_kernel<scalar_t, index_t><<<l.grid, l.block, 0, scope.stream>>>(
           weight.const_data_ptr<scalar_t>(), weight.stride(0), idx, n, num_rows, dim, padding_idx,
           scale_grad_by_freq ? counts.const_data_ptr<int>() : nullptr,
-          out.mutable_data_ptr<scalar_t>(), error_record());
+          out.mutable_data_ptr<scalar_t>(), error_sink());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -439,7 +467,7 @@ __global__ void sparse_values_kernel(const scalar_t* __restrict__ grad,
                                      const int64_t* __restrict__ slot_end,  // inclusive scan of "kept"
                                      int64_t n, int64_t num_rows, int64_t dim, int64_t padding_idx,
                                      const int* __restrict__ counts, int64_t* __restrict__ rows_out,
-                                     scalar_t* __restrict__ values, IndexErrorRecord* record) {
+                                     scalar_t* __restrict__ values, ErrorSink record) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; i < n; i += step) {
@@ -498,7 +526,7 @@ std::tuple<at::Tensor, at::Tensor> embedding_sparse_backward_cuda(const at::Tens
           grad.const_data_ptr<scalar_t>(), idx,
           slot_end.defined() ? slot_end.const_data_ptr<int64_t>() : nullptr, n, num_rows, dim,
           padding_idx, scale_grad_by_freq ? counts.const_data_ptr<int>() : nullptr,
-          rows.mutable_data_ptr<int64_t>(), values.mutable_data_ptr<scalar_t>(), error_record());
+          rows.mutable_data_ptr<int64_t>(), values.mutable_data_ptr<scalar_t>(), error_sink());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -526,7 +554,7 @@ template <typename scalar_t, typename index_t>
 __global__ void renorm_kernel(scalar_t* weight, int64_t row_stride, int64_t col_stride,
                               const index_t* __restrict__ idx, int64_t n, int64_t num_rows,
                               int64_t dim, int* __restrict__ claimed, double max_norm,
-                              double norm_type, IndexErrorRecord* record) {
+                              double norm_type, ErrorSink record) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
   const bool p_inf = isinf(norm_type), p_one = norm_type == 1.0, p_two = norm_type == 2.0;
@@ -582,7 +610,7 @@ void embedding_renorm_cuda(const at::Tensor& weight, const at::Tensor& indices_i
       renorm_kernel<scalar_t, index_t><<<blocks, dim3(32, rows_per_block), 0, scope.stream>>>(
           weight.mutable_data_ptr<scalar_t>(), weight.stride(0), weight.stride(1),
           indices.const_data_ptr<index_t>(), n, num_rows, dim, claimed.mutable_data_ptr<int>(),
-          max_norm, norm_type, error_record());
+          max_norm, norm_type, error_sink());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
