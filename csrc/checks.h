@@ -6,6 +6,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+#include <vector>
+
 namespace embedding_ext {
 
 inline void check_indices_dtype(const at::Tensor& indices, const char* op) {
@@ -25,6 +28,13 @@ inline void check_same_device(const at::Tensor& a, const char* a_name, const at:
               "' must be on the same device, got ", a.device(), " and ", b.device());
 }
 
+// The arguments of every gather-like op: a 2-D table, int32/int64 ids, one device.
+inline void check_lookup_args(const at::Tensor& weight, const at::Tensor& indices, const char* op) {
+  check_weight_2d(weight, op);
+  check_indices_dtype(indices, op);
+  check_same_device(weight, "weight", indices, "indices", op);
+}
+
 // grad_output of a lookup must have shape indices.shape + (D,).
 inline void check_grad_shape(const at::Tensor& grad, const at::Tensor& indices, const char* op) {
   bool ok = grad.dim() == indices.dim() + 1;
@@ -38,6 +48,19 @@ inline void check_renorm_args(double max_norm, double norm_type, const char* op)
               ": 'max_norm' must be a finite number >= 0, got ", max_norm);
   TORCH_CHECK(!std::isnan(norm_type) && norm_type > 0, op,
               ": 'norm_type' must be > 0 (inf allowed), got ", norm_type);
+}
+
+// The table with unit stride along D (so a row is one contiguous block), copying only if
+// it is not already so.
+inline at::Tensor rows_unit_stride(const at::Tensor& weight) {
+  return (weight.size(1) <= 1 || weight.stride(1) == 1) ? weight : weight.contiguous();
+}
+
+// indices.shape + (dim,)
+inline std::vector<int64_t> lookup_shape(const at::Tensor& indices, int64_t dim) {
+  std::vector<int64_t> shape(indices.sizes().begin(), indices.sizes().end());
+  shape.push_back(dim);
+  return shape;
 }
 
 // The error every backend raises for an index outside [0, num_rows).

@@ -71,17 +71,6 @@ void check_index_range(const index_t* idx, int64_t n, int64_t num_rows, const ch
   if (bad < n) throw_index_error(static_cast<int64_t>(idx[bad]), bad, num_rows, op);
 }
 
-// The rows of `weight` stored with unit stride along D, so each row is one memcpy.
-at::Tensor rows_unit_stride(const at::Tensor& weight) {
-  return (weight.size(1) <= 1 || weight.stride(1) == 1) ? weight : weight.contiguous();
-}
-
-std::vector<int64_t> lookup_shape(const at::Tensor& indices, int64_t dim) {
-  std::vector<int64_t> shape(indices.sizes().begin(), indices.sizes().end());
-  shape.push_back(dim);
-  return shape;
-}
-
 // ---------------------------------------------------------------------------------------
 // Forward: a dtype-agnostic row copy.
 
@@ -131,9 +120,7 @@ void gather_rows(const char* weight, int64_t row_stride_bytes, const index_t* id
 
 at::Tensor embedding_forward_cpu(const at::Tensor& weight_in, const at::Tensor& indices_in) {
   constexpr const char* op = "embedding_forward";
-  check_weight_2d(weight_in, op);
-  check_indices_dtype(indices_in, op);
-  check_same_device(weight_in, "weight", indices_in, "indices", op);
+  check_lookup_args(weight_in, indices_in, op);
   const at::Tensor weight = rows_unit_stride(weight_in);
   const at::Tensor indices = indices_in.contiguous();
   const int64_t num_rows = weight.size(0), dim = weight.size(1), n = indices.numel();
@@ -347,9 +334,7 @@ void scaled_gather_rows(const scalar_t* weight, int64_t row_stride, const index_
 at::Tensor embedding_scaled_gather_cpu(const at::Tensor& weight_in, const at::Tensor& indices_in,
                                        int64_t padding_idx, bool scale_grad_by_freq) {
   constexpr const char* op = "embedding_scaled_gather";
-  check_weight_2d(weight_in, op);
-  check_indices_dtype(indices_in, op);
-  check_same_device(weight_in, "weight", indices_in, "indices", op);
+  check_lookup_args(weight_in, indices_in, op);
   const at::Tensor weight = rows_unit_stride(weight_in);
   const at::Tensor indices = indices_in.contiguous();
   const int64_t num_rows = weight.size(0), dim = weight.size(1), n = indices.numel();
@@ -483,9 +468,7 @@ void renorm_rows(scalar_t* weight, int64_t row_stride, int64_t col_stride, int64
 void embedding_renorm_cpu(const at::Tensor& weight, const at::Tensor& indices_in, double max_norm,
                           double norm_type) {
   constexpr const char* op = "embedding_renorm_";
-  check_weight_2d(weight, op);
-  check_indices_dtype(indices_in, op);
-  check_same_device(weight, "weight", indices_in, "indices", op);
+  check_lookup_args(weight, indices_in, op);
   check_renorm_args(max_norm, norm_type, op);
   const at::Tensor indices = indices_in.contiguous();
   const int64_t num_rows = weight.size(0), n = indices.numel();

@@ -232,25 +232,13 @@ void launch_gather(const at::Tensor& weight, const index_t* idx, int64_t n, at::
   }
 }
 
-at::Tensor lookup_output(const at::Tensor& indices, const at::Tensor& like, int64_t dim) {
-  std::vector<int64_t> shape(indices.sizes().begin(), indices.sizes().end());
-  shape.push_back(dim);
-  return at::empty(shape, like.options());
-}
-
-at::Tensor rows_unit_stride(const at::Tensor& weight) {
-  return (weight.size(1) <= 1 || weight.stride(1) == 1) ? weight : weight.contiguous();
-}
-
 at::Tensor embedding_forward_cuda(const at::Tensor& weight_in, const at::Tensor& indices_in) {
   constexpr const char* op = "embedding_forward";
-  check_weight_2d(weight_in, op);
-  check_indices_dtype(indices_in, op);
-  check_cuda_pair(weight_in, "weight", indices_in, op);
+  check_lookup_args(weight_in, indices_in, op);
   LaunchScope scope(weight_in);
   const at::Tensor weight = rows_unit_stride(weight_in);
   const at::Tensor indices = indices_in.contiguous();
-  at::Tensor out = lookup_output(indices, weight, weight.size(1));
+  at::Tensor out = at::empty(lookup_shape(indices, weight.size(1)), weight.options());
   const int64_t n = indices.numel();
   if (n == 0) return out;
   // With D == 0 there is nothing to copy, but the indices are still checked.
@@ -432,13 +420,11 @@ __global__ void scaled_gather_kernel(const scalar_t* __restrict__ weight, int64_
 at::Tensor embedding_scaled_gather_cuda(const at::Tensor& weight_in, const at::Tensor& indices_in,
                                         int64_t padding_idx, bool scale_grad_by_freq) {
   constexpr const char* op = "embedding_scaled_gather";
-  check_weight_2d(weight_in, op);
-  check_indices_dtype(indices_in, op);
-  check_cuda_pair(weight_in, "weight", indices_in, op);
+  check_lookup_args(weight_in, indices_in, op);
   LaunchScope scope(weight_in);
   const at::Tensor weight = rows_unit_stride(weight_in);
   const at::Tensor indices = indices_in.contiguous();
-  at::Tensor out = lookup_output(indices, weight, weight.size(1));
+  at::Tensor out = at::empty(lookup_shape(indices, weight.size(1)), weight.options());
   const int64_t n = indices.numel(), num_rows = weight.size(0), dim = weight.size(1);
   if (n == 0) return out;
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "embedding_scaled_gather_cuda", [&] {
@@ -594,9 +580,7 @@ __global__ void renorm_kernel(scalar_t* weight, int64_t row_stride, int64_t col_
 void embedding_renorm_cuda(const at::Tensor& weight, const at::Tensor& indices_in, double max_norm,
                            double norm_type) {
   constexpr const char* op = "embedding_renorm_";
-  check_weight_2d(weight, op);
-  check_indices_dtype(indices_in, op);
-  check_cuda_pair(weight, "weight", indices_in, op);
+  check_lookup_args(weight, indices_in, op);
   check_renorm_args(max_norm, norm_type, op);
   LaunchScope scope(weight);
   const at::Tensor indices = indices_in.contiguous();
