@@ -115,13 +115,14 @@ def op_bytes(op: str, case: Case, unique_rows: int) -> int:
             MAX_NORM: forward + unique_rows * d * s}[op]
 
 
-def prepare(case: Case, op: str, device: str, gen: torch.Generator):
+def prepare(case: Case, op: str, device: str, gen: torch.Generator, device_gen: torch.Generator):
     """Verifies ours against PyTorch / the reference, then returns (ours, theirs) callables."""
     label = f"{case.label} {op}"
     v, d = case.num_embeddings, case.dim
-    weight = torch.randn(v, d, generator=gen).to(device=device, dtype=case.dtype)
+    # Tables are drawn on the device itself: a 10M-row table is slow to draw on the host.
+    weight = torch.randn(v, d, generator=device_gen, device=device, dtype=case.dtype)
     idx = make_indices(case, device, gen)
-    grad = torch.randn(case.lookups, d, generator=gen).to(device=device, dtype=case.dtype)
+    grad = torch.randn(case.lookups, d, generator=device_gen, device=device, dtype=case.dtype)
     pad, freq = (int(idx[0]), True) if op == DENSE_PAD_FREQ else (-1, False)
     if op == SPARSE:
         # Without padding both sides just wrap grad_output (no work); with it, rows are dropped.
@@ -189,6 +190,7 @@ def run(args) -> list[dict]:
     tasks = [(c, op) for c in cases for op in c.ops if not args.ops or op in args.ops]
     threads = args.threads if device == "cpu" else [torch.get_num_threads()]
     gen = torch.Generator().manual_seed(args.seed)
+    device_gen = torch.Generator(device=device).manual_seed(args.seed)
     rows = []
     default_threads = torch.get_num_threads()
     bandwidth = {}
@@ -198,7 +200,7 @@ def run(args) -> list[dict]:
             bandwidth[t] = copy_bandwidth(device, args.min_run_time)
             for case, op in tasks:
                 bar.set_postfix_str(f"{case.name} {op} threads={t}")
-                ours, theirs, unique_rows = prepare(case, op, device, gen)
+                ours, theirs, unique_rows = prepare(case, op, device, gen, device_gen)
                 t_ours, t_theirs = interleaved_medians(ours, theirs, args.min_run_time, args.rounds)
                 nbytes = op_bytes(op, case, unique_rows)
                 floor = nbytes / bandwidth[t]

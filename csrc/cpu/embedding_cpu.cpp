@@ -423,26 +423,30 @@ std::tuple<at::Tensor, at::Tensor> embedding_sparse_backward_cpu(const at::Tenso
 // ---------------------------------------------------------------------------------------
 // max_norm renorm, in place on the distinct referenced rows.
 
+// Sums f(row[d]) with 8 independent partial sums: a single running sum is one dependent
+// add per element (~4 cycles each), which made max_norm 3x slower than the lookup itself.
+template <typename acc_t, typename scalar_t, typename F>
+acc_t strided_sum(const scalar_t* row, int64_t stride, int64_t dim, F f) {
+  acc_t part[8] = {};
+  int64_t d = 0;
+  for (; d + 8 <= dim; d += 8) {
+    for (int u = 0; u < 8; ++u) part[u] += f(static_cast<acc_t>(row[(d + u) * stride]));
+  }
+  for (; d < dim; ++d) part[0] += f(static_cast<acc_t>(row[d * stride]));
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
 template <typename acc_t, typename scalar_t>
 acc_t row_norm(const scalar_t* row, int64_t stride, int64_t dim, double p) {
-  acc_t total = 0;
   if (std::isinf(p)) {
+    acc_t total = 0;
     for (int64_t d = 0; d < dim; ++d) total = std::max(total, std::abs(static_cast<acc_t>(row[d * stride])));
     return total;
   }
-  if (p == 1.0) {
-    for (int64_t d = 0; d < dim; ++d) total += std::abs(static_cast<acc_t>(row[d * stride]));
-    return total;
-  }
-  if (p == 2.0) {
-    for (int64_t d = 0; d < dim; ++d) {
-      const acc_t x = static_cast<acc_t>(row[d * stride]);
-      total += x * x;
-    }
-    return std::sqrt(total);
-  }
+  if (p == 1.0) return strided_sum<acc_t>(row, stride, dim, [](acc_t x) { return std::abs(x); });
+  if (p == 2.0) return std::sqrt(strided_sum<acc_t>(row, stride, dim, [](acc_t x) { return x * x; }));
   const acc_t pp = static_cast<acc_t>(p);
-  for (int64_t d = 0; d < dim; ++d) total += std::pow(std::abs(static_cast<acc_t>(row[d * stride])), pp);
+  const acc_t total = strided_sum<acc_t>(row, stride, dim, [pp](acc_t x) { return std::pow(std::abs(x), pp); });
   return std::pow(total, acc_t(1) / pp);
 }
 
@@ -476,9 +480,8 @@ void embedding_renorm_cpu(const at::Tensor& weight, const at::Tensor& indices_in
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "embedding_renorm_cpu", [&] {
     const index_t* idx = indices.const_data_ptr<index_t>();
     check_index_range(idx, n, num_rows, op);
-    rows.assign(idx, idx + n);
+    rows = sort_by_row(idx, n, num_rows, /*padding_idx=*/-1).rows;  // O(N) radix sort
   });
-  std::sort(rows.begin(), rows.end());
   rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
     renorm_rows<scalar_t>(weight.mutable_data_ptr<scalar_t>(), weight.stride(0), weight.stride(1),
