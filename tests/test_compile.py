@@ -11,18 +11,19 @@ CASES = [dict(), dict(padding_idx=1, scale_grad_by_freq=True), dict(max_norm=1.0
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("options", CASES, ids=["plain", "pad-freq", "maxnorm", "maxnorm-p1-freq"])
-def test_compiled_matches_eager(device, options):
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compiled_matches_eager(device, options, dynamic):
     torch._dynamo.reset()
 
     def step(idx, w):
         return (ee.embedding(idx, w, **options) * 1.5).sum(-1)
 
-    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    compiled = torch.compile(step, fullgraph=True, dynamic=dynamic)
     weight = make_weight(12, 4, torch.float32, device) * 2
     w_eager = weight.clone().requires_grad_()
     w_comp = weight.clone().requires_grad_()
-    for _ in range(2):  # second call reuses the compiled graph
-        idx = make_indices((3, 5), 12, device, padding_idx=options.get("padding_idx"))
+    for shape in ((3, 5), (3, 5), (4, 7)):  # reuse, then a new shape (recompile or symbolic)
+        idx = make_indices(shape, 12, device, padding_idx=options.get("padding_idx"))
         out_eager = step(idx, w_eager)
         out_comp = compiled(idx, w_comp)
         torch.testing.assert_close(out_comp, out_eager)
