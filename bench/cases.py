@@ -13,6 +13,11 @@ SPARSE = "sparse_backward"
 FWD_BWD = "forward+backward"
 MAX_NORM = "max_norm_forward"
 ALL_OPS = (FORWARD, DENSE, DENSE_PAD_FREQ, SPARSE, FWD_BWD, MAX_NORM)
+# GPU-only extras: the cost of synchronous bad-index checks, and the deterministic backward
+# (both sides under torch.use_deterministic_algorithms(True)).
+FORWARD_SYNC = "forward+sync_index_checks"
+DENSE_DET = "dense_backward_deterministic"
+GPU_OPS = ALL_OPS + (FORWARD_SYNC, DENSE_DET)
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,7 @@ class Case:
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 I32, I64 = torch.int32, torch.int64
-LM_OPS = (FORWARD, DENSE, DENSE_PAD_FREQ, FWD_BWD)
+LM_OPS = (FORWARD, DENSE, DENSE_PAD_FREQ, FWD_BWD, DENSE_DET)
 
 # Sized for a 2-core CPU: the whole preset runs in about 3 minutes.
 QUICK = [
@@ -51,19 +56,20 @@ QUICK = [
 
 # For an H100/H200: full-size tables.
 GPU = [
-    Case("gpt2-vocab", 50257, 768, 16384, F32),
+    Case("gpt2-vocab", 50257, 768, 16384, F32, ops=GPU_OPS),
     Case("gpt2-vocab", 50257, 768, 16384, BF16),
-    Case("llama2-vocab", 32000, 4096, 16384, BF16, I64, ops=LM_OPS),
+    Case("llama2-vocab", 32000, 4096, 16384, BF16, I64, ops=LM_OPS + (FORWARD_SYNC,)),
     Case("llama3-vocab", 128256, 4096, 16384, BF16, I64, ops=LM_OPS),
     Case("gemma-vocab", 256000, 2048, 16384, BF16, I32, ops=LM_OPS),
     Case("llama2-vocab", 32000, 4096, 16384, F16, I32, "zipf1.05", ops=LM_OPS),
-    Case("rec-table", 1_000_000, 128, 524288, F32, I64, "uniform"),
-    Case("rec-table", 1_000_000, 128, 524288, F32, I64, "zipf1.05"),
+    Case("rec-table", 1_000_000, 128, 524288, F32, I64, "uniform", ops=GPU_OPS),
+    Case("rec-table", 1_000_000, 128, 524288, F32, I64, "zipf1.05", ops=GPU_OPS),
     Case("rec-table", 1_000_000, 128, 524288, F32, I64, "zipf1.2"),
-    Case("rec-table", 1_000_000, 128, 524288, F32, I64, "hot"),
+    Case("rec-table", 1_000_000, 128, 524288, F32, I64, "hot", ops=ALL_OPS + (DENSE_DET,)),
     Case("rec-table", 10_000_000, 64, 524288, F16, I32, "zipf1.05"),
-    Case("rec-table", 10_000_000, 256, 65536, BF16, I64, "uniform"),
-    Case("rec-small-rows", 1_000_000, 16, 524288, F32, I32, "uniform", ops=(FORWARD, DENSE, SPARSE)),
+    Case("rec-table", 10_000_000, 256, 65536, BF16, I64, "uniform", ops=(FORWARD, DENSE, SPARSE)),
+    Case("rec-small-rows", 1_000_000, 16, 524288, F32, I32, "uniform",
+         ops=(FORWARD, DENSE, SPARSE, FORWARD_SYNC)),
 ]
 
 PRESETS = {"quick": QUICK, "gpu": GPU}

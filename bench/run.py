@@ -31,8 +31,8 @@ from tqdm import tqdm
 import embedding_ext as ee
 from embedding_ext import ops, reference
 
-from .cases import (DENSE, DENSE_PAD_FREQ, FORWARD, FWD_BWD, MAX_NORM, PRESETS, SPARSE, Case,
-                    make_indices)
+from .cases import (DENSE, DENSE_DET, DENSE_PAD_FREQ, FORWARD, FORWARD_SYNC, FWD_BWD, MAX_NORM,
+                    PRESETS, SPARSE, Case, make_indices)
 
 BYTES_FORMULAS = {
     FORWARD: "2*N*D*s + N*i   (read N rows, write N rows, read ids)",
@@ -43,6 +43,8 @@ BYTES_FORMULAS = {
             "values, read ids, write int64 rows)",
     FWD_BWD: "forward + dense_backward",
     MAX_NORM: "forward + U*D*s   (read the U referenced rows for their norms)",
+    FORWARD_SYNC: "same as forward (the extra cost is one stream synchronisation per call)",
+    DENSE_DET: "same as dense_backward",
 }
 # Norm-wise relative error allowed against the float64 reference.
 REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -110,7 +112,8 @@ def op_bytes(op: str, case: Case, unique_rows: int) -> int:
     n, d, v = case.lookups, case.dim, case.num_embeddings
     forward = 2 * n * d * s + n * i
     dense = v * d * s + n * d * s + 2 * unique_rows * d * s + n * i
-    return {FORWARD: forward, DENSE: dense, DENSE_PAD_FREQ: dense,
+    return {FORWARD: forward, DENSE: dense, DENSE_PAD_FREQ: dense, FORWARD_SYNC: forward,
+            DENSE_DET: dense,
             SPARSE: 2 * n * d * s + n * i + 8 * n, FWD_BWD: forward + dense,
             MAX_NORM: forward + unique_rows * d * s}[op]
 
@@ -142,6 +145,32 @@ def prepare(case: Case, op: str, device: str, gen: torch.Generator, device_gen: 
             check("dense gradient vs PyTorch", got, theirs(), case.dtype, label)
         if pad >= 0 and got[pad].any():
             raise Mismatch(f"{label}: padding row has a gradient")
+    elif op == FORWARD_SYNC:
+        def ours():
+            ee.set_synchronous_index_checks(True)
+            try:
+                return ee.embedding(idx, weight)
+            finally:
+                ee.set_synchronous_index_checks(False)
+        theirs = lambda: F.embedding(idx, weight)  # noqa: E731
+        if not torch.equal(ours(), theirs()):
+            raise Mismatch(f"{label}: forward output differs from F.embedding")
+    elif op == DENSE_DET:
+        def deterministic(fn):
+            def run():
+                torch.use_deterministic_algorithms(True)
+                try:
+                    return fn()
+                finally:
+                    torch.use_deterministic_algorithms(False)
+            return run
+        ours = deterministic(lambda: ops.embedding_dense_backward(grad, idx, v, -1, False))
+        theirs = deterministic(lambda: torch.ops.aten.embedding_dense_backward(grad, idx, v, -1, False))
+        got = ours()
+        check("deterministic dense gradient vs float64 reference", got,
+              reference.dense_backward(grad, idx, v), case.dtype, label)
+        if not torch.equal(got, ours()):
+            raise Mismatch(f"{label}: deterministic backward differs between two runs")
     elif op == SPARSE:
         def ours():
             rows, values = ops.embedding_sparse_backward(grad, idx, v, pad, False)

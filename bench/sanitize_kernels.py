@@ -14,7 +14,7 @@ def main():
     dev = sys.argv[1] if len(sys.argv) > 1 else "cuda"
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         for index_dtype in (torch.int32, torch.int64):
-            for dim in (1, 3, 64, 257):
+            for dim in (3, 257):  # odd widths: scalar and vector paths, short and long rows
                 weight = torch.randn(50, dim, device=dev, dtype=dtype, requires_grad=True)
                 idx = torch.randint(0, 50, (7, 9), device=dev, dtype=index_dtype)
                 idx[0, :4] = 3  # duplicates
