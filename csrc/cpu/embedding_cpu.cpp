@@ -4,7 +4,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
-#include <c10/util/irange.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -12,7 +11,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -53,8 +51,8 @@ void record_bad(std::atomic<int64_t>& first_bad, int64_t pos) {
   }
 }
 
-// Raises the index error for the first out-of-range entry, if any. A sequential scan is
-// cheap next to any kernel that touches D elements per index.
+// Raises the index error for the first out-of-range entry, if any. One read of the ids is
+// cheap next to any kernel that touches D elements per id.
 template <typename index_t>
 void check_index_range(const index_t* idx, int64_t n, int64_t num_rows, const char* op) {
   std::atomic<int64_t> first_bad{n};
