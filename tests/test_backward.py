@@ -88,11 +88,17 @@ def test_scale_grad_by_freq_is_per_call(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_weight_without_grad_gets_none(device):
+def test_no_graph_when_no_gradient_can_be_asked_for(device):
+    """Frozen tables and no_grad take the direct op path: same values, no autograd node."""
     weight = make_weight(6, 3, device=device)
     idx = make_indices((5,), 6, device)
     out = ee.embedding(idx, weight)
-    assert not out.requires_grad
+    assert not out.requires_grad and out.grad_fn is None
+    assert torch.equal(out, weight[idx])
+    trainable = weight.clone().requires_grad_()
+    with torch.no_grad():
+        assert ee.embedding(idx, trainable).grad_fn is None
+    assert ee.embedding(idx, trainable).grad_fn is not None
 
 
 def test_large_outputs_reuse_freed_buffers_without_stale_data():

@@ -129,9 +129,11 @@ namespace {
 struct LaunchScope {
   c10::cuda::CUDAGuard guard;
   cudaStream_t stream;
+  ErrorSink sink;  // looked up once per call, shared by the call's launches
   explicit LaunchScope(const at::Tensor& t)
       : guard(t.device()), stream(c10::cuda::getCurrentCUDAStream().stream()) {
     raise_pending_index_error(/*synchronize=*/false);
+    sink = error_sink();
   }
   // After the launches: with synchronous checks on, wait and raise from this call.
   void finish() const {
@@ -207,7 +209,7 @@ int vector_bytes(std::initializer_list<int64_t> quantities) {
 
 template <typename index_t>
 void launch_gather(const at::Tensor& weight, const index_t* idx, int64_t n, at::Tensor& out,
-                   cudaStream_t stream) {
+                   cudaStream_t stream, ErrorSink sink) {
   const int64_t elem = weight.element_size();
   const int64_t row_bytes = weight.size(1) * elem, stride_bytes = weight.stride(0) * elem;
   const char* w = static_cast<const char*>(weight.const_data_ptr());
@@ -220,7 +222,7 @@ void launch_gather(const at::Tensor& weight, const index_t* idx, int64_t n, at::
     using vec_t = decltype(vec_tag);
     gather_rows_kernel<vec_t, index_t><<<l.grid, l.block, 0, stream>>>(
         reinterpret_cast<const vec_t*>(w), stride_bytes / vb, idx, n, weight.size(0),
-        reinterpret_cast<vec_t*>(o), row_vecs, error_sink());
+        reinterpret_cast<vec_t*>(o), row_vecs, sink);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   switch (vb) {
@@ -243,7 +245,8 @@ at::Tensor embedding_forward_cuda(const at::Tensor& weight_in, const at::Tensor&
   if (n == 0) return out;
   // With D == 0 there is nothing to copy, but the indices are still checked.
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "embedding_forward_cuda", [&] {
-    launch_gather<index_t>(weight, indices.const_data_ptr<index_t>(), n, out, scope.stream);
+    launch_gather<index_t>(weight, indices.const_data_ptr<index_t>(), n, out, scope.stream,
+                           scope.sink);
   });
   scope.finish();
   return out;
@@ -348,7 +351,7 @@ at::Tensor embedding_dense_backward_cuda(const at::Tensor& grad_in, const at::Te
       AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "embedding_probe_cuda", [&] {
         const RowLaunch l = row_launch(n, 0);
         gather_rows_kernel<uint8_t, index_t><<<l.grid, l.block, 0, scope.stream>>>(
-            nullptr, 0, indices.const_data_ptr<index_t>(), n, num_rows, nullptr, 0, error_sink());
+            nullptr, 0, indices.const_data_ptr<index_t>(), n, num_rows, nullptr, 0, scope.sink);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
       scope.finish();
@@ -369,7 +372,7 @@ at::Tensor embedding_dense_backward_cuda(const at::Tensor& grad_in, const at::Te
         segment_sum_kernel<scalar_t, index_t><<<l.grid, l.block, 0, scope.stream>>>(
             grad.const_data_ptr<scalar_t>(), sorted_rows.const_data_ptr<index_t>(),
             positions.const_data_ptr<int64_t>(), n, num_rows, dim, padding_idx, scale_grad_by_freq,
-            result.mutable_data_ptr<scalar_t>(), error_sink());
+            result.mutable_data_ptr<scalar_t>(), scope.sink);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
@@ -379,7 +382,7 @@ at::Tensor embedding_dense_backward_cuda(const at::Tensor& grad_in, const at::Te
       scatter_add_kernel<scalar_t, acc_t, index_t><<<l.grid, l.block, 0, scope.stream>>>(
           grad.const_data_ptr<scalar_t>(), idx, n, num_rows, dim, padding_idx,
           scale_grad_by_freq ? counts.const_data_ptr<int>() : nullptr,
-          acc.mutable_data_ptr<acc_t>(), error_sink());
+          acc.mutable_data_ptr<acc_t>(), scope.sink);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       // fp16/bf16 were summed in fp32 and are rounded once here.
       result = acc.scalar_type() == grad.scalar_type() ? acc : acc.to(grad.scalar_type());
@@ -436,7 +439,7 @@ at::Tensor embedding_scaled_gather_cuda(const at::Tensor& weight_in, const at::T
       scaled_gather_kernel<scalar_t, index_t><<<l.grid, l.block, 0, scope.stream>>>(
           weight.const_data_ptr<scalar_t>(), weight.stride(0), idx, n, num_rows, dim, padding_idx,
           scale_grad_by_freq ? counts.const_data_ptr<int>() : nullptr,
-          out.mutable_data_ptr<scalar_t>(), error_sink());
+          out.mutable_data_ptr<scalar_t>(), scope.sink);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -512,7 +515,7 @@ std::tuple<at::Tensor, at::Tensor> embedding_sparse_backward_cuda(const at::Tens
           grad.const_data_ptr<scalar_t>(), idx,
           slot_end.defined() ? slot_end.const_data_ptr<int64_t>() : nullptr, n, num_rows, dim,
           padding_idx, scale_grad_by_freq ? counts.const_data_ptr<int>() : nullptr,
-          rows.mutable_data_ptr<int64_t>(), values.mutable_data_ptr<scalar_t>(), error_sink());
+          rows.mutable_data_ptr<int64_t>(), values.mutable_data_ptr<scalar_t>(), scope.sink);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -594,7 +597,7 @@ void embedding_renorm_cuda(const at::Tensor& weight, const at::Tensor& indices_i
       renorm_kernel<scalar_t, index_t><<<blocks, dim3(32, rows_per_block), 0, scope.stream>>>(
           weight.mutable_data_ptr<scalar_t>(), weight.stride(0), weight.stride(1),
           indices.const_data_ptr<index_t>(), n, num_rows, dim, claimed.mutable_data_ptr<int>(),
-          max_norm, norm_type, error_sink());
+          max_norm, norm_type, scope.sink);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
