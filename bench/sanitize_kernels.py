@@ -1,6 +1,9 @@
 """Runs every CUDA kernel once on small, duplicate-heavy inputs; meant to be run under
-compute-sanitizer (memcheck, racecheck) by bench/gpu_suite.sh. Exits non-zero on a wrong
-result, so a clean sanitizer log also means the kernels computed the right thing."""
+compute-sanitizer (memcheck, racecheck) by bench/gpu_suite.sh. Every result is checked
+against the float64 reference (embedding_ext/reference.py): the renormed weight, the
+forward rows, the dense and sparse gradients, and the double-backward (scaled-gather)
+output. Exits non-zero on a wrong result, so a clean sanitizer log also means the kernels
+computed the right thing. `python -m bench.sanitize_kernels cpu` runs the same checks on CPU."""
 import sys
 
 import torch
@@ -9,33 +12,78 @@ import embedding_ext as ee
 from embedding_ext import reference
 
 
+# Tolerances against the float64 reference, as in tests/conftest.py.
+TOL = {
+    torch.float64: dict(atol=1e-12, rtol=1e-12),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+}
+
+
+def check(what, actual, expected, dtype, exact=False):
+    """Raises (exit non-zero) with the case in the message when a result is wrong."""
+    if exact:
+        if not torch.equal(actual, expected):
+            raise AssertionError(f"{what}: not bitwise equal")
+        return
+    torch.testing.assert_close(actual.double(), expected.double(), **TOL[dtype],
+                               msg=lambda m: f"{what}: {m}")
+
+
 def main():
     torch.manual_seed(0)
     dev = sys.argv[1] if len(sys.argv) > 1 else "cuda"
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         for index_dtype in (torch.int32, torch.int64):
-            for dim in (3, 257):  # odd widths: scalar and vector paths, short and long rows
+            # 3: odd width, scalar path; 64: rows a multiple of 16 bytes in every dtype, the
+            # 16-byte vector path; 257: odd and longer than a warp.
+            for dim in (3, 64, 257):
+                case = f"{dtype}, {index_dtype}, dim={dim}"
                 weight = torch.randn(50, dim, device=dev, dtype=dtype, requires_grad=True)
                 idx = torch.randint(0, 50, (7, 9), device=dev, dtype=index_dtype)
-                idx[0, :4] = 3  # duplicates
+                idx[0, :4] = 3  # duplicates of the padding row
+                idx[1, :3] = 5  # duplicates of an ordinary row
                 for deterministic in (False, True):
                     torch.use_deterministic_algorithms(deterministic)
                     for sparse in (False, True):
+                        what = f"{case}, deterministic={deterministic}, sparse={sparse}"
                         weight.grad = None
+                        before = weight.detach().clone()
                         out = ee.embedding(idx, weight, padding_idx=3, max_norm=2.0,
                                            scale_grad_by_freq=True, sparse=sparse)
+                        # The renorm kernel (in place), then the gather of the renormed rows.
+                        check(f"renorm ({what})", weight.detach(),
+                              reference.renorm(before, idx, 2.0, 2.0), dtype)
+                        check(f"forward ({what})", out, weight.detach()[idx.long()], dtype,
+                              exact=True)
                         grad_out = torch.randn_like(out)
                         out.backward(grad_out)
                         expected = reference.dense_backward(grad_out, idx, 50, 3, True)
                         got = weight.grad.to_dense() if sparse else weight.grad
-                        torch.testing.assert_close(got.double(), expected,
-                                                   atol=2e-2, rtol=2e-2)
+                        torch.testing.assert_close(got.double(), expected, atol=2e-2, rtol=2e-2,
+                                                   msg=lambda m: f"backward ({what}): {m}")
                     torch.use_deterministic_algorithms(False)
-                # Double backward: the scaled-gather kernel.
+                # Double backward: the scaled-gather kernel. d(sum(gw))/d(go) at a position
+                # is 1/count of its row, 0 at padding; for a general v it gathers v's rows
+                # with the same scale.
                 go = torch.randn(7, 9, dim, device=dev, dtype=dtype, requires_grad=True)
-                (gw,) = torch.autograd.grad(ee.embedding(idx, weight, scale_grad_by_freq=True),
-                                            weight, go, create_graph=True)
-                torch.autograd.grad(gw.sum(), go)
+                (gw,) = torch.autograd.grad(
+                    ee.embedding(idx, weight, padding_idx=3, scale_grad_by_freq=True),
+                    weight, go, create_graph=True)
+                check(f"dense backward, create_graph ({case})", gw,
+                      reference.dense_backward(go.detach(), idx, 50, 3, True), dtype)
+                scales = reference.position_scales(idx, 50, 3, True).reshape(7, 9, 1)
+                (ggo,) = torch.autograd.grad(gw.sum(), go, retain_graph=True)
+                if ggo.shape != go.shape or ggo.dtype != dtype:
+                    raise AssertionError(f"scaled gather ({case}): {ggo.dtype} {tuple(ggo.shape)}")
+                check(f"scaled gather of ones ({case})", ggo,
+                      scales.expand(7, 9, dim), dtype)
+                if not ggo[0, :4].eq(0).all():
+                    raise AssertionError(f"scaled gather ({case}): padding positions not 0")
+                v = torch.randn(50, dim, device=dev, dtype=dtype)
+                (ggo,) = torch.autograd.grad(gw, go, v)
+                check(f"scaled gather ({case})", ggo, reference.forward(v, idx) * scales, dtype)
     if dev != "cuda":
         print("sanitize_kernels: all kernels matched the reference on", dev)
         return

@@ -1,9 +1,10 @@
-// Boundary checks shared by the CPU and CUDA kernels. Each message names the argument,
-// the rule and the offending value; the fake kernels in embedding_ext/ops.py repeat the
-// same rules with torch._check.
+// Boundary checks shared by every backend. Each message names the op, the argument, the
+// rule and the offending value; the fake kernels in embedding_ext/ops.py repeat the same
+// rules with torch._check (keep the two in step).
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/SymInt.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -41,6 +42,19 @@ inline void check_grad_shape(const at::Tensor& grad, const at::Tensor& indices, 
   for (int64_t d = 0; ok && d < indices.dim(); ++d) ok = grad.size(d) == indices.size(d);
   TORCH_CHECK(ok, op, ": 'grad_output' must have shape indices.shape + (D,) = ", indices.sizes(),
               " + (D,), got ", grad.sizes());
+}
+
+// The arguments of every backward op (dense and sparse, every backend): int32/int64 ids,
+// grad_output of shape indices.shape + (D,) on the same device, num_weights >= 0.
+// Returns num_weights as a plain integer.
+inline int64_t check_backward_args(const at::Tensor& grad, const at::Tensor& indices,
+                                   const c10::SymInt& num_weights, const char* op) {
+  check_indices_dtype(indices, op);
+  check_same_device(grad, "grad_output", indices, "indices", op);
+  check_grad_shape(grad, indices, op);
+  const int64_t num_rows = num_weights.expect_int();
+  TORCH_CHECK(num_rows >= 0, op, ": 'num_weights' must be >= 0, got ", num_rows);
+  return num_rows;
 }
 
 inline void check_renorm_args(double max_norm, double norm_type, const char* op) {

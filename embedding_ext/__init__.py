@@ -42,6 +42,10 @@ def build_info() -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------
+# Runtime controls (csrc/python_module.cpp). Each environment variable below only sets the
+# initial value of a control that these functions change at any time.
+
 def check_cuda_index_errors() -> None:
     """Wait for the GPU and raise ``IndexError`` if any embedding_ext CUDA kernel met an
     out-of-range index since the last check (see README: "Bad indices on CUDA")."""
@@ -49,24 +53,43 @@ def check_cuda_index_errors() -> None:
         _C.check_cuda_index_errors()
 
 
+_sync_checks_without_cuda = False
+
+
 def set_synchronous_index_checks(enabled: bool) -> None:
     """With ``True``, every CUDA call waits for its kernels and raises ``IndexError`` from
-    the call that met a bad index (costs a host synchronisation per call). Default: off,
-    or ``EMBEDDING_EXT_SYNC_INDEX_CHECKS=1`` in the environment."""
-    _C.set_synchronous_index_checks(bool(enabled))
+    the call that met a bad index (costs a host synchronisation per call). Initially off, or
+    on with ``EMBEDDING_EXT_SYNC_INDEX_CHECKS=1``. The CPU always raises from the call."""
+    global _sync_checks_without_cuda
+    if _C.with_cuda:
+        _C.set_synchronous_index_checks(bool(enabled))
+    else:
+        _sync_checks_without_cuda = bool(enabled)
+
+
+def synchronous_index_checks() -> bool:
+    """Whether synchronous CUDA index checks are on (see :func:`set_synchronous_index_checks`)."""
+    return _C.synchronous_index_checks() if _C.with_cuda else _sync_checks_without_cuda
+
+
+def set_cpu_output_cache_limit(megabytes: float) -> None:
+    """Keep at most this many MiB of freed large CPU outputs for reuse (0: keep none).
+
+    Large CPU outputs (>= 1 MiB: gathered rows, dense gradients) are taken from a cache of
+    recently freed buffers, which avoids the page faults of fresh memory (README, "CPU
+    memory"). Initially ``EMBEDDING_EXT_CPU_CACHE_MB`` (default 1024)."""
+    if not megabytes >= 0:
+        raise ValueError(f"set_cpu_output_cache_limit: 'megabytes' must be >= 0, got {megabytes}")
+    _C.set_cpu_output_cache_limit(int(megabytes * 2**20))
 
 
 def release_cpu_output_cache() -> None:
-    """Return the freed large CPU outputs that embedding_ext keeps for reuse to the OS.
-
-    Large CPU outputs (>= 1 MiB) are taken from a cache of recently freed buffers, which
-    avoids the page faults of fresh memory (see README, "CPU memory"); the cache holds at
-    most ``EMBEDDING_EXT_CPU_CACHE_MB`` MiB (default 1024, 0 disables it)."""
+    """Return every freed CPU output buffer that the cache holds to the OS."""
     _C.release_cpu_output_cache()
 
 
 def cpu_output_cache_bytes() -> int:
-    """Bytes currently held by that cache."""
+    """Bytes of freed CPU output buffers the cache currently holds."""
     return _C.cpu_output_cache_bytes()
 
 
@@ -81,6 +104,8 @@ __all__ = [
     "build_info",
     "check_cuda_index_errors",
     "set_synchronous_index_checks",
+    "synchronous_index_checks",
+    "set_cpu_output_cache_limit",
     "release_cpu_output_cache",
     "cpu_output_cache_bytes",
 ]

@@ -6,7 +6,13 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import ops
-from .autograd import apply_embedding
+from ._torch_private import direct_call
+
+# The lookup op; its autograd, forward-mode AD and torch.func support are in C++
+# (csrc/autograd.cpp). Eager calls take its direct C++ entry (per-call cost matters for
+# small lookups: bench/NOTES-cpu.md), compiled code the op itself.
+_embedding_op = torch.ops.embedding_ext.embedding.default
+_embedding_direct = direct_call(_embedding_op)
 
 
 def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int:
@@ -33,10 +39,12 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None,
             embedding, (input, weight), input, weight, padding_idx=padding_idx,
             max_norm=max_norm, norm_type=norm_type, scale_grad_by_freq=scale_grad_by_freq,
             sparse=sparse)
-    if weight.dim() != 2:
-        raise RuntimeError(f"embedding: 'weight' must be 2-D, got a {weight.dim()}-D tensor "
-                           f"of shape {tuple(weight.shape)}")
-    padding = normalize_padding_idx(padding_idx, weight.shape[0])
+    padding = -1
+    if padding_idx is not None:
+        if weight.dim() != 2:  # before weight.shape[0] below; the ops check it otherwise
+            raise RuntimeError(f"embedding: 'weight' must be 2-D, got a {weight.dim()}-D tensor "
+                               f"of shape {tuple(weight.shape)}")
+        padding = normalize_padding_idx(padding_idx, weight.shape[0])
     if max_norm is not None:
         # The renorm reads the indices once more; make them contiguous once for both.
         input = input.contiguous()
@@ -44,4 +52,5 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None,
             ops.embedding_renorm_(weight, input, max_norm, norm_type)
         # As in PyTorch, the in-place renorm is visible to autograd's saved-tensor checks.
         torch.autograd.graph.increment_version(weight)
-    return apply_embedding(weight, input, padding, bool(scale_grad_by_freq), bool(sparse))
+    lookup = _embedding_op if torch.compiler.is_compiling() else _embedding_direct
+    return lookup(weight, input, padding, bool(scale_grad_by_freq), bool(sparse))

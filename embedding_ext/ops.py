@@ -1,7 +1,8 @@
 """Typed wrappers over ``torch.ops.embedding_ext.*`` and their fake (meta) kernels.
 
-The fake kernels repeat the C++ boundary checks with ``torch._check`` and size outputs from
-shapes and the ``num_weights`` argument only, so ``torch.compile`` never reads data.
+The fake kernels repeat the C++ boundary checks (csrc/checks.h) with ``torch._check`` and
+size outputs from shapes and the ``num_weights`` argument only, so ``torch.compile`` never
+reads data.
 """
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ from torch import Tensor
 
 _ops = torch.ops.embedding_ext
 _INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def embedding(weight: Tensor, indices: Tensor, padding_idx: int, scale_grad_by_freq: bool,
+              sparse: bool) -> Tensor:
+    """The lookup with F.embedding's gradient rule (C++ autograd); ``padding_idx < 0``: none."""
+    return _ops.embedding.default(weight, indices, padding_idx, scale_grad_by_freq, sparse)
 
 
 def embedding_forward(weight: Tensor, indices: Tensor) -> Tensor:
@@ -43,7 +50,7 @@ def embedding_renorm_(weight: Tensor, indices: Tensor, max_norm: float, norm_typ
 
 
 # --------------------------------------------------------------------------------------
-# Fake kernels: same rules as csrc/checks.h.
+# Fake kernels: the rules of csrc/checks.h.
 
 def _check_indices(indices: Tensor, op: str) -> None:
     torch._check(indices.dtype in _INDEX_DTYPES,
@@ -68,35 +75,42 @@ def _check_devices(a: Tensor, a_name: str, indices: Tensor, op: str) -> None:
                          f"{a.device} and {indices.device}")
 
 
+def _check_lookup(weight: Tensor, indices: Tensor, op: str) -> None:
+    """check_lookup_args"""
+    _check_weight(weight, op)
+    _check_indices(indices, op)
+    _check_devices(weight, "weight", indices, op)
+
+
+def _check_backward(grad_output: Tensor, indices: Tensor, num_weights, op: str) -> None:
+    """check_backward_args: every backward op, dense and sparse."""
+    _check_indices(indices, op)
+    _check_devices(grad_output, "grad_output", indices, op)
+    _check_grad(grad_output, indices, op)
+    torch._check(num_weights >= 0, lambda: f"{op}: 'num_weights' must be >= 0, got {num_weights}")
+
+
 @torch.library.register_fake("embedding_ext::embedding_forward")
 def _forward_fake(weight, indices):
-    _check_weight(weight, "embedding_forward")
-    _check_indices(indices, "embedding_forward")
-    _check_devices(weight, "weight", indices, "embedding_forward")
+    _check_lookup(weight, indices, "embedding_forward")
     return weight.new_empty((*indices.shape, weight.shape[1]))
 
 
 @torch.library.register_fake("embedding_ext::embedding_dense_backward")
 def _dense_backward_fake(grad_output, indices, num_weights, padding_idx, scale_grad_by_freq):
-    _check_indices(indices, "embedding_dense_backward")
-    _check_grad(grad_output, indices, "embedding_dense_backward")
-    _check_devices(grad_output, "grad_output", indices, "embedding_dense_backward")
+    _check_backward(grad_output, indices, num_weights, "embedding_dense_backward")
     return grad_output.new_empty((num_weights, grad_output.shape[-1]))
 
 
 @torch.library.register_fake("embedding_ext::embedding_scaled_gather")
 def _scaled_gather_fake(weight, indices, padding_idx, scale_grad_by_freq):
-    _check_weight(weight, "embedding_scaled_gather")
-    _check_indices(indices, "embedding_scaled_gather")
-    _check_devices(weight, "weight", indices, "embedding_scaled_gather")
+    _check_lookup(weight, indices, "embedding_scaled_gather")
     return weight.new_empty((*indices.shape, weight.shape[1]))
 
 
 @torch.library.register_fake("embedding_ext::embedding_sparse_backward")
 def _sparse_backward_fake(grad_output, indices, num_weights, padding_idx, scale_grad_by_freq):
-    _check_indices(indices, "embedding_sparse_backward")
-    _check_grad(grad_output, indices, "embedding_sparse_backward")
-    _check_devices(grad_output, "grad_output", indices, "embedding_sparse_backward")
+    _check_backward(grad_output, indices, num_weights, "embedding_sparse_backward")
     # Removing padding positions makes the count data-dependent.
     nnz = torch.library.get_ctx().new_dynamic_size() if padding_idx >= 0 else indices.numel()
     rows = indices.new_empty((1, nnz), dtype=torch.int64)
@@ -106,7 +120,11 @@ def _sparse_backward_fake(grad_output, indices, num_weights, padding_idx, scale_
 
 @torch.library.register_fake("embedding_ext::embedding_renorm_")
 def _renorm_fake(weight, indices, max_norm, norm_type):
-    _check_weight(weight, "embedding_renorm_")
-    _check_indices(indices, "embedding_renorm_")
-    _check_devices(weight, "weight", indices, "embedding_renorm_")
+    _check_lookup(weight, indices, "embedding_renorm_")
     return None
+
+
+@torch.library.register_fake("embedding_ext::embedding")
+def _embedding_fake(weight, indices, padding_idx, scale_grad_by_freq, sparse):
+    _check_lookup(weight, indices, "embedding")
+    return weight.new_empty((*indices.shape, weight.shape[1]))

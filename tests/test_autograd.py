@@ -80,7 +80,13 @@ def _opcheck_cases(device):
     idx32 = idx.to(torch.int32)
     g = torch.randn(3, 4, 5, device=device)
     ops = torch.ops.embedding_ext
+    wg = w.clone().requires_grad_()
     return [
+        (ops.embedding.default, (wg, idx, -1, False, False)),
+        (ops.embedding.default, (wg, idx32, 2, True, False)),
+        (ops.embedding.default, (w, idx, -1, False, True)),
+        (ops.embedding_dense_backward.default, (g.clone().requires_grad_(), idx, 9, 2, True)),
+        (ops.embedding_scaled_gather.default, (wg, idx, -1, True)),
         (ops.embedding_forward.default, (w, idx)),
         (ops.embedding_forward.default, (w.to(torch.bfloat16), idx32)),
         (ops.embedding_dense_backward.default, (g, idx, 9, -1, False)),
@@ -116,3 +122,34 @@ def test_public_function_and_torch_func_grad(device):
     functional = torch.func.grad(
         lambda w: ee.embedding(idx, w, padding_idx=2, scale_grad_by_freq=True).sum())(weight.detach())
     assert torch.equal(direct, eager) and torch.equal(functional, eager)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_second_order_through_torch_func_and_forward_over_reverse(device):
+    """The C++ nodes also serve nested transforms: grad of grad, and jvp of grad (forward
+    mode through the gradient ops), against the same quantities computed by hand."""
+    weight = make_weight(7, 3, torch.float64, device)
+    idx = make_indices((10,), 7, device, padding_idx=1)
+    grad_out = torch.randn(10, 3, dtype=torch.float64, device=device)
+    scales = reference.position_scales(idx, 7, 1, True)[:, None]
+
+    def gradient_map(g):  # linear: g -> d/dw <embedding(w), g>
+        return torch.func.grad(lambda w: (ee.embedding(idx, w, padding_idx=1,
+                                                       scale_grad_by_freq=True) * g).sum())(weight)
+
+    tangent = torch.randn_like(grad_out)
+    value, jvp_out = torch.func.jvp(gradient_map, (grad_out,), (tangent,))
+    expected = reference.dense_backward(grad_out, idx, 7, 1, True)
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(jvp_out, reference.dense_backward(tangent, idx, 7, 1, True))
+    v = torch.randn_like(weight)
+    # d/dg <gradient_map(g), v> = v[idx] * scale (0 at padding): the scaled gather.
+    gg = torch.func.grad(lambda g: (gradient_map(g) * v).sum())(grad_out)
+    torch.testing.assert_close(gg, v[idx] * scales)
+    # The Python EmbeddingFunction gives the same double backward.
+    w = weight.clone().requires_grad_()
+    out = ee.EmbeddingFunction.apply(w, idx, 1, True, False)
+    g = grad_out.clone().requires_grad_()
+    (gw,) = torch.autograd.grad(out, w, g, create_graph=True)
+    (gg_fn,) = torch.autograd.grad(gw, g, v)
+    torch.testing.assert_close(gg_fn, gg)

@@ -1,6 +1,7 @@
 """The build reports what it compiled, CUDA is compiled wherever it can be, and no
 aten::embedding* op runs underneath our API."""
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -26,13 +27,36 @@ def test_cuda_kernels_built_whenever_possible():
     assert ("cuda" in info["backends"]) == expected, (
         f"torch CUDA build: {torch.version.cuda}, nvcc found: {_nvcc_available()}, "
         f"but the extension reports backends {info['backends']}")
-    for op in ("embedding_forward", "embedding_dense_backward", "embedding_scaled_gather",
-               "embedding_sparse_backward", "embedding_renorm_"):
-        name = f"embedding_ext::{op}"
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA") == expected
+    # Every schema in csrc/embedding_ext.cpp has a kernel for every backend built.
+    names = _registered_ops()
+    assert len(names) >= 6, names
+    for name in names:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA") == expected, name
     if expected:
         assert info["cuda_arch_list"]
+
+
+def _registered_ops() -> list[str]:
+    return sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("embedding_ext::"))
+
+
+def _schema_file_ops() -> list[str]:
+    source = (Path(__file__).parent.parent / "csrc" / "embedding_ext.cpp").read_text()
+    return sorted("embedding_ext::" + m for m in re.findall(r'"(\w+)\(', source))
+
+
+def test_schema_file_is_the_one_place_ops_are_declared():
+    assert _registered_ops() == _schema_file_ops()
+
+
+def test_differentiable_ops_have_cpp_autograd_kernels():
+    """The lookup and its two gradient ops record C++ autograd nodes (csrc/autograd.cpp);
+    the others have none (they are never differentiated)."""
+    with_autograd = {n for n in _registered_ops()
+                     if torch._C._dispatch_has_kernel_for_dispatch_key(n, "Autograd")}
+    assert with_autograd == {"embedding_ext::embedding", "embedding_ext::embedding_dense_backward",
+                             "embedding_ext::embedding_scaled_gather"}
 
 
 class _RecordOps(TorchDispatchMode):
@@ -60,7 +84,7 @@ def test_no_aten_embedding_op_runs():
         module(idx).sum().backward()
     assert any(op.startswith("embedding_ext.") for op in rec.ops)
     assert [op for op in rec.ops if "embedding" in op and not op.startswith("embedding_ext.")] == []
-    assert {"embedding_ext.embedding_forward.default", "embedding_ext.embedding_renorm_.default",
+    assert {"embedding_ext.embedding.default", "embedding_ext.embedding_renorm_.default",
             "embedding_ext.embedding_dense_backward.default",
             "embedding_ext.embedding_scaled_gather.default",
             "embedding_ext.embedding_sparse_backward.default"} <= set(rec.ops)

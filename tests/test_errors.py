@@ -1,5 +1,6 @@
 """Every bad input gets an error that names the argument, the rule and the value."""
 import math
+import re
 
 import pytest
 import torch
@@ -100,6 +101,23 @@ def test_renorm_arguments(max_norm, norm_type, message):
     assert torch.equal(weight, before)
 
 
+@pytest.mark.parametrize("op", ["embedding_dense_backward", "embedding_sparse_backward"])
+@pytest.mark.parametrize("fake", [False, True], ids=["kernel", "fake"])
+def test_backward_num_weights_must_not_be_negative(op, fake):
+    """One backward check (csrc/checks.h check_backward_args) for every backward op, and the
+    fake kernels say the same."""
+    g, idx = torch.randn(2, 3), torch.tensor([0, 1])
+    if fake:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        with FakeTensorMode() as mode:
+            g, idx = mode.from_tensor(g), mode.from_tensor(idx)
+            with pytest.raises(RuntimeError, match=f"{op}: 'num_weights' must be >= 0, got -1"):
+                getattr(torch.ops.embedding_ext, op)(g, idx, -1, -1, False)
+        return
+    with pytest.raises(RuntimeError, match=f"^{op}: 'num_weights' must be >= 0, got -1"):
+        getattr(torch.ops.embedding_ext, op)(g, idx, -1, -1, False)
+
+
 def test_grad_output_shape():
     with pytest.raises(RuntimeError, match=r"'grad_output' must have shape indices.shape \+ \(D,\)"):
         torch.ops.embedding_ext.embedding_dense_backward(torch.randn(3, 4), torch.tensor([1, 2]), 5, -1, False)
@@ -108,8 +126,36 @@ def test_grad_output_shape():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 def test_mixed_devices():
-    weight = make_weight(5, 3, device="cuda")
-    with pytest.raises(RuntimeError, match="'weight' and 'indices' must be on the same device"):
-        ee.embedding(torch.tensor([1]), weight)
-    with pytest.raises(RuntimeError, match="must be on the same device|must be a CUDA tensor"):
-        ee.embedding(torch.tensor([1], device="cuda"), make_weight(5, 3))
+    """A CUDA tensor among the arguments dispatches to the CUDA kernel, whose first failing
+    check (csrc/checks.h, csrc/cuda/) decides the message. The whole message is matched,
+    device names included."""
+    def exactly(message):
+        return "^" + re.escape(message) + r"\Z"
+
+    cuda = torch.device("cuda", torch.cuda.current_device())  # what c10 prints: "cuda:0"
+    weight_cuda = make_weight(5, 3, device=cuda)
+    weight_cpu = make_weight(5, 3)
+    idx_cpu = torch.tensor([1])
+    idx_cuda = torch.tensor([1], device=cuda)
+    # The lookups: check_lookup_args -> check_same_device(weight, indices), weight first.
+    with pytest.raises(RuntimeError, match=exactly(
+            f"embedding_forward: 'weight' and 'indices' must be on the same device, got {cuda} and cpu")):
+        ee.embedding(idx_cpu, weight_cuda)
+    with pytest.raises(RuntimeError, match=exactly(
+            f"embedding_forward: 'weight' and 'indices' must be on the same device, got cpu and {cuda}")):
+        ee.embedding(idx_cuda, weight_cpu)
+    big = weight_cpu * 10
+    before = big.clone()
+    with pytest.raises(RuntimeError, match=exactly(
+            f"embedding_renorm_: 'weight' and 'indices' must be on the same device, got cpu and {cuda}")):
+        ee.embedding(idx_cuda, big, max_norm=1.0)
+    assert torch.equal(big, before)  # nothing renormed
+    # The CUDA gradient ops first require grad_output on CUDA, then on the indices' device.
+    with pytest.raises(RuntimeError, match=exactly(
+            "embedding_dense_backward: 'grad_output' must be a CUDA tensor here, got cpu")):
+        torch.ops.embedding_ext.embedding_dense_backward(torch.randn(1, 3), idx_cuda, 5, -1, False)
+    with pytest.raises(RuntimeError, match=exactly(
+            f"embedding_dense_backward: 'grad_output' and 'indices' must be on the same device, "
+            f"got {cuda} and cpu")):
+        torch.ops.embedding_ext.embedding_dense_backward(torch.randn(1, 3, device=cuda), idx_cpu,
+                                                         5, -1, False)

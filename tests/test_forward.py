@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import embedding_ext as ee
+from embedding_ext import reference
 from conftest import DEVICES, FLOAT_DTYPES, INDEX_DTYPES, SHAPES, make_indices, make_weight, poison
 
 
@@ -65,10 +66,37 @@ def test_degenerate_tables(device, num_weights, dim):
     out.sum().backward()
     assert weight.grad.shape == (num_weights, dim) and not weight.grad.any()
     if num_weights:
-        idx = make_indices((4,), num_weights, device)
-        out = ee.embedding(idx, weight)
-        assert out.shape == (4, 0)
-        out.sum().backward()
+        # D == 0 with rows: the lookup and its gradients are empty, but they keep their
+        # shape, dtype and device, the padding/scale options still take their code paths...
+        for options in (dict(), dict(padding_idx=1, scale_grad_by_freq=True),
+                        dict(padding_idx=1, scale_grad_by_freq=True, sparse=True)):
+            weight.grad = None
+            idx = make_indices((4, 3), num_weights, device, padding_idx=options.get("padding_idx"))
+            idx[0, :2] = 1  # a duplicate, at the padding row when there is one
+            out = ee.embedding(idx, weight, **options)
+            assert out.shape == (4, 3, 0) and out.dtype == weight.dtype and out.device == weight.device
+            out.sum().backward()
+            grad = weight.grad.to_dense() if options.get("sparse") else weight.grad
+            assert weight.grad.is_sparse == bool(options.get("sparse"))
+            assert grad.shape == (num_weights, 0) and grad.dtype == weight.dtype
+            assert grad.device == weight.device
+            expected = reference.dense_backward(torch.zeros(4, 3, 0, device=device), idx, num_weights,
+                                                options.get("padding_idx"),
+                                                options.get("scale_grad_by_freq", False))
+            assert torch.equal(grad, expected.to(weight.dtype))
+        # ...and an out-of-range id is still reported, by the lookup and by the backward op.
+        bad = torch.tensor([1, num_weights, 0], device=device)
+        message = (rf"index {num_weights} at position 1 \(row-major\) is out of range for 'weight' "
+                   rf"with {num_weights} rows; valid indices are 0 <= index < {num_weights}")
+        ee.set_synchronous_index_checks(True)
+        try:
+            with pytest.raises(IndexError, match="embedding_forward: " + message):
+                ee.embedding(bad, weight)
+            with pytest.raises(IndexError, match="embedding_dense_backward: " + message):
+                torch.ops.embedding_ext.embedding_dense_backward(
+                    torch.zeros(3, 0, device=device), bad, num_weights, -1, False)
+        finally:
+            ee.set_synchronous_index_checks(False)
 
 
 @pytest.mark.parametrize("device", DEVICES)

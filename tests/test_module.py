@@ -5,9 +5,12 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import embedding_ext as ee
-from conftest import DEVICES, make_indices
+from embedding_ext import reference
+from conftest import DEVICES, assert_close, make_indices
 
 
 def test_is_a_torch_embedding_with_same_repr_and_state_dict():
@@ -40,19 +43,59 @@ def test_weight_used_without_copy_and_from_pretrained_shares_storage():
     assert ee.Embedding.from_pretrained(w, freeze=False).weight.requires_grad
 
 
-def test_pickle_deepcopy_to_and_dtype():
-    emb = ee.Embedding(8, 5, padding_idx=1)
+class _OpRecorder(TorchDispatchMode):
+    """Records the name of every op that reaches the dispatcher (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _check_runs_our_kernels_in(emb, dtype, device):
+    """Forward (bitwise F.embedding) and backward (the float64 reference, within TOL) of the
+    module in `dtype`, both computed by embedding_ext's ops."""
+    assert emb.weight.dtype == dtype and emb.weight.device.type == device
+    idx = make_indices((6, 7), emb.num_embeddings, device, padding_idx=emb.padding_idx)
+    idx[0, :2] = emb.padding_idx
+    emb.weight.grad = None
+    with _OpRecorder() as rec:
+        out = emb(idx)
+        grad_out = torch.randn(out.shape, device=device).to(dtype)
+        out.backward(grad_out)
+    assert "embedding_ext.embedding.default" in rec.ops
+    assert "embedding_ext.embedding_dense_backward.default" in rec.ops
+    assert not any(op.startswith("aten.embedding") for op in rec.ops)
+    assert out.dtype == dtype and out.shape == (6, 7, emb.embedding_dim)
+    assert torch.equal(out, F.embedding(idx, emb.weight.detach(), padding_idx=emb.padding_idx))
+    grad = emb.weight.grad
+    assert grad.dtype == dtype and grad.shape == emb.weight.shape
+    expected = reference.dense_backward(grad_out, idx, emb.num_embeddings, emb.padding_idx,
+                                        emb.scale_grad_by_freq)
+    assert_close(grad, expected, dtype)
+    assert torch.equal(grad[emb.padding_idx], torch.zeros_like(grad[0]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pickle_deepcopy_to_and_dtype(device):
+    emb = ee.Embedding(8, 5, padding_idx=1, scale_grad_by_freq=True).to(device)
     for clone in (pickle.loads(pickle.dumps(emb)), copy.deepcopy(emb)):
         assert type(clone) is ee.Embedding and torch.equal(clone.weight, emb.weight)
     buf = io.BytesIO()
     torch.save(emb, buf)
     buf.seek(0)
     assert type(torch.load(buf, weights_only=False)) is ee.Embedding
-    emb64 = emb.to(torch.float64)
-    idx = make_indices((3, 2), 8)
-    assert emb64(idx).dtype == torch.float64
-    emb_bf16 = ee.Embedding(8, 5, dtype=torch.bfloat16)
-    assert emb_bf16.weight.dtype == torch.bfloat16
+    # .to(dtype) converts the module in place: each dtype on its own copy.
+    for dtype in (torch.float64, torch.bfloat16, torch.float16, torch.float32):
+        moved = copy.deepcopy(emb).to(dtype)
+        assert type(moved) is ee.Embedding
+        assert torch.equal(moved.weight.detach(), emb.weight.detach().to(dtype))
+        _check_runs_our_kernels_in(moved, dtype, device)
+    emb_bf16 = ee.Embedding(8, 5, padding_idx=1, dtype=torch.bfloat16, device=device)
+    _check_runs_our_kernels_in(emb_bf16, torch.bfloat16, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,10 +1,8 @@
 // Allocation of large CPU outputs (gathered rows, dense gradients).
 //
 // A fresh multi-megabyte buffer from malloc is new mmap'd memory: the first write to each
-// 4 KiB page takes a page fault in which the kernel also zeroes the page. On the 2-core
-// machine this project is measured on, that costs ~10x the write itself (zero-filling a
-// fresh 154 MB tensor takes ~68 ms against ~6 ms for the same memset on resident pages).
-// Outputs of this size are therefore taken from a small cache of recently freed buffers
+// 4 KiB page takes a page fault in which the kernel also zeroes the page, which costs
+// several times the write itself (figures: bench/NOTES-cpu.md). Outputs of this size are therefore taken from a small cache of recently freed buffers
 // (a training loop frees last step's gradient before the next backward), and new buffers
 // are mapped with transparent huge pages, which cuts the number of faults by 512.
 #pragma once
@@ -20,7 +18,8 @@ at::Tensor empty_output(c10::IntArrayRef sizes, const c10::TensorOptions& option
 
 // Bytes currently held in the cache (free buffers kept for reuse).
 int64_t cached_output_bytes();
-// Cache limit in bytes (EMBEDDING_EXT_CPU_CACHE_MB, default 2048; 0 turns caching off).
+// Most bytes of freed buffers to keep (initially EMBEDDING_EXT_CPU_CACHE_MB MiB, default
+// 1024; 0 turns caching off).
 void set_output_cache_limit(int64_t bytes);
 void release_cached_outputs();
 

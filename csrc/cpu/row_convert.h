@@ -1,6 +1,6 @@
 // Row conversions between the stored dtype and the fp32/fp64 accumulator, fast for
-// fp16/bf16: c10::Half's scalar conversion costs ~3 ns an element, which made the fp16
-// dense backward 3x slower than its memory traffic. bf16 <-> fp32 is bit arithmetic the
+// fp16/bf16: c10::Half's scalar conversion is a branchy function call per element, which
+// kept the fp16 dense backward far from its memory traffic (bench/NOTES-cpu.md). bf16 <-> fp32 is bit arithmetic the
 // compiler vectorises; fp16 uses F16C when the CPU has it (checked once at run time, so
 // the binary still runs on any x86-64).
 #pragma once

@@ -1,0 +1,140 @@
+// CPU row gathers: the lookup itself (embedding_forward, any dtype: a row copy) and its
+// scaled variant, the double backward (embedding_scaled_gather).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <type_traits>
+
+#include "common.h"
+#include "output_allocator.h"
+
+namespace embedding_ext {
+namespace cpu {
+namespace {
+
+// kRowBytes > 0 fixes the row size at compile time, so each copy becomes a few vector moves
+// instead of a memcpy call (which dominates for rows of 256 bytes and less).
+template <int64_t kRowBytes, typename index_t>
+void gather_rows_impl(const char* weight, int64_t row_stride_bytes, const index_t* idx, int64_t n,
+                      int64_t num_rows, char* out, int64_t row_bytes_dynamic,
+                      std::atomic<int64_t>& first_bad) {
+  const int64_t row_bytes = kRowBytes > 0 ? kRowBytes : row_bytes_dynamic;
+  at::parallel_for(0, n, grain_for(row_bytes), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t k = idx[i];
+      if (k < 0 || k >= num_rows) {
+        record_bad(first_bad, i);
+        return;
+      }
+      if (i + kPrefetchDistance < end) {
+        // A prefetch of a bad address does not fault, so no range check is needed here.
+        __builtin_prefetch(weight + static_cast<int64_t>(idx[i + kPrefetchDistance]) * row_stride_bytes);
+      }
+      std::memcpy(out + i * row_bytes, weight + k * row_stride_bytes, row_bytes);
+    }
+  });
+}
+
+template <typename index_t>
+void gather_rows(const char* weight, int64_t row_stride_bytes, const index_t* idx, int64_t n,
+                 int64_t num_rows, char* out, int64_t row_bytes, const char* op) {
+  std::atomic<int64_t> first_bad{n};
+  auto run = [&](auto fixed) {
+    gather_rows_impl<decltype(fixed)::value, index_t>(weight, row_stride_bytes, idx, n, num_rows,
+                                                      out, row_bytes, first_bad);
+  };
+  switch (row_bytes) {
+    case 8: run(std::integral_constant<int64_t, 8>{}); break;
+    case 16: run(std::integral_constant<int64_t, 16>{}); break;
+    case 32: run(std::integral_constant<int64_t, 32>{}); break;
+    case 64: run(std::integral_constant<int64_t, 64>{}); break;
+    case 128: run(std::integral_constant<int64_t, 128>{}); break;
+    case 256: run(std::integral_constant<int64_t, 256>{}); break;
+    default: run(std::integral_constant<int64_t, 0>{}); break;
+  }
+  const int64_t bad = first_bad.load();
+  if (bad < n) throw_index_error(static_cast<int64_t>(idx[bad]), bad, num_rows, op);
+}
+
+at::Tensor embedding_forward_cpu(const at::Tensor& weight_in, const at::Tensor& indices_in) {
+  constexpr const char* op = "embedding_forward";
+  check_lookup_args(weight_in, indices_in, op);
+  const at::Tensor weight = rows_unit_stride(weight_in);
+  const at::Tensor indices = indices_in.contiguous();
+  const int64_t num_rows = weight.size(0), dim = weight.size(1), n = indices.numel();
+  at::Tensor out = empty_output(lookup_shape(indices, dim), weight.options());
+  const int64_t elem = weight.element_size();
+  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), op, [&] {
+    gather_rows<index_t>(static_cast<const char*>(weight.const_data_ptr()),
+                         weight.stride(0) * elem, indices.const_data_ptr<index_t>(), n, num_rows,
+                         static_cast<char*>(out.mutable_data_ptr()), dim * elem, op);
+  });
+  return out;
+}
+
+// The lookup op below autograd: the gather (its options only shape the gradient).
+at::Tensor embedding_cpu(const at::Tensor& weight, const at::Tensor& indices,
+                         int64_t /*padding_idx*/, bool /*scale_grad_by_freq*/, bool /*sparse*/) {
+  return embedding_forward_cpu(weight, indices);
+}
+
+// out[i] = weight[idx[i]] / count, 0 at padding.
+template <typename scalar_t, typename index_t>
+void scaled_gather_rows(const scalar_t* weight, int64_t row_stride, const index_t* idx, int64_t n,
+                        int64_t num_rows, int64_t dim, int64_t padding_idx,
+                        bool scale_grad_by_freq, scalar_t* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<int64_t> occurrences;
+  if (scale_grad_by_freq) occurrences = count_rows(idx, n, num_rows, padding_idx);
+  at::parallel_for(0, n, grain_for(dim * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t k = idx[i];
+      scalar_t* dst = out + i * dim;
+      if (k == padding_idx) {
+        std::memset(dst, 0, dim * sizeof(scalar_t));
+        continue;
+      }
+      const scalar_t* src = weight + k * row_stride;
+      if (!scale_grad_by_freq) {
+        std::memcpy(dst, src, dim * sizeof(scalar_t));
+        continue;
+      }
+      const acc_t inv = acc_t(1) / static_cast<acc_t>(occurrences[k]);
+      for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(static_cast<acc_t>(src[d]) * inv);
+    }
+  });
+}
+
+at::Tensor embedding_scaled_gather_cpu(const at::Tensor& weight_in, const at::Tensor& indices_in,
+                                       int64_t padding_idx, bool scale_grad_by_freq) {
+  constexpr const char* op = "embedding_scaled_gather";
+  check_lookup_args(weight_in, indices_in, op);
+  const at::Tensor weight = rows_unit_stride(weight_in);
+  const at::Tensor indices = indices_in.contiguous();
+  const int64_t num_rows = weight.size(0), dim = weight.size(1), n = indices.numel();
+  at::Tensor out = empty_output(lookup_shape(indices, dim), weight.options());
+  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), op, [&] {
+    const index_t* idx = indices.const_data_ptr<index_t>();
+    check_index_range(idx, n, num_rows, op);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
+      scaled_gather_rows<scalar_t, index_t>(weight.const_data_ptr<scalar_t>(), weight.stride(0),
+                                            idx, n, num_rows, dim, padding_idx, scale_grad_by_freq,
+                                            out.mutable_data_ptr<scalar_t>());
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(embedding_ext, CPU, m) {
+  m.impl("embedding", &embedding_cpu);
+  m.impl("embedding_forward", &embedding_forward_cpu);
+  m.impl("embedding_scaled_gather", &embedding_scaled_gather_cpu);
+}
+
+}  // namespace cpu
+}  // namespace embedding_ext

@@ -1,0 +1,144 @@
+// CUDA row gathers: the lookup (embedding_forward, any dtype: a row copy with the widest
+// vector the layout allows) and the double backward (embedding_scaled_gather).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "launch.cuh"
+
+namespace embedding_ext {
+namespace cuda {
+namespace {
+
+template <typename vec_t, typename index_t>
+__global__ void gather_rows_kernel(const vec_t* __restrict__ weight, int64_t row_stride_vecs,
+                                   const index_t* __restrict__ idx, int64_t n, int64_t num_rows,
+                                   vec_t* __restrict__ out, int64_t row_vecs, ErrorSink sink) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; i < n; i += step) {
+    const int64_t k = idx[i];
+    vec_t* dst = out + i * row_vecs;
+    if (!row_in_range(k, num_rows)) {
+      if (threadIdx.x == 0) report_bad_index(sink, i, k, num_rows);
+      for (int64_t v = threadIdx.x; v < row_vecs; v += blockDim.x) dst[v] = vec_t{};
+      continue;
+    }
+    const vec_t* src = weight + k * row_stride_vecs;
+    for (int64_t v = threadIdx.x; v < row_vecs; v += blockDim.x) dst[v] = src[v];
+  }
+}
+
+template <typename index_t>
+void launch_gather(const at::Tensor& weight, const index_t* idx, int64_t n, at::Tensor& out,
+                   const LaunchScope& scope) {
+  const int64_t elem = weight.element_size();
+  const int64_t row_bytes = weight.size(1) * elem, stride_bytes = weight.stride(0) * elem;
+  const char* w = static_cast<const char*>(weight.const_data_ptr());
+  char* o = static_cast<char*>(out.mutable_data_ptr());
+  const int vb = vector_bytes({row_bytes, stride_bytes, reinterpret_cast<int64_t>(w),
+                               reinterpret_cast<int64_t>(o)});
+  const int64_t row_vecs = row_bytes / vb;
+  const RowLaunch l = row_launch(n, row_vecs);
+  auto go = [&](auto vec_tag) {
+    using vec_t = decltype(vec_tag);
+    gather_rows_kernel<vec_t, index_t><<<l.grid, l.block, 0, scope.stream>>>(
+        reinterpret_cast<const vec_t*>(w), stride_bytes / vb, idx, n, weight.size(0),
+        reinterpret_cast<vec_t*>(o), row_vecs, scope.sink);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  switch (vb) {
+    case 16: go(uint4{}); break;
+    case 8: go(uint2{}); break;
+    case 4: go(uint32_t{}); break;
+    case 2: go(uint16_t{}); break;
+    default: go(uint8_t{}); break;
+  }
+}
+
+at::Tensor embedding_forward_cuda(const at::Tensor& weight_in, const at::Tensor& indices_in) {
+  constexpr const char* op = "embedding_forward";
+  check_lookup_args(weight_in, indices_in, op);
+  LaunchScope scope(weight_in, op);
+  const at::Tensor weight = rows_unit_stride(weight_in);
+  const at::Tensor indices = indices_in.contiguous();
+  at::Tensor out = at::empty(lookup_shape(indices, weight.size(1)), weight.options());
+  const int64_t n = indices.numel();
+  if (n == 0) return out;
+  // With D == 0 there is nothing to copy, but the indices are still checked.
+  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), op, [&] {
+    launch_gather<index_t>(weight, indices.const_data_ptr<index_t>(), n, out, scope);
+  });
+  scope.finish();
+  return out;
+}
+
+// The lookup op below autograd: the gather (its options only shape the gradient).
+at::Tensor embedding_cuda(const at::Tensor& weight, const at::Tensor& indices,
+                          int64_t /*padding_idx*/, bool /*scale_grad_by_freq*/, bool /*sparse*/) {
+  return embedding_forward_cuda(weight, indices);
+}
+
+// out[i] = weight[idx[i]] / count, 0 at padding and at bad ids.
+template <typename scalar_t, typename index_t>
+__global__ void scaled_gather_kernel(const scalar_t* __restrict__ weight, int64_t row_stride,
+                                     const index_t* __restrict__ idx, int64_t n, int64_t num_rows,
+                                     int64_t dim, int64_t padding_idx,
+                                     const int* __restrict__ counts, scalar_t* __restrict__ out,
+                                     ErrorSink sink) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; i < n; i += step) {
+    const int64_t k = idx[i];
+    scalar_t* dst = out + i * dim;
+    const bool bad = !row_in_range(k, num_rows);
+    if (bad && threadIdx.x == 0) report_bad_index(sink, i, k, num_rows);
+    if (bad || k == padding_idx) {
+      for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) dst[d] = scalar_t(0);
+      continue;
+    }
+    const acc_t scale = counts ? acc_t(1) / static_cast<acc_t>(counts[k]) : acc_t(1);
+    const scalar_t* src = weight + k * row_stride;
+    for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
+      dst[d] = static_cast<scalar_t>(static_cast<acc_t>(src[d]) * scale);
+    }
+  }
+}
+
+at::Tensor embedding_scaled_gather_cuda(const at::Tensor& weight_in, const at::Tensor& indices_in,
+                                        int64_t padding_idx, bool scale_grad_by_freq) {
+  constexpr const char* op = "embedding_scaled_gather";
+  check_lookup_args(weight_in, indices_in, op);
+  LaunchScope scope(weight_in, op);
+  const at::Tensor weight = rows_unit_stride(weight_in);
+  const at::Tensor indices = indices_in.contiguous();
+  at::Tensor out = at::empty(lookup_shape(indices, weight.size(1)), weight.options());
+  const int64_t n = indices.numel(), num_rows = weight.size(0), dim = weight.size(1);
+  if (n == 0) return out;
+  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), op, [&] {
+    const index_t* idx = indices.const_data_ptr<index_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
+      at::Tensor counts;
+      if (scale_grad_by_freq) counts = row_counts(idx, n, num_rows, padding_idx, weight, scope.stream);
+      const RowLaunch l = row_launch(n, dim);
+      scaled_gather_kernel<scalar_t, index_t><<<l.grid, l.block, 0, scope.stream>>>(
+          weight.const_data_ptr<scalar_t>(), weight.stride(0), idx, n, num_rows, dim, padding_idx,
+          scale_grad_by_freq ? counts.const_data_ptr<int>() : nullptr,
+          out.mutable_data_ptr<scalar_t>(), scope.sink);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  scope.finish();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(embedding_ext, CUDA, m) {
+  m.impl("embedding", &embedding_cuda);
+  m.impl("embedding_forward", &embedding_forward_cuda);
+  m.impl("embedding_scaled_gather", &embedding_scaled_gather_cuda);
+}
+
+}  // namespace cuda
+}  // namespace embedding_ext

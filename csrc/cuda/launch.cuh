@@ -1,0 +1,133 @@
+// Launch helpers every CUDA op family shares: the per-call scope (device guard, current
+// stream, bad-index sink), the row-per-thread-group launch shape, vector widths, per-row
+// counts and an index-only probe.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <initializer_list>
+
+#include "../checks.h"
+#include "index_errors.h"
+
+namespace embedding_ext {
+namespace cuda {
+
+// Work shared by every op's host wrapper: surface earlier errors, guard the device, take
+// the current stream and the error sink once per call (shared by the call's launches).
+struct LaunchScope {
+  c10::cuda::CUDAGuard guard;
+  cudaStream_t stream;
+  ErrorSink sink;
+  LaunchScope(const at::Tensor& t, const char* op)
+      : guard(t.device()), stream(c10::cuda::getCurrentCUDAStream().stream()) {
+    raise_pending_index_error(/*synchronize=*/false);
+    sink = error_sink(op);
+  }
+  // After the launches: with synchronous checks on, wait and raise from this call.
+  void finish() const {
+    if (!synchronous_index_checks()) return;
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone) return;
+    C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+    raise_pending_index_error(/*synchronize=*/false);
+  }
+};
+
+// The CUDA kernels also need their tensor argument on a CUDA device (the dispatcher picks
+// this backend from any CUDA argument).
+inline void check_cuda_tensor(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.is_cuda(), op, ": '", name, "' must be a CUDA tensor here, got ", t.device());
+}
+
+constexpr int kThreadsPerBlock = 256;
+constexpr int64_t kMaxBlocks = 1 << 20;  // grid-stride loops cover the rest
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Lanes that share one row: as many as the row has vectors, up to a warp, so that short
+// rows put several rows in one warp.
+inline int lanes_for(int64_t row_vecs) {
+  int lanes = 1;
+  while (lanes < 32 && lanes < row_vecs) lanes *= 2;
+  return lanes;
+}
+
+// blockDim = (lanes per row, rows per block); kernels loop over rows with a grid stride.
+struct RowLaunch {
+  dim3 grid, block;
+};
+
+inline RowLaunch row_launch(int64_t rows, int64_t row_vecs) {
+  const int lanes = lanes_for(row_vecs);
+  const int rows_per_block = kThreadsPerBlock / lanes;
+  const int64_t blocks = std::min<int64_t>(std::max<int64_t>(ceil_div(rows, rows_per_block), 1), kMaxBlocks);
+  return {dim3(static_cast<unsigned>(blocks)), dim3(lanes, rows_per_block)};
+}
+
+// A flat launch over n items.
+inline int64_t flat_blocks(int64_t n) {
+  return std::min<int64_t>(std::max<int64_t>(ceil_div(n, kThreadsPerBlock), 1), kMaxBlocks);
+}
+
+// Largest power-of-two byte width (<= 16) dividing every address and length involved.
+inline int vector_bytes(std::initializer_list<int64_t> quantities) {
+  int bytes = 16;
+  for (int64_t q : quantities) {
+    while (bytes > 1 && q % bytes != 0) bytes /= 2;
+  }
+  return bytes;
+}
+
+#ifdef __CUDACC__
+// counts[k] = occurrences of k among in-range, non-padding positions (the divisor of
+// scale_grad_by_freq). int32 is enough: a count above 2^31 needs more than 8 GiB of ids.
+template <typename index_t>
+__global__ void count_rows_kernel(const index_t* __restrict__ idx, int64_t n, int64_t num_rows,
+                                  int64_t padding_idx, int* __restrict__ counts) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t k = idx[i];
+    if (row_in_range(k, num_rows) && k != padding_idx) atomicAdd(counts + k, 1);
+  }
+}
+
+template <typename index_t>
+at::Tensor row_counts(const index_t* idx, int64_t n, int64_t num_rows, int64_t padding_idx,
+                      const at::Tensor& like, cudaStream_t stream) {
+  at::Tensor counts = at::zeros({num_rows}, like.options().dtype(at::kInt));
+  count_rows_kernel<index_t><<<flat_blocks(n), kThreadsPerBlock, 0, stream>>>(
+      idx, n, num_rows, padding_idx, counts.mutable_data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return counts;
+}
+
+// Only checks the ids (for calls with nothing else to do, e.g. D == 0), so that a bad id
+// is reported whatever the shapes.
+template <typename index_t>
+__global__ void index_probe_kernel(const index_t* __restrict__ idx, int64_t n, int64_t num_rows,
+                                   ErrorSink sink) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t k = idx[i];
+    if (!row_in_range(k, num_rows)) report_bad_index(sink, i, k, num_rows);
+  }
+}
+
+template <typename index_t>
+void probe_indices(const index_t* idx, int64_t n, int64_t num_rows, const LaunchScope& scope) {
+  if (n == 0) return;
+  index_probe_kernel<index_t><<<flat_blocks(n), kThreadsPerBlock, 0, scope.stream>>>(
+      idx, n, num_rows, scope.sink);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif
+
+}  // namespace cuda
+}  // namespace embedding_ext

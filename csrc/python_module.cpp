@@ -1,0 +1,73 @@
+// The Python module embedding_ext._C: how this binary was built, and the runtime controls
+// (CPU output cache, CUDA bad-index checks) that embedding_ext/__init__.py exposes as
+// documented functions. Kernels are not reached from here but through torch.ops.
+#include <torch/csrc/utils/pybind.h>
+
+#include "cpu/dense_backward.h"
+#include "cpu/output_allocator.h"
+#ifdef EMBEDDING_EXT_WITH_CUDA
+#include "cuda/index_errors.h"
+#endif
+
+#ifndef EMBEDDING_EXT_TORCH_VERSION
+#define EMBEDDING_EXT_TORCH_VERSION "unknown"
+#endif
+#ifndef EMBEDDING_EXT_CUDA_ARCH_LIST
+#define EMBEDDING_EXT_CUDA_ARCH_LIST ""
+#endif
+
+namespace embedding_ext {
+namespace {
+
+#ifdef EMBEDDING_EXT_WITH_CUDA
+// Re-raises a recorded CUDA index error as Python's IndexError.
+void check_cuda_index_errors() {
+  try {
+    cuda::raise_pending_index_error(/*synchronize=*/true);
+  } catch (const c10::IndexError& e) {
+    throw pybind11::index_error(e.what_without_backtrace());
+  }
+}
+#endif
+
+// Tests only: one named implementation of the CPU dense backward, so that a test comparing
+// the two knows which one ran (the op itself picks by dtype).
+at::Tensor cpu_dense_backward(const at::Tensor& grad_output, const at::Tensor& indices,
+                              int64_t num_weights, int64_t padding_idx, bool scale_grad_by_freq,
+                              const std::string& path) {
+  TORCH_CHECK(path == "scatter" || path == "sorted",
+              "_cpu_dense_backward: 'path' must be 'scatter' or 'sorted', got '", path, "'");
+  TORCH_CHECK(grad_output.device().is_cpu(), "_cpu_dense_backward: 'grad_output' must be on the CPU");
+  return cpu::dense_backward(grad_output, indices, num_weights, padding_idx, scale_grad_by_freq,
+                             path == "scatter" ? cpu::DenseBackwardPath::kScatter
+                                               : cpu::DenseBackwardPath::kSorted);
+}
+
+}  // namespace
+}  // namespace embedding_ext
+
+PYBIND11_MODULE(_C, mod) {
+  namespace ee = embedding_ext;
+  mod.doc() = "embedding_ext: build facts and runtime controls (kernels: torch.ops.embedding_ext)";
+  mod.attr("torch_version") = EMBEDDING_EXT_TORCH_VERSION;
+  mod.attr("cuda_arch_list") = EMBEDDING_EXT_CUDA_ARCH_LIST;
+#ifdef _OPENMP
+  mod.attr("with_openmp") = true;
+#else
+  mod.attr("with_openmp") = false;
+#endif
+
+  mod.def("cpu_output_cache_bytes", &ee::cpu::cached_output_bytes);
+  mod.def("set_cpu_output_cache_limit", &ee::cpu::set_output_cache_limit);
+  mod.def("release_cpu_output_cache", &ee::cpu::release_cached_outputs);
+  mod.def("_cpu_dense_backward", &ee::cpu_dense_backward);
+
+#ifdef EMBEDDING_EXT_WITH_CUDA
+  mod.attr("with_cuda") = true;
+  mod.def("check_cuda_index_errors", &ee::check_cuda_index_errors);
+  mod.def("set_synchronous_index_checks", &ee::cuda::set_synchronous_index_checks);
+  mod.def("synchronous_index_checks", &ee::cuda::synchronous_index_checks);
+#else
+  mod.attr("with_cuda") = false;
+#endif
+}
