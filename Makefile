@@ -4,6 +4,8 @@
 # Extra:
 #   make test-cpu-torch   build and test against the CPU-only torch==2.13.0 (CI runs it)
 #   make build            (re)build the extension in place
+#   make bench-results    the benchmark, written to the committed bench/results/ (make bench
+#                         writes to bench/out/, which git ignores)
 SHELL := /bin/bash
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1
@@ -12,7 +14,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?= --preset quick
 export MAX_JOBS ?= 2
 
-.PHONY: all setup build test bench test-cpu-torch clean
+.PHONY: all setup build test bench bench-results test-cpu-torch clean
 
 all: test
 
@@ -37,6 +39,9 @@ test: build
 
 bench: build
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+bench-results: build
+	$(PY) -m bench.run $(BENCH_ARGS) --out bench/results
 
 test-cpu-torch:
 	$(MAKE) test VENV=.venv-cpu TORCH_SPEC=torch==2.13.0 PYTEST_ARGS="$(PYTEST_ARGS)"

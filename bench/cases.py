@@ -44,6 +44,8 @@ LM_OPS = (FORWARD, DENSE, DENSE_PAD_FREQ, FWD_BWD, DENSE_DET)
 
 # Sized for a 2-core CPU: the whole preset runs in about 3 minutes.
 QUICK = [
+    # Per-call overhead: a lookup so small that the time is Python, dispatch and autograd.
+    Case("tiny", 100, 16, 8, F32, ops=(FORWARD, FWD_BWD)),
     Case("gpt2-vocab", 50257, 768, 4096, F32),
     Case("gpt2-vocab", 50257, 768, 4096, BF16, ops=(FORWARD, DENSE, FWD_BWD)),
     Case("llama2-vocab", 32000, 4096, 2048, F16, I32, ops=(FORWARD, DENSE)),
@@ -56,6 +58,7 @@ QUICK = [
 
 # For an H100/H200: full-size tables.
 GPU = [
+    Case("tiny", 100, 16, 8, F32, ops=(FORWARD, FWD_BWD)),
     Case("gpt2-vocab", 50257, 768, 16384, F32, ops=GPU_OPS),
     Case("gpt2-vocab", 50257, 768, 16384, BF16),
     Case("llama2-vocab", 32000, 4096, 16384, BF16, I64, ops=LM_OPS + (FORWARD_SYNC,)),

@@ -26,10 +26,10 @@ step "tests"
 tail -40 "$OUT/tests.tmp"; rm -f "$OUT/tests.tmp"
 for tool in memcheck racecheck; do
   step "compute-sanitizer $tool"
-  compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" bench/sanitize_kernels.py > "$OUT/san.tmp" 2>&1 || status=1
+  compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" -m bench.sanitize_kernels > "$OUT/san.tmp" 2>&1 || status=1
   tail -15 "$OUT/san.tmp"; rm -f "$OUT/san.tmp"
 done
 step "benchmark (gpu preset)"
-"$PY" -m bench.run --preset gpu --device cuda --out "$OUT" 2>/dev/null || status=1
+"$PY" -m bench.run --preset gpu --device cuda --out "$OUT" 2> "$OUT/bench.stderr" || { status=1; tail -20 "$OUT/bench.stderr"; }
 step "done, status $status"
 exit $status

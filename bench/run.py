@@ -3,6 +3,9 @@
     python -m bench.run --preset quick            # sized for a 2-core CPU (about 3 minutes)
     python -m bench.run --preset gpu --device cuda --out DIR
 
+Results go to bench/out/ (ignored by git) unless --out names another folder;
+`make bench-results` writes the committed ones in bench/results/ on purpose.
+
 For every case and operation it first verifies our result (against F.embedding / PyTorch's
 own ops, and against the float64 reference where PyTorch accumulates in low precision) and
 aborts on a mismatch; then it times ours and PyTorch's with torch.utils.benchmark (warmed
@@ -322,7 +325,9 @@ def main(argv=None) -> int:
     parser.add_argument("--filter", default="", help="only cases whose label contains this")
     parser.add_argument("--ops", default="", help="comma-separated operations to run")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="bench/results", help="folder for CSV/JSON/MD/PNG")
+    parser.add_argument("--out", default="bench/out",
+                        help="folder for CSV/JSON/MD/PNG (default bench/out, ignored by git; "
+                             "the committed results are in bench/results)")
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -32,25 +32,34 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-at::Tensor call_forward(const at::Tensor& weight, const at::Tensor& indices) {
-  static const auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&)>(
-      "embedding_ext::embedding_forward");
-  return op.call(weight, indices);
+using ForwardSig = at::Tensor(const at::Tensor&, const at::Tensor&);
+
+const c10::TypedOperatorHandle<ForwardSig>& forward_op() {
+  static const auto op = find_op<ForwardSig>("embedding_ext::embedding_forward");
+  return op;
+}
+
+using DenseBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt, int64_t, bool);
+using ScaledGatherSig = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool);
+
+const c10::TypedOperatorHandle<DenseBackwardSig>& dense_backward_op() {
+  static const auto op = find_op<DenseBackwardSig>("embedding_ext::embedding_dense_backward");
+  return op;
+}
+
+const c10::TypedOperatorHandle<ScaledGatherSig>& scaled_gather_op() {
+  static const auto op = find_op<ScaledGatherSig>("embedding_ext::embedding_scaled_gather");
+  return op;
 }
 
 at::Tensor call_dense_backward(const at::Tensor& grad, const at::Tensor& indices,
                                const c10::SymInt& num_weights, int64_t padding_idx, bool scale) {
-  static const auto op =
-      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt, int64_t, bool)>(
-          "embedding_ext::embedding_dense_backward");
-  return op.call(grad, indices, num_weights, padding_idx, scale);
+  return dense_backward_op().call(grad, indices, num_weights, padding_idx, scale);
 }
 
 at::Tensor call_scaled_gather(const at::Tensor& weight, const at::Tensor& indices,
                               int64_t padding_idx, bool scale) {
-  static const auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool)>(
-      "embedding_ext::embedding_scaled_gather");
-  return op.call(weight, indices, padding_idx, scale);
+  return scaled_gather_op().call(weight, indices, padding_idx, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor> call_sparse_backward(const at::Tensor& grad,
@@ -76,7 +85,7 @@ at::Tensor sparse_gradient(const at::Tensor& grad, const at::Tensor& indices,
     // kernel and no copy. The forward already checked these ids, and autograd's version
     // counter guarantees they have not changed since.
     rows = indices.reshape({1, -1}).to(at::kLong);
-    values = grad.reshape({rows.size(1), grad.size(-1)});
+    values = grad.reshape_symint({rows.sym_size(1), grad.sym_size(-1)});
   } else {
     std::tie(rows, values) = call_sparse_backward(grad, indices, num_weights, padding_idx, scale);
   }
@@ -86,12 +95,12 @@ at::Tensor sparse_gradient(const at::Tensor& grad, const at::Tensor& indices,
                                               /*is_coalesced=*/false);
 }
 
-at::Tensor call_lookup(const at::Tensor& weight, const at::Tensor& indices, int64_t padding_idx,
-                       bool scale, bool sparse) {
+const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, bool)>&
+lookup_op() {
   static const auto op =
       find_op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, bool)>(
           "embedding_ext::embedding");
-  return op.call(weight, indices, padding_idx, scale, sparse);
+  return op;
 }
 
 // A new node of type T, held the way this torch holds nodes.
@@ -125,113 +134,121 @@ at::Tensor record(const at::Tensor& input, Below&& below, Make&& make, Linear&& 
   return out;
 }
 
-// The node of the lookup: grad_output -> the weight's gradient (dense or sparse).
-struct LookupBackward : public Node {
+// The backward node of all three ops. Each op is linear in its differentiable input, and
+// their adjoints map onto each other: lookup -> dense backward -> scaled gather -> dense
+// backward -> ...; the node calls the adjoint op through the dispatcher, so create_graph
+// records the next node.
+struct EmbeddingNode : public Node {
+  enum class Kind { kLookup, kDenseBackward, kScaledGather };
+  Kind kind = Kind::kLookup;
   SavedVariable indices;
-  c10::SymInt num_weights;
+  c10::SymInt num_weights;  // rows of the weight the gradient is for (kLookup, kScaledGather)
   int64_t padding_idx = -1;
   bool scale = false;
-  bool sparse = false;
+  bool sparse = false;  // kLookup: a sparse COO gradient
 
-  std::string name() const override { return "embedding_ext::LookupBackward"; }
-  void release_variables() override { indices.reset_data(); }
+  std::string name() const override {
+    switch (kind) {
+      case Kind::kLookup: return "embedding_ext::LookupBackward";
+      case Kind::kDenseBackward: return "embedding_ext::DenseBackwardBackward";
+      default: return "embedding_ext::ScaledGatherBackward";
+    }
+  }
+  // Both lock the node, as PyTorch's own nodes do: two threads may run backward through
+  // a shared graph, one of them releasing what the other unpacks.
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    indices.reset_data();
+  }
   variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
     const at::Tensor ids = indices.unpack();
-    if (!grads[0].defined()) return {at::Tensor()};
-    return {sparse ? sparse_gradient(grads[0], ids, num_weights, padding_idx, scale)
-                   // Differentiable itself (DenseBackwardBackward) when create_graph=True.
-                   : call_dense_backward(grads[0], ids, num_weights, padding_idx, scale)};
+    const at::Tensor& grad = grads[0];
+    if (!grad.defined()) return {at::Tensor()};
+    if (kind == Kind::kDenseBackward) return {call_scaled_gather(grad, ids, padding_idx, scale)};
+    if (sparse) return {sparse_gradient(grad, ids, num_weights, padding_idx, scale)};
+    return {call_dense_backward(grad, ids, num_weights, padding_idx, scale)};
   }
 };
 
-// The node of the dense backward: its adjoint is the scaled gather, and back.
-struct DenseBackwardBackward : public Node {
-  SavedVariable indices;
-  int64_t padding_idx = -1;
-  bool scale = false;
-
-  std::string name() const override { return "embedding_ext::DenseBackwardBackward"; }
-  void release_variables() override { indices.reset_data(); }
-  variable_list apply(variable_list&& grads) override {
-    const at::Tensor ids = indices.unpack();
-    if (!grads[0].defined()) return {at::Tensor()};
-    return {call_scaled_gather(grads[0], ids, padding_idx, scale)};
+// out = below() for an op linear in `input`: when a gradient can flow from `input`, an
+// EmbeddingNode becomes out's grad_fn; when `input` carries a forward-mode tangent, out's
+// tangent is tangent_op(tangent) (the op itself, by linearity).
+// num_weights: the rows of the gradient the node produces; none: input's rows (read only
+// after below() has checked that input is 2-D).
+template <typename Below, typename TangentOp>
+at::Tensor record(EmbeddingNode::Kind kind, const at::Tensor& input, const at::Tensor& indices,
+                  std::optional<c10::SymInt> num_weights, int64_t padding_idx, bool scale,
+                  bool sparse, Below&& below, TangentOp&& tangent_op) {
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    out = below();
   }
-};
-
-struct ScaledGatherBackward : public Node {
-  SavedVariable indices;
-  c10::SymInt num_weights;
-  int64_t padding_idx = -1;
-  bool scale = false;
-
-  std::string name() const override { return "embedding_ext::ScaledGatherBackward"; }
-  void release_variables() override { indices.reset_data(); }
-  variable_list apply(variable_list&& grads) override {
-    const at::Tensor ids = indices.unpack();
-    if (!grads[0].defined()) return {at::Tensor()};
-    return {call_dense_backward(grads[0], ids, num_weights, padding_idx, scale)};
+  if (torch::autograd::compute_requires_grad(input)) {
+    auto node = make_node<EmbeddingNode>();
+    node->kind = kind;
+    node->indices = SavedVariable(indices, /*is_output=*/false);
+    node->num_weights = num_weights ? std::move(*num_weights) : input.sym_size(0);
+    node->padding_idx = padding_idx;
+    node->scale = scale;
+    node->sparse = sparse;
+    node->set_next_edges(torch::autograd::collect_next_edges(input));
+    torch::autograd::set_history(out, node);
   }
-};
+  const at::Tensor& tangent = input._fw_grad(/*level=*/0);
+  if (tangent.defined()) out._set_fw_grad(tangent_op(tangent), /*level=*/0, /*is_inplace_op=*/false);
+  return out;
+}
 
 at::Tensor embedding_autograd(c10::DispatchKeySet keys, const at::Tensor& weight,
                               const at::Tensor& indices, int64_t padding_idx, bool scale,
                               bool sparse) {
-  static const auto op =
-      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, bool)>(
-          "embedding_ext::embedding");
   return record(
-      weight,
-      // Straight to the backend kernel (cpu/forward.cpp, cuda/forward.cu): a redispatch with
-      // the keys below autograd is the cheapest way down, as in PyTorch's own ops.
-      [&] {
-        return op.redispatch(keys & c10::after_autograd_keyset, weight, indices, padding_idx,
-                             scale, sparse);
-      },
-      [&] {
-        auto node = make_node<LookupBackward>();
-        node->indices = SavedVariable(indices, /*is_output=*/false);
-        node->num_weights = weight.sym_size(0);
-        node->padding_idx = padding_idx;
-        node->scale = scale;
-        node->sparse = sparse;
-        return node;
-      },
-      [&](const at::Tensor& t) { return call_lookup(t, indices, padding_idx, scale, sparse); });
+      EmbeddingNode::Kind::kLookup, weight, indices, std::nullopt, padding_idx, scale, sparse,
+      // Straight to embedding_forward's backend kernel: a redispatch with the keys below
+      // autograd is the cheapest way down, as in PyTorch's own ops.
+      [&] { return forward_op().redispatch(keys & c10::after_autograd_keyset, weight, indices); },
+      [&](const at::Tensor& t) { return lookup_op().call(t, indices, padding_idx, scale, sparse); });
 }
 
-at::Tensor dense_backward_autograd(const at::Tensor& grad, const at::Tensor& indices,
-                                   c10::SymInt num_weights, int64_t padding_idx, bool scale) {
+at::Tensor dense_backward_autograd(c10::DispatchKeySet keys, const at::Tensor& grad,
+                                   const at::Tensor& indices, c10::SymInt num_weights,
+                                   int64_t padding_idx, bool scale) {
   return record(
-      grad, [&] { return call_dense_backward(grad, indices, num_weights, padding_idx, scale); },
+      EmbeddingNode::Kind::kDenseBackward, grad, indices, num_weights, padding_idx, scale, false,
       [&] {
-        auto node = make_node<DenseBackwardBackward>();
-        node->indices = SavedVariable(indices, /*is_output=*/false);
-        node->padding_idx = padding_idx;
-        node->scale = scale;
-        return node;
+        return dense_backward_op().redispatch(keys & c10::after_autograd_keyset, grad, indices,
+                                              num_weights, padding_idx, scale);
       },
       [&](const at::Tensor& t) {
         return call_dense_backward(t, indices, num_weights, padding_idx, scale);
       });
 }
 
-at::Tensor scaled_gather_autograd(const at::Tensor& weight, const at::Tensor& indices,
-                                  int64_t padding_idx, bool scale) {
+at::Tensor scaled_gather_autograd(c10::DispatchKeySet keys, const at::Tensor& weight,
+                                  const at::Tensor& indices, int64_t padding_idx, bool scale) {
   return record(
-      weight, [&] { return call_scaled_gather(weight, indices, padding_idx, scale); },
+      EmbeddingNode::Kind::kScaledGather, weight, indices, std::nullopt, padding_idx, scale,
+      false,
       [&] {
-        auto node = make_node<ScaledGatherBackward>();
-        node->indices = SavedVariable(indices, /*is_output=*/false);
-        node->num_weights = weight.sym_size(0);
-        node->padding_idx = padding_idx;
-        node->scale = scale;
-        return node;
+        return scaled_gather_op().redispatch(keys & c10::after_autograd_keyset, weight, indices,
+                                             padding_idx, scale);
       },
       [&](const at::Tensor& t) { return call_scaled_gather(t, indices, padding_idx, scale); });
 }
 
+// Below autograd (inference mode, tracing without autograd) the lookup is the forward op.
+at::Tensor embedding_below_autograd(const at::Tensor& weight, const at::Tensor& indices,
+                                    int64_t /*padding_idx*/, bool /*scale*/, bool /*sparse*/) {
+  return forward_op().call(weight, indices);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(embedding_ext, CompositeExplicitAutograd, m) {
+  m.impl("embedding", &embedding_below_autograd);
+}
 
 TORCH_LIBRARY_IMPL(embedding_ext, Autograd, m) {
   m.impl("embedding", &embedding_autograd);

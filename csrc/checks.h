@@ -45,19 +45,26 @@ inline void check_grad_shape(const at::Tensor& grad, const at::Tensor& indices, 
 }
 
 // The arguments of every backward op (dense and sparse, every backend): int32/int64 ids,
-// grad_output of shape indices.shape + (D,) on the same device, num_weights >= 0.
-// Returns num_weights as a plain integer.
+// grad_output of shape indices.shape + (D,) on the same device, num_weights >= 0, and
+// padding_idx < num_weights (negative: no padding; a padding_idx no id can equal would
+// make the sparse output size and its fill disagree). Returns num_weights as an integer.
 inline int64_t check_backward_args(const at::Tensor& grad, const at::Tensor& indices,
-                                   const c10::SymInt& num_weights, const char* op) {
+                                   const c10::SymInt& num_weights, int64_t padding_idx,
+                                   const char* op) {
   check_indices_dtype(indices, op);
   check_same_device(grad, "grad_output", indices, "indices", op);
   check_grad_shape(grad, indices, op);
   const int64_t num_rows = num_weights.expect_int();
   TORCH_CHECK(num_rows >= 0, op, ": 'num_weights' must be >= 0, got ", num_rows);
+  TORCH_CHECK(padding_idx < num_rows, op, ": 'padding_idx' must be < num_weights (", num_rows,
+              ") or negative for none, got ", padding_idx);
   return num_rows;
 }
 
-inline void check_renorm_args(double max_norm, double norm_type, const char* op) {
+// The arguments of embedding_renorm_ on every backend.
+inline void check_renorm_args(const at::Tensor& weight, const at::Tensor& indices,
+                              double max_norm, double norm_type, const char* op) {
+  check_lookup_args(weight, indices, op);
   TORCH_CHECK(std::isfinite(max_norm) && max_norm >= 0, op,
               ": 'max_norm' must be a finite number >= 0, got ", max_norm);
   TORCH_CHECK(!std::isnan(norm_type) && norm_type > 0, op,
@@ -75,6 +82,38 @@ inline std::vector<int64_t> lookup_shape(const at::Tensor& indices, int64_t dim)
   std::vector<int64_t> shape(indices.sizes().begin(), indices.sizes().end());
   shape.push_back(dim);
   return shape;
+}
+
+// A gather-like op's inputs once checked: rows of unit stride, contiguous ids, sizes.
+struct LookupInputs {
+  at::Tensor weight, indices;
+  int64_t num_rows, dim, n;
+  std::vector<int64_t> out_shape;  // indices.shape + (dim,)
+};
+
+inline LookupInputs lookup_inputs(const at::Tensor& weight, const at::Tensor& indices,
+                                  const char* op) {
+  check_lookup_args(weight, indices, op);
+  LookupInputs in{rows_unit_stride(weight), indices.contiguous(), weight.size(0), weight.size(1),
+                  indices.numel(), {}};
+  in.out_shape = lookup_shape(in.indices, in.dim);
+  return in;
+}
+
+// A backward op's inputs once checked: contiguous grad_output rows, flat contiguous ids.
+struct BackwardInputs {
+  at::Tensor grad, indices;
+  int64_t num_rows, dim, n;
+};
+
+inline BackwardInputs backward_inputs(const at::Tensor& grad, const at::Tensor& indices,
+                                      const c10::SymInt& num_weights, int64_t padding_idx,
+                                      const char* op) {
+  const int64_t num_rows = check_backward_args(grad, indices, num_weights, padding_idx, op);
+  BackwardInputs in{grad.contiguous(), indices.reshape({-1}).contiguous(), num_rows, 0, 0};
+  in.dim = in.grad.size(-1);
+  in.n = in.indices.numel();
+  return in;
 }
 
 // The error every backend raises for an index outside [0, num_rows).

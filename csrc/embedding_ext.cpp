@@ -40,8 +40,9 @@ TORCH_LIBRARY(embedding_ext, m) {
       "int padding_idx, bool scale_grad_by_freq) -> (Tensor, Tensor)");
 
   // In place: every distinct row referenced by `indices` whose norm_type-norm exceeds
-  // max_norm is scaled to max_norm (the rule: renorm_math.h). Nothing changes if an
-  // index is out of range.
+  // max_norm is scaled to max_norm (the rule: renorm_math.h). On the CPU nothing changes
+  // if an index is out of range; on CUDA the valid rows of that call are still renormed
+  // (the bad id is reported asynchronously).
   m.def(
       "embedding_renorm_(Tensor(a!) weight, Tensor indices, float max_norm, "
       "float norm_type) -> ()");

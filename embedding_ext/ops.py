@@ -6,6 +6,8 @@ reads data.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -82,12 +84,26 @@ def _check_lookup(weight: Tensor, indices: Tensor, op: str) -> None:
     _check_devices(weight, "weight", indices, op)
 
 
-def _check_backward(grad_output: Tensor, indices: Tensor, num_weights, op: str) -> None:
+def _check_backward(grad_output: Tensor, indices: Tensor, num_weights, padding_idx: int,
+                    op: str) -> None:
     """check_backward_args: every backward op, dense and sparse."""
     _check_indices(indices, op)
     _check_devices(grad_output, "grad_output", indices, op)
     _check_grad(grad_output, indices, op)
     torch._check(num_weights >= 0, lambda: f"{op}: 'num_weights' must be >= 0, got {num_weights}")
+    torch._check(padding_idx < num_weights,
+                 lambda: f"{op}: 'padding_idx' must be < num_weights ({num_weights}) or negative "
+                         f"for none, got {padding_idx}")
+
+
+def _check_renorm(weight: Tensor, indices: Tensor, max_norm: float, norm_type: float) -> None:
+    """check_renorm_args"""
+    op = "embedding_renorm_"
+    _check_lookup(weight, indices, op)
+    torch._check(math.isfinite(max_norm) and max_norm >= 0,
+                 lambda: f"{op}: 'max_norm' must be a finite number >= 0, got {max_norm:g}")
+    torch._check(not math.isnan(norm_type) and norm_type > 0,
+                 lambda: f"{op}: 'norm_type' must be > 0 (inf allowed), got {norm_type:g}")
 
 
 @torch.library.register_fake("embedding_ext::embedding_forward")
@@ -98,7 +114,7 @@ def _forward_fake(weight, indices):
 
 @torch.library.register_fake("embedding_ext::embedding_dense_backward")
 def _dense_backward_fake(grad_output, indices, num_weights, padding_idx, scale_grad_by_freq):
-    _check_backward(grad_output, indices, num_weights, "embedding_dense_backward")
+    _check_backward(grad_output, indices, num_weights, padding_idx, "embedding_dense_backward")
     return grad_output.new_empty((num_weights, grad_output.shape[-1]))
 
 
@@ -110,7 +126,7 @@ def _scaled_gather_fake(weight, indices, padding_idx, scale_grad_by_freq):
 
 @torch.library.register_fake("embedding_ext::embedding_sparse_backward")
 def _sparse_backward_fake(grad_output, indices, num_weights, padding_idx, scale_grad_by_freq):
-    _check_backward(grad_output, indices, num_weights, "embedding_sparse_backward")
+    _check_backward(grad_output, indices, num_weights, padding_idx, "embedding_sparse_backward")
     # Removing padding positions makes the count data-dependent.
     nnz = torch.library.get_ctx().new_dynamic_size() if padding_idx >= 0 else indices.numel()
     rows = indices.new_empty((1, nnz), dtype=torch.int64)
@@ -120,11 +136,11 @@ def _sparse_backward_fake(grad_output, indices, num_weights, padding_idx, scale_
 
 @torch.library.register_fake("embedding_ext::embedding_renorm_")
 def _renorm_fake(weight, indices, max_norm, norm_type):
-    _check_lookup(weight, indices, "embedding_renorm_")
+    _check_renorm(weight, indices, max_norm, norm_type)
     return None
 
 
 @torch.library.register_fake("embedding_ext::embedding")
 def _embedding_fake(weight, indices, padding_idx, scale_grad_by_freq, sparse):
-    _check_lookup(weight, indices, "embedding")
+    _check_lookup(weight, indices, "embedding_forward")  # the eager kernels are the forward
     return weight.new_empty((*indices.shape, weight.shape[1]))

@@ -1,5 +1,5 @@
 """A plain-PyTorch float64 reference of everything embedding_ext computes. Tests and the
-benchmark compare against it where PyTorch itself deviates from the contract (SPEC.md):
+benchmark compare against it where PyTorch itself deviates from the contract (docs/SPEC.md):
 fp16/bf16 accumulation, p-norms on CUDA, scale_grad_by_freq in sparse and double backward.
 It uses no embedding op, only indexing and index_add."""
 from __future__ import annotations

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -85,3 +86,15 @@ def poison(numel: int, dtype: torch.dtype, device) -> None:
 
 def assert_close(actual, expected, dtype):
     torch.testing.assert_close(actual.double(), expected.double(), **TOL[dtype])
+
+
+class RecordOps(TorchDispatchMode):
+    """Records the name of every op that reaches the dispatcher (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))

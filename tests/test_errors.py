@@ -103,19 +103,25 @@ def test_renorm_arguments(max_norm, norm_type, message):
 
 @pytest.mark.parametrize("op", ["embedding_dense_backward", "embedding_sparse_backward"])
 @pytest.mark.parametrize("fake", [False, True], ids=["kernel", "fake"])
-def test_backward_num_weights_must_not_be_negative(op, fake):
+@pytest.mark.parametrize("num_weights,padding_idx,message", [
+    (-1, -1, "'num_weights' must be >= 0, got -1"),
+    (5, 5, r"'padding_idx' must be < num_weights \(5\) or negative for none, got 5"),
+], ids=["num_weights", "padding_idx"])
+def test_backward_arguments(op, fake, num_weights, padding_idx, message):
     """One backward check (csrc/checks.h check_backward_args) for every backward op, and the
-    fake kernels say the same."""
+    fake kernels say the same. (A padding_idx no id can equal once let the CUDA sparse
+    backward write outside its output.)"""
     g, idx = torch.randn(2, 3), torch.tensor([0, 1])
+    call = getattr(torch.ops.embedding_ext, op)
     if fake:
         from torch._subclasses.fake_tensor import FakeTensorMode
         with FakeTensorMode() as mode:
             g, idx = mode.from_tensor(g), mode.from_tensor(idx)
-            with pytest.raises(RuntimeError, match=f"{op}: 'num_weights' must be >= 0, got -1"):
-                getattr(torch.ops.embedding_ext, op)(g, idx, -1, -1, False)
+            with pytest.raises(RuntimeError, match=f"{op}: {message}"):
+                call(g, idx, num_weights, padding_idx, False)
         return
-    with pytest.raises(RuntimeError, match=f"^{op}: 'num_weights' must be >= 0, got -1"):
-        getattr(torch.ops.embedding_ext, op)(g, idx, -1, -1, False)
+    with pytest.raises(RuntimeError, match=f"^{op}: {message}"):
+        call(g, idx, num_weights, padding_idx, False)
 
 
 def test_grad_output_shape():

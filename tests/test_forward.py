@@ -106,3 +106,13 @@ def test_integer_and_complex_weights_forward(device):
         weight = torch.randint(0, 2, (9, 5), device=device).to(dtype)
         idx = make_indices((4, 3), 9, device)
         assert torch.equal(ee.embedding(idx, weight), F.embedding(idx, weight))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inference_mode(device):
+    """Inference tensors skip autograd: the lookup op's kernel below autograd runs."""
+    weight = make_weight(12, 5, device=device)
+    idx = make_indices((3, 4), 12, device, padding_idx=2)
+    with torch.inference_mode():
+        out = ee.embedding(idx, weight, padding_idx=2, scale_grad_by_freq=True)
+    assert torch.equal(out, F.embedding(idx, weight)) and out.is_inference()

@@ -61,24 +61,15 @@ void gather_rows(const char* weight, int64_t row_stride_bytes, const index_t* id
 
 at::Tensor embedding_forward_cpu(const at::Tensor& weight_in, const at::Tensor& indices_in) {
   constexpr const char* op = "embedding_forward";
-  check_lookup_args(weight_in, indices_in, op);
-  const at::Tensor weight = rows_unit_stride(weight_in);
-  const at::Tensor indices = indices_in.contiguous();
-  const int64_t num_rows = weight.size(0), dim = weight.size(1), n = indices.numel();
-  at::Tensor out = empty_output(lookup_shape(indices, dim), weight.options());
-  const int64_t elem = weight.element_size();
-  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), op, [&] {
-    gather_rows<index_t>(static_cast<const char*>(weight.const_data_ptr()),
-                         weight.stride(0) * elem, indices.const_data_ptr<index_t>(), n, num_rows,
-                         static_cast<char*>(out.mutable_data_ptr()), dim * elem, op);
+  const LookupInputs in = lookup_inputs(weight_in, indices_in, op);
+  at::Tensor out = empty_output(in.out_shape, in.weight.options());
+  const int64_t elem = in.weight.element_size();
+  AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
+    gather_rows<index_t>(static_cast<const char*>(in.weight.const_data_ptr()),
+                         in.weight.stride(0) * elem, in.indices.const_data_ptr<index_t>(), in.n,
+                         in.num_rows, static_cast<char*>(out.mutable_data_ptr()), in.dim * elem, op);
   });
   return out;
-}
-
-// The lookup op below autograd: the gather (its options only shape the gradient).
-at::Tensor embedding_cpu(const at::Tensor& weight, const at::Tensor& indices,
-                         int64_t /*padding_idx*/, bool /*scale_grad_by_freq*/, bool /*sparse*/) {
-  return embedding_forward_cpu(weight, indices);
 }
 
 // out[i] = weight[idx[i]] / count, 0 at padding.
@@ -111,17 +102,15 @@ void scaled_gather_rows(const scalar_t* weight, int64_t row_stride, const index_
 at::Tensor embedding_scaled_gather_cpu(const at::Tensor& weight_in, const at::Tensor& indices_in,
                                        int64_t padding_idx, bool scale_grad_by_freq) {
   constexpr const char* op = "embedding_scaled_gather";
-  check_lookup_args(weight_in, indices_in, op);
-  const at::Tensor weight = rows_unit_stride(weight_in);
-  const at::Tensor indices = indices_in.contiguous();
-  const int64_t num_rows = weight.size(0), dim = weight.size(1), n = indices.numel();
-  at::Tensor out = empty_output(lookup_shape(indices, dim), weight.options());
-  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), op, [&] {
-    const index_t* idx = indices.const_data_ptr<index_t>();
-    check_index_range(idx, n, num_rows, op);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
-      scaled_gather_rows<scalar_t, index_t>(weight.const_data_ptr<scalar_t>(), weight.stride(0),
-                                            idx, n, num_rows, dim, padding_idx, scale_grad_by_freq,
+  const LookupInputs in = lookup_inputs(weight_in, indices_in, op);
+  at::Tensor out = empty_output(in.out_shape, in.weight.options());
+  AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
+    const index_t* idx = in.indices.const_data_ptr<index_t>();
+    check_index_range(idx, in.n, in.num_rows, op);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.weight.scalar_type(), op, [&] {
+      scaled_gather_rows<scalar_t, index_t>(in.weight.const_data_ptr<scalar_t>(),
+                                            in.weight.stride(0), idx, in.n, in.num_rows, in.dim,
+                                            padding_idx, scale_grad_by_freq,
                                             out.mutable_data_ptr<scalar_t>());
     });
   });
@@ -131,7 +120,6 @@ at::Tensor embedding_scaled_gather_cpu(const at::Tensor& weight_in, const at::Te
 }  // namespace
 
 TORCH_LIBRARY_IMPL(embedding_ext, CPU, m) {
-  m.impl("embedding", &embedding_cpu);
   m.impl("embedding_forward", &embedding_forward_cpu);
   m.impl("embedding_scaled_gather", &embedding_scaled_gather_cpu);
 }

@@ -54,8 +54,7 @@ void renorm_rows(scalar_t* weight, int64_t row_stride, int64_t col_stride, int64
 void embedding_renorm_cpu(const at::Tensor& weight, const at::Tensor& indices_in, double max_norm,
                           double norm_type) {
   constexpr const char* op = "embedding_renorm_";
-  check_lookup_args(weight, indices_in, op);
-  check_renorm_args(max_norm, norm_type, op);
+  check_renorm_args(weight, indices_in, max_norm, norm_type, op);
   const at::Tensor indices = indices_in.contiguous();
   const int64_t num_rows = weight.size(0), n = indices.numel();
   std::vector<int64_t> rows;

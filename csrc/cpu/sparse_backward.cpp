@@ -52,10 +52,7 @@ std::tuple<at::Tensor, at::Tensor> embedding_sparse_backward_cpu(const at::Tenso
                                                                  int64_t padding_idx,
                                                                  bool scale_grad_by_freq) {
   constexpr const char* op = "embedding_sparse_backward";
-  const int64_t num_rows = check_backward_args(grad_in, indices_in, num_weights, op);
-  const at::Tensor grad = grad_in.contiguous();
-  const at::Tensor indices = indices_in.contiguous();
-  const int64_t dim = grad.size(-1), n = indices.numel();
+  const auto [grad, indices, num_rows, dim, n] = backward_inputs(grad_in, indices_in, num_weights, padding_idx, op);
   at::Tensor rows, values;
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), op, [&] {
     const index_t* idx = indices.const_data_ptr<index_t>();

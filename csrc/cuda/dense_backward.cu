@@ -68,11 +68,8 @@ at::Tensor embedding_dense_backward_cuda(const at::Tensor& grad_in, const at::Te
                                          bool scale_grad_by_freq) {
   constexpr const char* op = "embedding_dense_backward";
   check_cuda_tensor(grad_in, "grad_output", op);
-  const int64_t num_rows = check_backward_args(grad_in, indices_in, num_weights, op);
+  const auto [grad, indices, num_rows, dim, n] = backward_inputs(grad_in, indices_in, num_weights, padding_idx, op);
   LaunchScope scope(grad_in, op);
-  const at::Tensor grad = grad_in.contiguous();
-  const at::Tensor indices = indices_in.reshape({-1}).contiguous();
-  const int64_t dim = grad.size(-1), n = indices.numel();
   if (n == 0 || dim == 0 || num_rows == 0) {
     // Nothing to add, but bad ids are still reported.
     AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), op, [&] {

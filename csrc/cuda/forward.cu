@@ -58,25 +58,16 @@ void launch_gather(const at::Tensor& weight, const index_t* idx, int64_t n, at::
 
 at::Tensor embedding_forward_cuda(const at::Tensor& weight_in, const at::Tensor& indices_in) {
   constexpr const char* op = "embedding_forward";
-  check_lookup_args(weight_in, indices_in, op);
+  const LookupInputs in = lookup_inputs(weight_in, indices_in, op);
   LaunchScope scope(weight_in, op);
-  const at::Tensor weight = rows_unit_stride(weight_in);
-  const at::Tensor indices = indices_in.contiguous();
-  at::Tensor out = at::empty(lookup_shape(indices, weight.size(1)), weight.options());
-  const int64_t n = indices.numel();
-  if (n == 0) return out;
+  at::Tensor out = at::empty(in.out_shape, in.weight.options());
+  if (in.n == 0) return out;
   // With D == 0 there is nothing to copy, but the indices are still checked.
-  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), op, [&] {
-    launch_gather<index_t>(weight, indices.const_data_ptr<index_t>(), n, out, scope);
+  AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
+    launch_gather<index_t>(in.weight, in.indices.const_data_ptr<index_t>(), in.n, out, scope);
   });
   scope.finish();
   return out;
-}
-
-// The lookup op below autograd: the gather (its options only shape the gradient).
-at::Tensor embedding_cuda(const at::Tensor& weight, const at::Tensor& indices,
-                          int64_t /*padding_idx*/, bool /*scale_grad_by_freq*/, bool /*sparse*/) {
-  return embedding_forward_cuda(weight, indices);
 }
 
 // out[i] = weight[idx[i]] / count, 0 at padding and at bad ids.
@@ -108,22 +99,19 @@ __global__ void scaled_gather_kernel(const scalar_t* __restrict__ weight, int64_
 at::Tensor embedding_scaled_gather_cuda(const at::Tensor& weight_in, const at::Tensor& indices_in,
                                         int64_t padding_idx, bool scale_grad_by_freq) {
   constexpr const char* op = "embedding_scaled_gather";
-  check_lookup_args(weight_in, indices_in, op);
+  const LookupInputs in = lookup_inputs(weight_in, indices_in, op);
   LaunchScope scope(weight_in, op);
-  const at::Tensor weight = rows_unit_stride(weight_in);
-  const at::Tensor indices = indices_in.contiguous();
-  at::Tensor out = at::empty(lookup_shape(indices, weight.size(1)), weight.options());
-  const int64_t n = indices.numel(), num_rows = weight.size(0), dim = weight.size(1);
-  if (n == 0) return out;
-  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), op, [&] {
-    const index_t* idx = indices.const_data_ptr<index_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
+  at::Tensor out = at::empty(in.out_shape, in.weight.options());
+  if (in.n == 0) return out;
+  AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
+    const index_t* idx = in.indices.const_data_ptr<index_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.weight.scalar_type(), op, [&] {
       at::Tensor counts;
-      if (scale_grad_by_freq) counts = row_counts(idx, n, num_rows, padding_idx, weight, scope.stream);
-      const RowLaunch l = row_launch(n, dim);
+      if (scale_grad_by_freq) counts = row_counts(idx, in.n, in.num_rows, padding_idx, in.weight, scope.stream);
+      const RowLaunch l = row_launch(in.n, in.dim);
       scaled_gather_kernel<scalar_t, index_t><<<l.grid, l.block, 0, scope.stream>>>(
-          weight.const_data_ptr<scalar_t>(), weight.stride(0), idx, n, num_rows, dim, padding_idx,
-          scale_grad_by_freq ? counts.const_data_ptr<int>() : nullptr,
+          in.weight.const_data_ptr<scalar_t>(), in.weight.stride(0), idx, in.n, in.num_rows,
+          in.dim, padding_idx, scale_grad_by_freq ? counts.const_data_ptr<int>() : nullptr,
           out.mutable_data_ptr<scalar_t>(), scope.sink);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -135,7 +123,6 @@ at::Tensor embedding_scaled_gather_cuda(const at::Tensor& weight_in, const at::T
 }  // namespace
 
 TORCH_LIBRARY_IMPL(embedding_ext, CUDA, m) {
-  m.impl("embedding", &embedding_cuda);
   m.impl("embedding_forward", &embedding_forward_cuda);
   m.impl("embedding_scaled_gather", &embedding_scaled_gather_cuda);
 }

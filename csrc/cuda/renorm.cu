@@ -57,8 +57,7 @@ __global__ void renorm_kernel(scalar_t* weight, int64_t row_stride, int64_t col_
 void embedding_renorm_cuda(const at::Tensor& weight, const at::Tensor& indices_in, double max_norm,
                            double norm_type) {
   constexpr const char* op = "embedding_renorm_";
-  check_lookup_args(weight, indices_in, op);
-  check_renorm_args(max_norm, norm_type, op);
+  check_renorm_args(weight, indices_in, max_norm, norm_type, op);
   LaunchScope scope(weight, op);
   const at::Tensor indices = indices_in.contiguous();
   const int64_t n = indices.numel(), num_rows = weight.size(0), dim = weight.size(1);

@@ -52,11 +52,8 @@ std::tuple<at::Tensor, at::Tensor> embedding_sparse_backward_cuda(const at::Tens
                                                                   bool scale_grad_by_freq) {
   constexpr const char* op = "embedding_sparse_backward";
   check_cuda_tensor(grad_in, "grad_output", op);
-  const int64_t num_rows = check_backward_args(grad_in, indices_in, num_weights, op);
+  const auto [grad, indices, num_rows, dim, n] = backward_inputs(grad_in, indices_in, num_weights, padding_idx, op);
   LaunchScope scope(grad_in, op);
-  const at::Tensor grad = grad_in.contiguous();
-  const at::Tensor indices = indices_in.reshape({-1}).contiguous();
-  const int64_t dim = grad.size(-1), n = indices.numel();
   at::Tensor slot_end;
   int64_t nnz = n;
   if (padding_idx >= 0 && n > 0) {
