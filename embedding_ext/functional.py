@@ -9,10 +9,9 @@ from . import ops
 from ._torch_private import direct_call
 
 # The lookup op; its autograd, forward-mode AD and torch.func support are in C++
-# (csrc/autograd.cpp). Eager calls take its direct C++ entry (per-call cost matters for
-# small lookups: bench/NOTES-cpu.md), compiled code the op itself.
-_embedding_op = torch.ops.embedding_ext.embedding.default
-_embedding_direct = direct_call(_embedding_op)
+# (csrc/autograd.cpp). Called through its direct C++ entry: per-call cost matters for small
+# lookups (bench/NOTES-cpu.md); torch.compile traces it as the op.
+_embedding_direct = direct_call(torch.ops.embedding_ext.embedding.default)
 
 
 def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int:
@@ -52,5 +51,4 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None,
             ops.embedding_renorm_(weight, input, max_norm, norm_type)
         # As in PyTorch, the in-place renorm is visible to autograd's saved-tensor checks.
         torch.autograd.graph.increment_version(weight)
-    lookup = _embedding_op if torch.compiler.is_compiling() else _embedding_direct
-    return lookup(weight, input, padding, bool(scale_grad_by_freq), bool(sparse))
+    return _embedding_direct(weight, input, padding, bool(scale_grad_by_freq), bool(sparse))
