@@ -97,3 +97,22 @@ def test_large_table_int32_offsets():
     weight[-3:].normal_()
     idx = torch.tensor([2**21 + 7, 2**21 + 5], device="cuda", dtype=torch.int32)
     assert torch.equal(ee.embedding(idx, weight), weight[idx.long()])
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_sparse_backward_reports_minus_one_without_padding(index_dtype):
+    """-1, the usual "missing id" in recommender data, is a bad id when there is no padding:
+    the sparse backward must report it and write every slot (the kernel once compared it
+    with padding_idx = -1 first and left its slot uninitialised)."""
+    g = torch.randn(4, 3, device="cuda")
+    idx = torch.tensor([2, -1, 0, 2], device="cuda", dtype=index_dtype)
+    ee.set_synchronous_index_checks(True)
+    try:
+        with pytest.raises(IndexError, match="index -1 at position 1"):
+            torch.ops.embedding_ext.embedding_sparse_backward(g, idx, 5, -1, True)
+    finally:
+        ee.set_synchronous_index_checks(False)
+    rows, values = torch.ops.embedding_ext.embedding_sparse_backward(
+        g, idx.clamp_min(0), 5, -1, True)
+    assert rows.tolist() == [[2, 0, 0, 2]]
+    torch.testing.assert_close(values, g * torch.tensor([0.5, 0.5, 0.5, 0.5], device="cuda")[:, None])
