@@ -3,6 +3,9 @@
 #   make test    the test suite
 # Extra:
 #   make test-cpu-torch   build and test against the CPU-only torch==2.13.0 (CI runs it)
+#   make test-gpu-torch   build (CUDA kernels included) and test against torch==2.11.0, the
+#                         version the GPU machines run (CI runs it)
+#   make gpu-dry-run      bench/gpu_suite.sh --dry-run: the GPU check's steps, without a GPU
 #   make build            (re)build the extension in place
 #   make bench-results    the benchmark, written to the committed bench/results/ (make bench
 #                         writes to bench/out/, which git ignores)
@@ -14,7 +17,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?= --preset quick
 export MAX_JOBS ?= 2
 
-.PHONY: all setup build test bench bench-results test-cpu-torch clean
+.PHONY: all setup build test bench bench-results test-cpu-torch test-gpu-torch gpu-dry-run clean
 
 all: test
 
@@ -45,6 +48,12 @@ bench-results: build
 
 test-cpu-torch:
 	$(MAKE) test VENV=.venv-cpu TORCH_SPEC=torch==2.13.0 PYTEST_ARGS="$(PYTEST_ARGS)"
+
+test-gpu-torch:
+	$(MAKE) test VENV=.venv-gpu TORCH_SPEC=torch==2.11.0 PYTEST_ARGS="$(PYTEST_ARGS)"
+
+gpu-dry-run: build
+	PYTHON=$(PY) bash bench/gpu_suite.sh --dry-run bench/out/gpu-dry-run
 
 clean:
 	rm -rf build embedding_ext/*.so

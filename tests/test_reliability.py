@@ -7,7 +7,7 @@ import torch
 
 import embedding_ext as ee
 from embedding_ext import reference
-from conftest import assert_close, make_indices, make_weight
+from conftest import DEVICES, assert_close, make_indices, make_weight
 
 
 def _available_bytes() -> int:
@@ -27,11 +27,18 @@ def test_float_indices_that_require_grad_are_refused():
         ee.embedding(idx, weight)
 
 
-def test_errors_leave_the_weight_untouched():
-    weight = make_weight(6, 4) * 10
+@pytest.mark.parametrize("device", DEVICES)
+def test_errors_leave_the_weight_untouched(device):
+    """A bad id anywhere in the call: no row is renormed, on every device (on CUDA a probe of
+    the ids runs first on the same stream)."""
+    weight = make_weight(6, 4, device=device) * 10
     before = weight.clone()
-    with pytest.raises(IndexError):
-        ee.embedding(torch.tensor([1, 6]), weight, max_norm=1.0)
+    ee.set_synchronous_index_checks(True)
+    try:
+        with pytest.raises(IndexError, match="index 6 at position 3"):
+            ee.embedding(torch.tensor([1, 2, 1, 6, 0], device=device), weight, max_norm=1.0)
+    finally:
+        ee.set_synchronous_index_checks(False)
     assert torch.equal(weight, before), "renorm must not run when an index is bad"
 
 

@@ -107,7 +107,9 @@ at::Tensor dense_backward(const at::Tensor& grad_in, const at::Tensor& indices_i
                           const c10::SymInt& num_weights, int64_t padding_idx,
                           bool scale_grad_by_freq, DenseBackwardPath path) {
   constexpr const char* op = "embedding_dense_backward";
-  const auto [grad, indices, num_rows, dim, n] = backward_inputs(grad_in, indices_in, num_weights, padding_idx, op);
+  const BackwardInputs in = backward_inputs(grad_in, indices_in, num_weights, padding_idx, op);
+  const at::Tensor &grad = in.grad, &indices = in.indices;
+  const int64_t num_rows = in.num_rows, dim = in.dim, n = in.n;
   at::Tensor out = empty_output({num_rows, dim}, grad.options());
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), op, [&] {
     const index_t* idx = indices.const_data_ptr<index_t>();

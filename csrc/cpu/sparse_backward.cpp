@@ -52,7 +52,9 @@ std::tuple<at::Tensor, at::Tensor> embedding_sparse_backward_cpu(const at::Tenso
                                                                  int64_t padding_idx,
                                                                  bool scale_grad_by_freq) {
   constexpr const char* op = "embedding_sparse_backward";
-  const auto [grad, indices, num_rows, dim, n] = backward_inputs(grad_in, indices_in, num_weights, padding_idx, op);
+  const BackwardInputs in = backward_inputs(grad_in, indices_in, num_weights, padding_idx, op);
+  const at::Tensor &grad = in.grad, &indices = in.indices;
+  const int64_t num_rows = in.num_rows, dim = in.dim, n = in.n;
   at::Tensor rows, values;
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), op, [&] {
     const index_t* idx = indices.const_data_ptr<index_t>();

@@ -67,8 +67,9 @@ at::Tensor embedding_dense_backward_cuda(const at::Tensor& grad_in, const at::Te
                                          c10::SymInt num_weights, int64_t padding_idx,
                                          bool scale_grad_by_freq) {
   constexpr const char* op = "embedding_dense_backward";
-  check_cuda_tensor(grad_in, "grad_output", op);
-  const auto [grad, indices, num_rows, dim, n] = backward_inputs(grad_in, indices_in, num_weights, padding_idx, op);
+  const BackwardInputs in = cuda_backward_inputs(grad_in, indices_in, num_weights, padding_idx, op);
+  const at::Tensor &grad = in.grad, &indices = in.indices;
+  const int64_t num_rows = in.num_rows, dim = in.dim, n = in.n;
   LaunchScope scope(grad_in, op);
   if (n == 0 || dim == 0 || num_rows == 0) {
     // Nothing to add, but bad ids are still reported.
@@ -97,7 +98,7 @@ at::Tensor embedding_dense_backward_cuda(const at::Tensor& grad_in, const at::Te
         return;
       }
       at::Tensor counts;
-      if (scale_grad_by_freq) counts = row_counts(idx, n, num_rows, padding_idx, grad, scope.stream);
+      if (scale_grad_by_freq) counts = row_counts(idx, n, num_rows, padding_idx, grad, scope);
       at::Tensor acc = at::zeros({num_rows, dim}, grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
       scatter_add_kernel<scalar_t, acc_t, index_t><<<l.grid, l.block, 0, scope.stream>>>(
           grad.const_data_ptr<scalar_t>(), idx, n, num_rows, dim, padding_idx,

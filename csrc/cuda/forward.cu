@@ -56,18 +56,29 @@ void launch_gather(const at::Tensor& weight, const index_t* idx, int64_t n, at::
   }
 }
 
-at::Tensor embedding_forward_cuda(const at::Tensor& weight_in, const at::Tensor& indices_in) {
-  constexpr const char* op = "embedding_forward";
-  const LookupInputs in = lookup_inputs(weight_in, indices_in, op);
-  LaunchScope scope(weight_in, op);
+// The host side both gathers share: checks, launch scope, the output, nothing to launch for
+// no ids; launch(in, out, scope) does the rest.
+template <typename Launch>
+at::Tensor cuda_gather(const at::Tensor& weight, const at::Tensor& indices, const char* op,
+                       Launch&& launch) {
+  const LookupInputs in = lookup_inputs(weight, indices, op);
+  LaunchScope scope(weight, op);
   at::Tensor out = at::empty(in.out_shape, in.weight.options());
   if (in.n == 0) return out;
-  // With D == 0 there is nothing to copy, but the indices are still checked.
-  AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
-    launch_gather<index_t>(in.weight, in.indices.const_data_ptr<index_t>(), in.n, out, scope);
-  });
+  launch(in, out, scope);
   scope.finish();
   return out;
+}
+
+at::Tensor embedding_forward_cuda(const at::Tensor& weight, const at::Tensor& indices) {
+  constexpr const char* op = "embedding_forward";
+  return cuda_gather(weight, indices, op, [&](const LookupInputs& in, at::Tensor& out,
+                                              const LaunchScope& scope) {
+    // With D == 0 there is nothing to copy, but the indices are still checked.
+    AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
+      launch_gather<index_t>(in.weight, in.indices.const_data_ptr<index_t>(), in.n, out, scope);
+    });
+  });
 }
 
 // out[i] = weight[idx[i]] / count, 0 at padding and at bad ids.
@@ -96,28 +107,27 @@ __global__ void scaled_gather_kernel(const scalar_t* __restrict__ weight, int64_
   }
 }
 
-at::Tensor embedding_scaled_gather_cuda(const at::Tensor& weight_in, const at::Tensor& indices_in,
+at::Tensor embedding_scaled_gather_cuda(const at::Tensor& weight, const at::Tensor& indices,
                                         int64_t padding_idx, bool scale_grad_by_freq) {
   constexpr const char* op = "embedding_scaled_gather";
-  const LookupInputs in = lookup_inputs(weight_in, indices_in, op);
-  LaunchScope scope(weight_in, op);
-  at::Tensor out = at::empty(in.out_shape, in.weight.options());
-  if (in.n == 0) return out;
-  AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
-    const index_t* idx = in.indices.const_data_ptr<index_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.weight.scalar_type(), op, [&] {
-      at::Tensor counts;
-      if (scale_grad_by_freq) counts = row_counts(idx, in.n, in.num_rows, padding_idx, in.weight, scope.stream);
-      const RowLaunch l = row_launch(in.n, in.dim);
-      scaled_gather_kernel<scalar_t, index_t><<<l.grid, l.block, 0, scope.stream>>>(
-          in.weight.const_data_ptr<scalar_t>(), in.weight.stride(0), idx, in.n, in.num_rows,
-          in.dim, padding_idx, scale_grad_by_freq ? counts.const_data_ptr<int>() : nullptr,
-          out.mutable_data_ptr<scalar_t>(), scope.sink);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return cuda_gather(weight, indices, op, [&](const LookupInputs& in, at::Tensor& out,
+                                              const LaunchScope& scope) {
+    AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
+      const index_t* idx = in.indices.const_data_ptr<index_t>();
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.weight.scalar_type(), op, [&] {
+        at::Tensor counts;
+        if (scale_grad_by_freq) {
+          counts = row_counts(idx, in.n, in.num_rows, padding_idx, in.weight, scope);
+        }
+        const RowLaunch l = row_launch(in.n, in.dim);
+        scaled_gather_kernel<scalar_t, index_t><<<l.grid, l.block, 0, scope.stream>>>(
+            in.weight.const_data_ptr<scalar_t>(), in.weight.stride(0), idx, in.n, in.num_rows,
+            in.dim, padding_idx, scale_grad_by_freq ? counts.const_data_ptr<int>() : nullptr,
+            out.mutable_data_ptr<scalar_t>(), scope.sink);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
-  scope.finish();
-  return out;
 }
 
 }  // namespace

@@ -40,10 +40,14 @@ struct LaunchScope {
   }
 };
 
-// The CUDA kernels also need their tensor argument on a CUDA device (the dispatcher picks
-// this backend from any CUDA argument).
-inline void check_cuda_tensor(const at::Tensor& t, const char* name, const char* op) {
-  TORCH_CHECK(t.is_cuda(), op, ": '", name, "' must be a CUDA tensor here, got ", t.device());
+// The CUDA backward kernels also need grad_output on a CUDA device (the dispatcher picks
+// this backend from any CUDA argument), then the shared checks.
+inline BackwardInputs cuda_backward_inputs(const at::Tensor& grad, const at::Tensor& indices,
+                                           const c10::SymInt& num_weights, int64_t padding_idx,
+                                           const char* op) {
+  TORCH_CHECK(grad.is_cuda(), op, ": 'grad_output' must be a CUDA tensor here, got ",
+              grad.device());
+  return backward_inputs(grad, indices, num_weights, padding_idx, op);
 }
 
 constexpr int kThreadsPerBlock = 256;
@@ -86,45 +90,47 @@ inline int vector_bytes(std::initializer_list<int64_t> quantities) {
 }
 
 #ifdef __CUDACC__
-// counts[k] = occurrences of k among in-range, non-padding positions (the divisor of
-// scale_grad_by_freq). int32 is enough: a count above 2^31 needs more than 8 GiB of ids.
+// One pass over the ids, doing what the caller asks:
+// - counts: counts[k] += 1 for in-range, non-padding k (the divisor of scale_grad_by_freq;
+//   int32 is enough: a count above 2^31 needs more than 8 GiB of ids);
+// - report: bad ids go to the sink (where no other kernel of the call would report them);
+// - any_bad: set to 1 on a bad id, so that a later kernel on the stream can refuse to act
+//   without a host synchronisation (every writer stores the same value).
 template <typename index_t>
-__global__ void count_rows_kernel(const index_t* __restrict__ idx, int64_t n, int64_t num_rows,
-                                  int64_t padding_idx, int* __restrict__ counts) {
+__global__ void scan_ids_kernel(const index_t* __restrict__ idx, int64_t n, int64_t num_rows,
+                                int64_t padding_idx, int* __restrict__ counts, bool report,
+                                ErrorSink sink, int* __restrict__ any_bad) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t k = idx[i];
-    if (row_in_range(k, num_rows) && k != padding_idx) atomicAdd(counts + k, 1);
+    if (!row_in_range(k, num_rows)) {
+      if (report) report_bad_index(sink, i, k, num_rows);
+      if (any_bad) *any_bad = 1;
+    } else if (counts && k != padding_idx) {
+      atomicAdd(counts + k, 1);
+    }
   }
 }
 
 template <typename index_t>
 at::Tensor row_counts(const index_t* idx, int64_t n, int64_t num_rows, int64_t padding_idx,
-                      const at::Tensor& like, cudaStream_t stream) {
+                      const at::Tensor& like, const LaunchScope& scope) {
   at::Tensor counts = at::zeros({num_rows}, like.options().dtype(at::kInt));
-  count_rows_kernel<index_t><<<flat_blocks(n), kThreadsPerBlock, 0, stream>>>(
-      idx, n, num_rows, padding_idx, counts.mutable_data_ptr<int>());
+  scan_ids_kernel<index_t><<<flat_blocks(n), kThreadsPerBlock, 0, scope.stream>>>(
+      idx, n, num_rows, padding_idx, counts.mutable_data_ptr<int>(), /*report=*/false,
+      scope.sink, nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return counts;
 }
 
-// Only checks the ids (for calls with nothing else to do, e.g. D == 0), so that a bad id
-// is reported whatever the shapes.
+// Only checks the ids (and sets *any_bad on a bad one): for calls with nothing else to
+// launch (e.g. D == 0) and before in-place work (renorm).
 template <typename index_t>
-__global__ void index_probe_kernel(const index_t* __restrict__ idx, int64_t n, int64_t num_rows,
-                                   ErrorSink sink) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t k = idx[i];
-    if (!row_in_range(k, num_rows)) report_bad_index(sink, i, k, num_rows);
-  }
-}
-
-template <typename index_t>
-void probe_indices(const index_t* idx, int64_t n, int64_t num_rows, const LaunchScope& scope) {
+void probe_indices(const index_t* idx, int64_t n, int64_t num_rows, const LaunchScope& scope,
+                   int* any_bad = nullptr) {
   if (n == 0) return;
-  index_probe_kernel<index_t><<<flat_blocks(n), kThreadsPerBlock, 0, scope.stream>>>(
-      idx, n, num_rows, scope.sink);
+  scan_ids_kernel<index_t><<<flat_blocks(n), kThreadsPerBlock, 0, scope.stream>>>(
+      idx, n, num_rows, /*padding_idx=*/-1, nullptr, /*report=*/true, scope.sink, any_bad);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 #endif

@@ -51,8 +51,9 @@ std::tuple<at::Tensor, at::Tensor> embedding_sparse_backward_cuda(const at::Tens
                                                                   int64_t padding_idx,
                                                                   bool scale_grad_by_freq) {
   constexpr const char* op = "embedding_sparse_backward";
-  check_cuda_tensor(grad_in, "grad_output", op);
-  const auto [grad, indices, num_rows, dim, n] = backward_inputs(grad_in, indices_in, num_weights, padding_idx, op);
+  const BackwardInputs in = cuda_backward_inputs(grad_in, indices_in, num_weights, padding_idx, op);
+  const at::Tensor &grad = in.grad, &indices = in.indices;
+  const int64_t num_rows = in.num_rows, dim = in.dim, n = in.n;
   LaunchScope scope(grad_in, op);
   at::Tensor slot_end;
   int64_t nnz = n;
@@ -68,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> embedding_sparse_backward_cuda(const at::Tens
     const index_t* idx = indices.const_data_ptr<index_t>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), op, [&] {
       at::Tensor counts;
-      if (scale_grad_by_freq) counts = row_counts(idx, n, num_rows, padding_idx, grad, scope.stream);
+      if (scale_grad_by_freq) counts = row_counts(idx, n, num_rows, padding_idx, grad, scope);
       const RowLaunch l = row_launch(n, dim);
       sparse_values_kernel<scalar_t, index_t><<<l.grid, l.block, 0, scope.stream>>>(
           grad.const_data_ptr<scalar_t>(), idx,
