@@ -248,6 +248,10 @@ def run(args) -> list[dict]:
                     "ours_pct_copy": 100 * nbytes / t_ours / bandwidth[t],
                     "ours_x_floor": t_ours / floor,
                 })
+                # One line per row as it is measured: a run cut short still shows these.
+                tqdm.write(f"{case.label} {op} threads={t}: ours {t_ours * 1e3:.4f} ms, "
+                           f"PyTorch {t_theirs * 1e3:.4f} ms, {t_theirs / t_ours:.2f}x",
+                           file=sys.stderr)
                 del ours, theirs
                 if device == "cuda":
                     torch.cuda.empty_cache()

@@ -40,6 +40,7 @@ def main():
             # 16-byte vector path; 257: odd and longer than a warp.
             for dim in (3, 64, 257):
                 case = f"{dtype}, {index_dtype}, dim={dim}"
+                print("case", case, flush=True)
                 weight = torch.randn(50, dim, device=dev, dtype=dtype, requires_grad=True)
                 idx = torch.randint(0, 50, (7, 9), device=dev, dtype=index_dtype)
                 idx[0, :4] = 3  # duplicates of the padding row
@@ -88,13 +89,18 @@ def main():
         print("sanitize_kernels: all kernels matched the reference on", dev)
         return
     bad = torch.tensor([0, 99], device=dev)
-    ee.embedding(bad, torch.randn(10, 4, device=dev))
-    try:
-        ee.check_cuda_index_errors()
-    except IndexError as err:
-        print("bad index reported:", err)
-    else:
-        raise SystemExit("the out-of-range index was not reported")
+    for max_norm in (None, 1.0):  # the renorm path too: its probe must keep every row as is
+        weight = torch.randn(10, 4, device=dev) * 5
+        before = weight.clone()
+        ee.embedding(bad, weight, max_norm=max_norm)
+        try:
+            ee.check_cuda_index_errors()
+        except IndexError as err:
+            print("bad index reported:", err, flush=True)
+        else:
+            raise SystemExit("the out-of-range index was not reported")
+        if not torch.equal(weight, before):
+            raise SystemExit("a bad id in a max_norm call changed the weight")
     torch.cuda.synchronize()
     print("sanitize_kernels: all kernels ran and matched the reference")
 

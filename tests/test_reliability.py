@@ -143,3 +143,12 @@ def test_runtime_controls_are_functions():
     ee.embedding(idx, weight)
     ee.release_cpu_output_cache()
     assert ee.cpu_output_cache_bytes() == 0
+
+
+def test_sparse_padding_idx_beyond_int32_ids():
+    """padding_idx is compared with the ids as int64: with int32 ids and a padding_idx past
+    2^32, no id is padding (a truncated comparison once sized the output too small)."""
+    g = torch.randn(4, 3)
+    idx = torch.tensor([5, 1, 5, 0], dtype=torch.int32)
+    rows, values = torch.ops.embedding_ext.embedding_sparse_backward(g, idx, 2**33, 2**32 + 5, False)
+    assert rows.tolist() == [[5, 1, 5, 0]] and torch.equal(values, g)

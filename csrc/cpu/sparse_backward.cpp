@@ -59,8 +59,11 @@ std::tuple<at::Tensor, at::Tensor> embedding_sparse_backward_cpu(const at::Tenso
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), op, [&] {
     const index_t* idx = indices.const_data_ptr<index_t>();
     check_index_range(idx, n, num_rows, op);
-    const int64_t nnz =
-        padding_idx >= 0 ? n - std::count(idx, idx + n, static_cast<index_t>(padding_idx)) : n;
+    // Compared as int64 (as in the loop above): a padding_idx past index_t's range must
+    // match no id, not its truncation.
+    const int64_t nnz = padding_idx >= 0
+        ? n - std::count_if(idx, idx + n, [&](index_t k) { return static_cast<int64_t>(k) == padding_idx; })
+        : n;
     rows = at::empty({1, nnz}, indices.options().dtype(at::kLong));
     values = empty_output({nnz, dim}, grad.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), op, [&] {

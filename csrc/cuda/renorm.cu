@@ -67,8 +67,9 @@ void embedding_renorm_cuda(const at::Tensor& weight, const at::Tensor& indices_i
   int* claimed = flags.mutable_data_ptr<int>();
   int* any_bad = claimed + num_rows;
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), op, [&] {
-    probe_indices<index_t>(indices.const_data_ptr<index_t>(), n, num_rows, scope, any_bad);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
+      // Inside the dtype dispatch: an unsupported weight dtype raises before anything runs.
+      probe_indices<index_t>(indices.const_data_ptr<index_t>(), n, num_rows, scope, any_bad);
       dispatch_norm_kind(norm_kind(norm_type), [&](auto kind) {
         constexpr int rows_per_block = kThreadsPerBlock / 32;
         const int64_t blocks = std::min<int64_t>(ceil_div(n, rows_per_block), kMaxBlocks);
