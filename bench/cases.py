@@ -30,12 +30,15 @@ class Case:
     index_dtype: torch.dtype = torch.int64
     distribution: str = "uniform"  # uniform | zipf1.05 | zipf1.2 | hot
     ops: tuple = field(default=ALL_OPS)
+    layout: str = "rows"  # rows: contiguous; columns: stride(1) != 1 (a transposed table)
 
     @property
     def label(self) -> str:
         d = str(self.dtype).removeprefix("torch.")
         i = str(self.index_dtype).removeprefix("torch.")
-        return f"{self.name} V={self.num_embeddings} D={self.dim} N={self.lookups} {d} {i} {self.distribution}"
+        layout = "" if self.layout == "rows" else f" {self.layout}"
+        return (f"{self.name} V={self.num_embeddings} D={self.dim} N={self.lookups} {d} {i} "
+                f"{self.distribution}{layout}")
 
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -73,6 +76,13 @@ GPU = [
     Case("rec-table", 10_000_000, 256, 65536, BF16, I64, "uniform", ops=(FORWARD, DENSE, SPARSE)),
     Case("rec-small-rows", 1_000_000, 16, 524288, F32, I32, "uniform",
          ops=(FORWARD, DENSE, SPARSE, FORWARD_SYNC)),
+    # Speed risks to measure (issue 11): a column-major table (our forward copies it to
+    # rows first; PyTorch gathers in place), renorm over a 10M-row table (a V-sized claim
+    # array zero-filled per call), and the deterministic backward's hot row (one row group
+    # sums half the lookups).
+    Case("rec-table", 1_000_000, 128, 524288, F32, I64, "uniform", ops=(FORWARD,),
+         layout="columns"),
+    Case("rec-table", 10_000_000, 64, 65536, F32, I64, "uniform", ops=(MAX_NORM,)),
 ]
 
 PRESETS = {"quick": QUICK, "gpu": GPU}

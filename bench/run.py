@@ -127,6 +127,8 @@ def prepare(case: Case, op: str, device: str, gen: torch.Generator, device_gen: 
     v, d = case.num_embeddings, case.dim
     # Tables are drawn on the device itself: a 10M-row table is slow to draw on the host.
     weight = torch.randn(v, d, generator=device_gen, device=device, dtype=case.dtype)
+    if case.layout == "columns":
+        weight = weight.t().contiguous().t()  # same values, stride(1) = V
     idx = make_indices(case, device, gen)
     grad = torch.randn(case.lookups, d, generator=device_gen, device=device, dtype=case.dtype)
     pad, freq = (int(idx[0]), True) if op == DENSE_PAD_FREQ else (-1, False)

@@ -116,3 +116,75 @@ def test_sparse_backward_reports_minus_one_without_padding(index_dtype):
         g, idx.clamp_min(0), 5, -1, True)
     assert rows.tolist() == [[2, 0, 0, 2]]
     torch.testing.assert_close(values, g * torch.tensor([0.5, 0.5, 0.5, 0.5], device="cuda")[:, None])
+
+
+def test_first_call_inside_capture_is_refused_clearly():
+    """The first call on a device allocates its bad-index record, which cannot be captured:
+    it refuses with a message that says what to do; after a warm-up, capture works."""
+    import subprocess
+    import sys
+    code = """
+import torch, embedding_ext as ee
+w = torch.randn(10, 4, device="cuda"); idx = torch.tensor([1, 2], device="cuda")
+g = torch.cuda.CUDAGraph()
+try:
+    with torch.cuda.graph(g):
+        ee.embedding(idx, w)
+except RuntimeError as e:
+    assert "Make one embedding_ext call on this device before capturing" in str(e), e
+else:
+    raise SystemExit("the first call was captured")
+ee.embedding(idx, w)  # warm-up
+g = torch.cuda.CUDAGraph()
+with torch.cuda.graph(g):
+    out = ee.embedding(idx, w)
+g.replay(); torch.cuda.synchronize()
+assert torch.equal(out, w[idx])
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_replays_report_bad_ids_again_after_a_raise():
+    """Raising re-arms the device by bumping the record's generation in host memory (no
+    CUDA call), so each replay of a captured graph that meets a bad id reports it."""
+    weight = make_weight(10, 8, device="cuda")
+    static_idx = torch.tensor([1, 2, 3], device="cuda")
+    ee.embedding(static_idx, weight)  # warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = ee.embedding(static_idx, weight)
+    for bad in (10, -3, 99):
+        static_idx.copy_(torch.tensor([1, bad, 3], device="cuda"))
+        graph.replay()
+        with pytest.raises(IndexError, match=f"index {bad} at position 1"):
+            ee.check_cuda_index_errors()
+        assert not static_out[1].any()
+    static_idx.copy_(torch.tensor([4, 5, 6], device="cuda"))
+    graph.replay()
+    ee.check_cuda_index_errors()
+    assert torch.equal(static_out, weight[static_idx])
+
+
+def test_two_devices_failing_at_once_are_both_reported():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    errors = []
+    for device in ("cuda:0", "cuda:1"):
+        weight = make_weight(10, 4, device=device)
+        ee.embedding(torch.tensor([1, 20], device=device), weight)  # one record per device
+    torch.cuda.synchronize("cuda:0")
+    torch.cuda.synchronize("cuda:1")
+    for _ in range(2):
+        with pytest.raises(IndexError, match="index 20 at position 1") as err:
+            ee.check_cuda_index_errors()
+        errors.append(str(err.value))
+    ee.check_cuda_index_errors()  # both consumed
+    assert len(errors) == 2
+    for device in ("cuda:0", "cuda:1"):  # each device reports again
+        with torch.cuda.device(device):
+            ee.embedding(torch.tensor([-1], device=device), make_weight(10, 4, device=device))
+            with pytest.raises(IndexError, match="index -1"):
+                ee.check_cuda_index_errors()

@@ -3,6 +3,7 @@
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -16,20 +17,38 @@ namespace cuda {
 namespace {
 
 std::atomic<bool> g_synchronous_checks{false};
-std::mutex g_record_mutex;
 constexpr int kMaxDevices = 64;
-int* g_claimed[kMaxDevices] = {};  // per device, guarded by g_record_mutex
 
-// Pinned host memory that kernels write through unified virtual addressing.
-IndexErrorRecord* host_record() {
-  static IndexErrorRecord* record = [] {
-    void* p = nullptr;
-    C10_CUDA_CHECK(cudaHostAlloc(&p, sizeof(IndexErrorRecord),
-                                 cudaHostAllocMapped | cudaHostAllocPortable));
-    std::memset(p, 0, sizeof(IndexErrorRecord));
-    return static_cast<IndexErrorRecord*>(p);
-  }();
-  return record;
+// One record and claim flag per device, set up by that device's first call and kept for
+// the life of the process. g_set_up counts the devices set up so far: raising scans those.
+struct DeviceRecord {
+  IndexErrorRecord* record = nullptr;  // pinned, mapped host memory
+  int* claimed = nullptr;              // device memory
+};
+std::mutex g_record_mutex;  // guards set-up and the consumption of records
+DeviceRecord g_records[kMaxDevices];
+std::atomic<int> g_set_up{0};
+int g_device_of[kMaxDevices];  // g_device_of[i]: the i-th device set up
+
+void set_up(int device, DeviceRecord& r) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream(), &capture));
+  TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
+              "embedding_ext: the first embedding_ext call on CUDA device ", device,
+              " is being captured into a CUDA graph, but it allocates the device's bad-index "
+              "record, which cannot be captured. Make one embedding_ext call on this device "
+              "before capturing (the usual warm-up).");
+  void* host = nullptr;
+  C10_CUDA_CHECK(cudaHostAlloc(&host, sizeof(IndexErrorRecord),
+                               cudaHostAllocMapped | cudaHostAllocPortable));
+  std::memset(host, 0, sizeof(IndexErrorRecord));
+  int* claimed = nullptr;
+  C10_CUDA_CHECK(cudaMalloc(&claimed, sizeof(int)));
+  C10_CUDA_CHECK(cudaMemset(claimed, 0, sizeof(int)));  // synchronous: done before any kernel
+  r.claimed = claimed;
+  r.record = static_cast<IndexErrorRecord*>(host);
+  g_device_of[g_set_up.load()] = device;
+  g_set_up.fetch_add(1, std::memory_order_release);
 }
 
 }  // namespace
@@ -37,36 +56,33 @@ IndexErrorRecord* host_record() {
 ErrorSink error_sink(const char* op) {
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  TORCH_CHECK(device < kMaxDevices, "embedding_ext: more than ", kMaxDevices, " CUDA devices");
-  IndexErrorRecord* record = host_record();
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "embedding_ext: CUDA device ", device,
+              " is past the ", kMaxDevices, " devices this build supports");
   std::lock_guard<std::mutex> lock(g_record_mutex);
-  if (g_claimed[device] == nullptr) {  // once per device, during the first call (warm-up)
-    const int zero = 0;
-    C10_CUDA_CHECK(cudaMalloc(&g_claimed[device], sizeof(int)));
-    C10_CUDA_CHECK(cudaMemcpy(g_claimed[device], &zero, sizeof(int), cudaMemcpyHostToDevice));
-  }
-  return {record, g_claimed[device], device, op};
+  DeviceRecord& r = g_records[device];
+  if (r.claimed == nullptr) set_up(device, r);
+  return {r.record, r.claimed, op};
 }
 
 void raise_pending_index_error(bool synchronize) {
   if (synchronize) C10_CUDA_CHECK(cudaDeviceSynchronize());
-  volatile IndexErrorRecord* seen = host_record();
-  if (seen->state != 2) return;
-  std::lock_guard<std::mutex> lock(g_record_mutex);
-  if (seen->state != 2) return;
-  // The fields were written before `state`; keep their reads after it on weakly ordered
-  // hosts (Arm) too.
-  std::atomic_thread_fence(std::memory_order_acquire);
-  const long long value = seen->value, position = seen->position, rows = seen->num_rows;
-  const char* op = seen->op;
-  const int device = seen->device;
-  seen->state = 0;
-  // Re-arm the device's flag (the error path may synchronise).
-  const int zero = 0;
-  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-  C10_CUDA_CHECK(cudaMemcpy(g_claimed[device], &zero, sizeof(int), cudaMemcpyHostToDevice));
-  throw_index_error(value, position, rows, op,
-                    synchronize ? "" : " (seen by an earlier asynchronous CUDA call)");
+  const int devices = g_set_up.load(std::memory_order_acquire);
+  for (int i = 0; i < devices; ++i) {
+    volatile IndexErrorRecord* seen = g_records[g_device_of[i]].record;
+    if (seen->state != 2) continue;
+    std::lock_guard<std::mutex> lock(g_record_mutex);
+    if (seen->state != 2) continue;  // another thread consumed it
+    // The fields were written before `state`; keep their reads after it on weakly ordered
+    // hosts (Arm) too.
+    std::atomic_thread_fence(std::memory_order_acquire);
+    const long long value = seen->value, position = seen->position, rows = seen->num_rows;
+    const char* op = seen->op;
+    seen->state = 0;
+    // Re-arm: kernels launched from now on read the new generation and may claim again.
+    seen->generation = seen->generation + 1;
+    throw_index_error(value, position, rows, op,
+                      synchronize ? "" : " (seen by an earlier asynchronous CUDA call)");
+  }
 }
 
 void set_synchronous_index_checks(bool enabled) { g_synchronous_checks.store(enabled); }

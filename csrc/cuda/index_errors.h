@@ -2,11 +2,15 @@
 //
 // A kernel that meets a bad index never reads or writes outside the tensors (the output
 // row is zero-filled, the gradient contribution dropped) and records the index, its
-// position, the row count and the op's name in a small record in pinned, device-mapped
-// host memory: the first bad thread wins an atomicCAS on a per-device flag in device
-// memory, then writes the record with plain stores (atomics on host memory are not
-// reliable across PCIe).
-// The host reads that record, without synchronising, at the start of every later
+// position, the row count and the op's name in its device's record, in pinned,
+// device-mapped host memory. One thread per generation writes it: the first to raise the
+// device's claim flag (device memory; atomics on host memory are not reliable across PCIe)
+// to the record's current generation + 1, with plain stores and a system fence before
+// `state`. The host, having read a complete record, clears `state` and bumps `generation`
+// (plain stores to host memory): that re-arms the device without any CUDA call, so raising
+// is safe on any stream and inside CUDA graph capture, and replays of a captured graph
+// report again.
+// The host reads the records, without synchronising, at the start of every later
 // embedding_ext CUDA call and raises IndexError from there; raise_pending_index_error(true)
 // synchronises first and raises at once. With synchronous checks switched on, every CUDA
 // call synchronises its stream after the launch (unless the stream is being captured into
@@ -20,23 +24,24 @@ namespace cuda {
 
 struct IndexErrorRecord {
   int state;       // 0 empty, 2 complete (written last, after a system fence)
-  int device;      // whose flag to re-arm once the host has read it
+  int generation;  // written by the host only: bumped each time it consumes a record
   const char* op;  // the reporting op's name: a host string, passed through, never read here
   long long position;
   long long value;
   long long num_rows;
 };
 
-// What a kernel needs to report a bad index: the record, the device flag whose atomicCAS
-// elects the one writer, and what to write besides the index.
+// What a kernel needs to report a bad index: its device's record and claim flag, and the
+// op's name.
 struct ErrorSink {
   IndexErrorRecord* record;
   int* claimed;
-  int device;
   const char* op;
 };
 
-// The sink for the current device (allocates its flag on first use) and the op `op`.
+// The sink for the current device and the op `op`. The first call on a device allocates
+// its record and flag, which cannot be captured into a CUDA graph: that call refuses with
+// a clear error while the current stream is capturing.
 ErrorSink error_sink(const char* op);
 
 // Raises IndexError if a kernel recorded a bad index. With synchronize=true it first
@@ -50,13 +55,13 @@ __device__ __forceinline__ bool row_in_range(int64_t k, int64_t num_rows) {
   return k >= 0 && k < num_rows;
 }
 
-// Called by one thread per bad position; the first to claim the device's flag writes.
+// Called by one thread per bad position; the first of the current generation writes.
 __device__ __forceinline__ void report_bad_index(const ErrorSink& sink, int64_t position,
                                                  int64_t value, int64_t num_rows) {
-  if (atomicCAS(sink.claimed, 0, 1) != 0) return;
   volatile IndexErrorRecord* record = sink.record;
+  const int generation = record->generation;  // a host-memory read, on the error path only
+  if (atomicMax(sink.claimed, generation + 1) > generation) return;  // already claimed
   record->op = sink.op;
-  record->device = sink.device;
   record->position = position;
   record->value = value;
   record->num_rows = num_rows;
