@@ -92,8 +92,8 @@ def main():
     for max_norm in (None, 1.0):  # the renorm path too: its probe must keep every row as is
         weight = torch.randn(10, 4, device=dev) * 5
         before = weight.clone()
-        ee.embedding(bad, weight, max_norm=max_norm)
-        try:
+        try:  # raised by the call itself (its renorm probe ran first) or by the check
+            ee.embedding(bad, weight, max_norm=max_norm)
             ee.check_cuda_index_errors()
         except IndexError as err:
             print("bad index reported:", err, flush=True)

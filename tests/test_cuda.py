@@ -142,7 +142,7 @@ g.replay(); torch.cuda.synchronize()
 assert torch.equal(out, w[idx])
 print("ok")
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
@@ -166,25 +166,68 @@ def test_replays_report_bad_ids_again_after_a_raise():
     graph.replay()
     ee.check_cuda_index_errors()
     assert torch.equal(static_out, weight[static_idx])
+    # A record pending when a capture starts is raised by the captured call itself, with no
+    # CUDA call that would break the capture; capturing again afterwards works.
+    ee.embedding(torch.tensor([0, 42], device="cuda"), weight)
+    torch.cuda.synchronize()
+    with pytest.raises(IndexError, match="index 42 at position 1"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            ee.embedding(static_idx, weight)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = ee.embedding(static_idx, weight)
+    static_idx.copy_(torch.tensor([7, 70, 8], device="cuda"))
+    graph.replay()
+    with pytest.raises(IndexError, match="index 70 at position 1"):
+        ee.check_cuda_index_errors()
+
+
+def test_a_handled_batch_is_not_reported_twice():
+    """A kernel queued before the host consumed a record (here the backward of the same bad
+    batch, held back on a side stream) carries the old generation and does not report the
+    batch again."""
+    weight = make_weight(10, 8, device="cuda")
+    idx = torch.tensor([1, 11], device="cuda")
+    ee.embedding(torch.tensor([1], device="cuda"), weight)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)  # so that both calls are launched before either runs
+    out = ee.embedding(idx, weight)  # bad forward on the current stream
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # the backward stays queued while the host raises
+        grad = torch.ops.embedding_ext.embedding_dense_backward(torch.ones_like(out), idx, 10, -1, False)
+    torch.cuda.current_stream().synchronize()
+    with pytest.raises(IndexError, match="index 11 at position 1"):
+        ee.embedding(torch.tensor([2], device="cuda"), weight)  # the next call raises it
+    side.synchronize()
+    ee.check_cuda_index_errors()  # the backward's sighting of the same batch was not kept
+    assert grad[1].eq(1).all() and not grad[2:].any()
 
 
 def test_two_devices_failing_at_once_are_both_reported():
+    """One record per device: bad ids on two devices in flight at once are both reported,
+    and each device reports again afterwards."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
+    devices = ("cuda:0", "cuda:1")
+    weights = {d: make_weight(10, 4, device=d) for d in devices}
+    for d in devices:  # warm-up: both records set up, nothing pending
+        ee.embedding(torch.tensor([1], device=d), weights[d])
+        torch.cuda.synchronize(d)
+    for d in devices:  # both bad calls are queued before either kernel runs
+        with torch.cuda.device(d):
+            torch.cuda._sleep(100_000_000)
+            ee.embedding(torch.tensor([1, 20], device=d), weights[d])
     errors = []
-    for device in ("cuda:0", "cuda:1"):
-        weight = make_weight(10, 4, device=device)
-        ee.embedding(torch.tensor([1, 20], device=device), weight)  # one record per device
-    torch.cuda.synchronize("cuda:0")
-    torch.cuda.synchronize("cuda:1")
-    for _ in range(2):
+    for _ in devices:
         with pytest.raises(IndexError, match="index 20 at position 1") as err:
             ee.check_cuda_index_errors()
         errors.append(str(err.value))
     ee.check_cuda_index_errors()  # both consumed
     assert len(errors) == 2
-    for device in ("cuda:0", "cuda:1"):  # each device reports again
-        with torch.cuda.device(device):
-            ee.embedding(torch.tensor([-1], device=device), make_weight(10, 4, device=device))
+    for d in devices:
+        with torch.cuda.device(d):
+            ee.embedding(torch.tensor([-1], device=d), weights[d])
             with pytest.raises(IndexError, match="index -1"):
                 ee.check_cuda_index_errors()

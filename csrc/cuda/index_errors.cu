@@ -30,21 +30,29 @@ DeviceRecord g_records[kMaxDevices];
 std::atomic<int> g_set_up{0};
 int g_device_of[kMaxDevices];  // g_device_of[i]: the i-th device set up
 
-void set_up(int device, DeviceRecord& r) {
+void set_up(int device, DeviceRecord& r, cudaStream_t stream) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream(), &capture));
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
               "embedding_ext: the first embedding_ext call on CUDA device ", device,
               " is being captured into a CUDA graph, but it allocates the device's bad-index "
               "record, which cannot be captured. Make one embedding_ext call on this device "
               "before capturing (the usual warm-up).");
+  // Relaxed: these calls are allowed even while another stream (of this or another thread)
+  // is capturing in global mode.
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
   void* host = nullptr;
-  C10_CUDA_CHECK(cudaHostAlloc(&host, sizeof(IndexErrorRecord),
-                               cudaHostAllocMapped | cudaHostAllocPortable));
-  std::memset(host, 0, sizeof(IndexErrorRecord));
   int* claimed = nullptr;
-  C10_CUDA_CHECK(cudaMalloc(&claimed, sizeof(int)));
-  C10_CUDA_CHECK(cudaMemset(claimed, 0, sizeof(int)));  // synchronous: done before any kernel
+  cudaError_t err = cudaHostAlloc(&host, sizeof(IndexErrorRecord),
+                                  cudaHostAllocMapped | cudaHostAllocPortable);
+  if (err == cudaSuccess) err = cudaMalloc(&claimed, sizeof(int));
+  // On the op's stream, and waited for: ordered before the first kernel on any stream.
+  if (err == cudaSuccess) err = cudaMemsetAsync(claimed, 0, sizeof(int), stream);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
+  cudaThreadExchangeStreamCaptureMode(&mode);
+  C10_CUDA_CHECK(err);
+  std::memset(host, 0, sizeof(IndexErrorRecord));
   r.claimed = claimed;
   r.record = static_cast<IndexErrorRecord*>(host);
   g_device_of[g_set_up.load()] = device;
@@ -53,33 +61,45 @@ void set_up(int device, DeviceRecord& r) {
 
 }  // namespace
 
-ErrorSink error_sink(const char* op) {
+ErrorSink error_sink(const char* op, cudaStream_t stream) {
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   TORCH_CHECK(device >= 0 && device < kMaxDevices, "embedding_ext: CUDA device ", device,
               " is past the ", kMaxDevices, " devices this build supports");
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   std::lock_guard<std::mutex> lock(g_record_mutex);
   DeviceRecord& r = g_records[device];
-  if (r.claimed == nullptr) set_up(device, r);
-  return {r.record, r.claimed, op};
+  if (r.claimed == nullptr) set_up(device, r, stream);
+  const int generation = capture == cudaStreamCaptureStatusNone
+                             ? __atomic_load_n(&r.record->generation, __ATOMIC_RELAXED)
+                             : -1;  // a graph: replays read the live generation
+  return {r.record, r.claimed, op, generation};
 }
 
 void raise_pending_index_error(bool synchronize) {
-  if (synchronize) C10_CUDA_CHECK(cudaDeviceSynchronize());
   const int devices = g_set_up.load(std::memory_order_acquire);
+  if (synchronize) {
+    for (int i = 0; i < devices; ++i) {
+      c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(g_device_of[i]));
+      C10_CUDA_CHECK(cudaDeviceSynchronize());
+    }
+  }
   for (int i = 0; i < devices; ++i) {
-    volatile IndexErrorRecord* seen = g_records[g_device_of[i]].record;
-    if (seen->state != 2) continue;
+    IndexErrorRecord* seen = g_records[g_device_of[i]].record;
+    // Acquire: the fields, written before `state` (behind the kernel's system fence), are
+    // read after it, on weakly ordered hosts (Arm) too.
+    if (__atomic_load_n(&seen->state, __ATOMIC_ACQUIRE) != 2) continue;
     std::lock_guard<std::mutex> lock(g_record_mutex);
-    if (seen->state != 2) continue;  // another thread consumed it
-    // The fields were written before `state`; keep their reads after it on weakly ordered
-    // hosts (Arm) too.
-    std::atomic_thread_fence(std::memory_order_acquire);
-    const long long value = seen->value, position = seen->position, rows = seen->num_rows;
-    const char* op = seen->op;
-    seen->state = 0;
-    // Re-arm: kernels launched from now on read the new generation and may claim again.
-    seen->generation = seen->generation + 1;
+    if (__atomic_load_n(&seen->state, __ATOMIC_ACQUIRE) != 2) continue;  // consumed already
+    const long long value = __atomic_load_n(&seen->value, __ATOMIC_RELAXED);
+    const long long position = __atomic_load_n(&seen->position, __ATOMIC_RELAXED);
+    const long long rows = __atomic_load_n(&seen->num_rows, __ATOMIC_RELAXED);
+    const char* op = __atomic_load_n(&seen->op, __ATOMIC_RELAXED);
+    __atomic_store_n(&seen->state, 0, __ATOMIC_RELAXED);
+    // Release: the reads and the cleared state above come before the new generation, which
+    // lets the next writer in.
+    __atomic_store_n(&seen->generation, seen->generation + 1, __ATOMIC_RELEASE);
     throw_index_error(value, position, rows, op,
                       synchronize ? "" : " (seen by an earlier asynchronous CUDA call)");
   }

@@ -5,17 +5,22 @@
 // position, the row count and the op's name in its device's record, in pinned,
 // device-mapped host memory. One thread per generation writes it: the first to raise the
 // device's claim flag (device memory; atomics on host memory are not reliable across PCIe)
-// to the record's current generation + 1, with plain stores and a system fence before
-// `state`. The host, having read a complete record, clears `state` and bumps `generation`
-// (plain stores to host memory): that re-arms the device without any CUDA call, so raising
-// is safe on any stream and inside CUDA graph capture, and replays of a captured graph
-// report again.
+// to its generation + 1, with plain stores and a system fence before `state`. A launch
+// carries the generation current when it was issued, so kernels queued before the host
+// consumed a record (say, the backward of the same bad batch) do not report it twice; a
+// launch being captured into a CUDA graph carries -1 instead and reads the record's live
+// generation, so every replay can report. The host, having read a complete record, clears
+// `state` and bumps `generation` (ordered stores to host memory): that re-arms the device
+// without any CUDA call, so raising at the start of a call is safe on any stream, also
+// while it is being captured.
 // The host reads the records, without synchronising, at the start of every later
 // embedding_ext CUDA call and raises IndexError from there; raise_pending_index_error(true)
 // synchronises first and raises at once. With synchronous checks switched on, every CUDA
 // call synchronises its stream after the launch (unless the stream is being captured into
 // a CUDA graph) and raises from the call that saw the bad index.
 #pragma once
+
+#include <cuda_runtime.h>
 
 #include <cstdint>
 
@@ -37,15 +42,17 @@ struct ErrorSink {
   IndexErrorRecord* record;
   int* claimed;
   const char* op;
+  int generation;  // the record's generation at launch; -1: read it when reporting
 };
 
-// The sink for the current device and the op `op`. The first call on a device allocates
-// its record and flag, which cannot be captured into a CUDA graph: that call refuses with
-// a clear error while the current stream is capturing.
-ErrorSink error_sink(const char* op);
+// The sink for the current device, the op `op` and a launch on `stream`. The first call on
+// a device allocates its record and flag, which cannot be captured into a CUDA graph: that
+// call refuses with a clear error while `stream` is capturing.
+ErrorSink error_sink(const char* op, cudaStream_t stream);
 
 // Raises IndexError if a kernel recorded a bad index. With synchronize=true it first
-// waits for all work on the current device, so nothing launched earlier is missed.
+// waits for all work on every device that has a record, so nothing launched earlier is
+// missed (a synchronisation: not while capturing).
 void raise_pending_index_error(bool synchronize);
 void set_synchronous_index_checks(bool enabled);
 bool synchronous_index_checks();
@@ -59,7 +66,8 @@ __device__ __forceinline__ bool row_in_range(int64_t k, int64_t num_rows) {
 __device__ __forceinline__ void report_bad_index(const ErrorSink& sink, int64_t position,
                                                  int64_t value, int64_t num_rows) {
   volatile IndexErrorRecord* record = sink.record;
-  const int generation = record->generation;  // a host-memory read, on the error path only
+  // A host-memory read, on the error path only, for captured launches.
+  const int generation = sink.generation >= 0 ? sink.generation : record->generation;
   if (atomicMax(sink.claimed, generation + 1) > generation) return;  // already claimed
   record->op = sink.op;
   record->position = position;

@@ -27,7 +27,7 @@ struct LaunchScope {
   LaunchScope(const at::Tensor& t, const char* op)
       : guard(t.device()), stream(c10::cuda::getCurrentCUDAStream().stream()) {
     raise_pending_index_error(/*synchronize=*/false);
-    sink = error_sink(op);
+    sink = error_sink(op, stream);
   }
   // After the launches: with synchronous checks on, wait and raise from this call.
   void finish() const {
