@@ -114,26 +114,6 @@ auto make_node() {
   }
 }
 
-// What the three kernels share: `out` = op(input) below autograd; when a gradient can flow
-// from `input`, a node made by `make` becomes out's grad_fn; when `input` carries a
-// forward-mode tangent, out's tangent is `linear(tangent)` (each op is linear in `input`).
-template <typename Below, typename Make, typename Linear>
-at::Tensor record(const at::Tensor& input, Below&& below, Make&& make, Linear&& linear) {
-  at::Tensor out;
-  {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    out = below();
-  }
-  if (torch::autograd::compute_requires_grad(input)) {
-    auto node = make();
-    node->set_next_edges(torch::autograd::collect_next_edges(input));
-    torch::autograd::set_history(out, node);
-  }
-  const at::Tensor& tangent = input._fw_grad(/*level=*/0);
-  if (tangent.defined()) out._set_fw_grad(linear(tangent), /*level=*/0, /*is_inplace_op=*/false);
-  return out;
-}
-
 // The backward node of all three ops. Each op is linear in its differentiable input, and
 // their adjoints map onto each other: lookup -> dense backward -> scaled gather -> dense
 // backward -> ...; the node calls the adjoint op through the dispatcher, so create_graph

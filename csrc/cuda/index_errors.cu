@@ -51,6 +51,10 @@ void set_up(int device, DeviceRecord& r, cudaStream_t stream) {
   if (err == cudaSuccess) err = cudaMemsetAsync(claimed, 0, sizeof(int), stream);
   if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
   cudaThreadExchangeStreamCaptureMode(&mode);
+  if (err != cudaSuccess) {  // free what was allocated; the next call tries again
+    if (claimed != nullptr) cudaFree(claimed);
+    if (host != nullptr) cudaFreeHost(host);
+  }
   C10_CUDA_CHECK(err);
   std::memset(host, 0, sizeof(IndexErrorRecord));
   r.claimed = claimed;
