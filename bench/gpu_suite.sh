@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check, for a fresh H100/H200 machine (its own torch, nvcc, pytest and
-# compute-sanitizer; no network): build, CUDA tests, the GPU benchmark, then the sanitizers
-# (memcheck, initcheck, synccheck; our kernels use no shared memory, so racecheck has
-# nothing to see). Each step has a time limit, and all of them share one deadline
-# (BUDGET_S, default 540 s), so the script ends on time and says what it skipped.
+# compute-sanitizer; no network): build, a probe of the bad-index round trip (rerun under
+# cuda-gdb for a backtrace if it crashes), CUDA tests (in crash-tolerant pytest-xdist workers
+# where the machine has xdist), the GPU benchmark, then the sanitizers memcheck and initcheck
+# on the driver's quick case list (our kernels use no shared memory and no barriers, so
+# racecheck and synccheck have nothing to see). Each step has a time limit, and all of them
+# share one deadline (BUDGET_S, default 540 s), so the script ends on time and says what it
+# skipped.
 #   bench/gpu_suite.sh OUTDIR              on the GPU machine
 #   bench/gpu_suite.sh --dry-run OUTDIR    anywhere (CI): the same steps with the GPU-only
 #                                          parts replaced by imports, test collection and
@@ -55,7 +58,7 @@ run() {
     say "--- $name: TIMEOUT after ${limit}s"; status=1
   else say "--- $name: FAIL (exit $rc, ${took}s)"; status=1
   fi
-  tail -n 12 "$SCRATCH/$name.log" | sed 's/^/    /' >> "$SUMMARY"
+  tail -n "${TAIL_LINES:-12}" "$SCRATCH/$name.log" | sed 's/^/    /' >> "$SUMMARY"
   return $rc
 }
 
@@ -64,8 +67,8 @@ refused=0
 sanitize() {
   local tool=$1 before=$status
   if [ $refused = 1 ]; then say "--- sanitizer-$tool: not run (the device was refused)"; return; fi
-  run "sanitizer-$tool" 35 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" \
-    --error-exitcode 9 "$PY" -m bench.sanitize_kernels
+  run "sanitizer-$tool" "$2" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" \
+    --error-exitcode 9 "$PY" -m bench.sanitize_kernels --quick
   if grep -qiE "device not supported|not supported on this|unable to (find|access) (a |the )?device" \
       "$SCRATCH/sanitizer-$tool.log"; then
     say "--- sanitizer-$tool: REFUSED by compute-sanitizer on this machine (not a result)"
@@ -88,15 +91,25 @@ assert 'cuda' in info['backends'], 'the extension was built without its CUDA ker
   || { say "no CUDA backend: stop"; exit 1; }
 
 if [ $DRY = 0 ]; then
-  # The CPU half runs in CI; here only what needs the GPU.
-  run tests-cuda 120 "$PY" -m pytest -q -p no:cacheprovider -m cuda --maxfail=30 --durations=10 tests
-  run benchmark 150 "$PY" -m bench.run --preset gpu --device cuda --out "$OUT"
-  for tool in memcheck initcheck synccheck; do sanitize "$tool"; done
+  # The bad-index round trip alone first: if it crashes, a backtrace from cuda-gdb.
+  if ! run probe 60 "$PY" -m bench.gpu_probe && command -v cuda-gdb > /dev/null; then
+    TAIL_LINES=40 run probe-backtrace 90 cuda-gdb -q -batch -ex run -ex bt -ex "info registers rip" \
+      --args "$PY" -m bench.gpu_probe
+  fi
+  # The CPU half runs in CI; here only what needs the GPU. With xdist, a crashing test takes
+  # down one worker (reported, then replaced), not the run.
+  xdist=()
+  "$PY" -c "import xdist" 2> /dev/null && xdist=(-n 4)
+  TAIL_LINES=40 run tests-cuda 150 "$PY" -m pytest -q -p no:cacheprovider -m cuda "${xdist[@]}" \
+    -rfE --tb=short --durations=10 tests
+  run benchmark 150 "$PY" -m bench.run --preset gpu --device cuda --min-run-time 0.1 --out "$OUT"
+  sanitize memcheck 90
+  sanitize initcheck 60
 else
   run tests-cuda-collect 120 "$PY" -m pytest -q -p no:cacheprovider -m cuda --collect-only tests
   run benchmark-cpu-tiny 120 "$PY" -m bench.run --preset gpu --device cpu --filter tiny \
     --min-run-time 0.05 --rounds 1 --threads 1 --out "$SCRATCH/dry-bench"
-  run sanitize-driver-cpu 120 "$PY" -m bench.sanitize_kernels cpu
+  run sanitize-driver-cpu 120 "$PY" -m bench.sanitize_kernels cpu --quick
   run sanitizer-found 30 bash -c 'if [ -x "$1" ]; then "$1" --version | head -2; else echo "compute-sanitizer not here ($1): checked on the GPU machine only"; fi' _ "$SANITIZER"
 fi
 rm -rf "$SCRATCH"

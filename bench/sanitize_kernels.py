@@ -3,7 +3,8 @@ compute-sanitizer (memcheck, racecheck) by bench/gpu_suite.sh. Every result is c
 against the float64 reference (embedding_ext/reference.py): the renormed weight, the
 forward rows, the dense and sparse gradients, and the double-backward (scaled-gather)
 output. Exits non-zero on a wrong result, so a clean sanitizer log also means the kernels
-computed the right thing. `python -m bench.sanitize_kernels cpu` runs the same checks on CPU."""
+computed the right thing. `python -m bench.sanitize_kernels cpu` runs the same checks on CPU; `--quick` runs
+fewer dtype pairs."""
 import sys
 
 import torch
@@ -31,63 +32,18 @@ def check(what, actual, expected, dtype, exact=False):
                                msg=lambda m: f"{what}: {m}")
 
 
-def main():
-    torch.manual_seed(0)
-    dev = sys.argv[1] if len(sys.argv) > 1 else "cuda"
-    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        for index_dtype in (torch.int32, torch.int64):
-            # 3: odd width, scalar path; 64: rows a multiple of 16 bytes in every dtype, the
-            # 16-byte vector path; 257: odd and longer than a warp.
-            for dim in (3, 64, 257):
-                case = f"{dtype}, {index_dtype}, dim={dim}"
-                print("case", case, flush=True)
-                weight = torch.randn(50, dim, device=dev, dtype=dtype, requires_grad=True)
-                idx = torch.randint(0, 50, (7, 9), device=dev, dtype=index_dtype)
-                idx[0, :4] = 3  # duplicates of the padding row
-                idx[1, :3] = 5  # duplicates of an ordinary row
-                for deterministic in (False, True):
-                    torch.use_deterministic_algorithms(deterministic)
-                    for sparse in (False, True):
-                        what = f"{case}, deterministic={deterministic}, sparse={sparse}"
-                        weight.grad = None
-                        before = weight.detach().clone()
-                        out = ee.embedding(idx, weight, padding_idx=3, max_norm=2.0,
-                                           scale_grad_by_freq=True, sparse=sparse)
-                        # The renorm kernel (in place), then the gather of the renormed rows.
-                        check(f"renorm ({what})", weight.detach(),
-                              reference.renorm(before, idx, 2.0, 2.0), dtype)
-                        check(f"forward ({what})", out, weight.detach()[idx.long()], dtype,
-                              exact=True)
-                        grad_out = torch.randn_like(out)
-                        out.backward(grad_out)
-                        expected = reference.dense_backward(grad_out, idx, 50, 3, True)
-                        got = weight.grad.to_dense() if sparse else weight.grad
-                        torch.testing.assert_close(got.double(), expected, atol=2e-2, rtol=2e-2,
-                                                   msg=lambda m: f"backward ({what}): {m}")
-                    torch.use_deterministic_algorithms(False)
-                # Double backward: the scaled-gather kernel. d(sum(gw))/d(go) at a position
-                # is 1/count of its row, 0 at padding; for a general v it gathers v's rows
-                # with the same scale.
-                go = torch.randn(7, 9, dim, device=dev, dtype=dtype, requires_grad=True)
-                (gw,) = torch.autograd.grad(
-                    ee.embedding(idx, weight, padding_idx=3, scale_grad_by_freq=True),
-                    weight, go, create_graph=True)
-                check(f"dense backward, create_graph ({case})", gw,
-                      reference.dense_backward(go.detach(), idx, 50, 3, True), dtype)
-                scales = reference.position_scales(idx, 50, 3, True).reshape(7, 9, 1)
-                (ggo,) = torch.autograd.grad(gw.sum(), go, retain_graph=True)
-                if ggo.shape != go.shape or ggo.dtype != dtype:
-                    raise AssertionError(f"scaled gather ({case}): {ggo.dtype} {tuple(ggo.shape)}")
-                check(f"scaled gather of ones ({case})", ggo,
-                      scales.expand(7, 9, dim), dtype)
-                if not ggo[0, :4].eq(0).all():
-                    raise AssertionError(f"scaled gather ({case}): padding positions not 0")
-                v = torch.randn(50, dim, device=dev, dtype=dtype)
-                (ggo,) = torch.autograd.grad(gw, go, v)
-                check(f"scaled gather ({case})", ggo, reference.forward(v, idx) * scales, dtype)
-    if dev != "cuda":
-        print("sanitize_kernels: all kernels matched the reference on", dev)
-        return
+# Every (dtype, id dtype) pair with rows of 3 (odd width, scalar path), 64 (a multiple of
+# 16 bytes in every dtype: the vector paths) and 257 (odd, longer than a warp); --quick keeps
+# four pairs, for the slower sanitizers.
+FULL = [(d, i) for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+        for i in (torch.int32, torch.int64)]
+QUICK = [(torch.float32, torch.int32), (torch.bfloat16, torch.int64),
+         (torch.float16, torch.int32), (torch.float64, torch.int64)]
+DIMS = (3, 64, 257)
+
+
+def check_bad_ids(dev):
+    """A bad id, with and without max_norm: reported, and the weight left as it was."""
     bad = torch.tensor([0, 99], device=dev)
     for max_norm in (None, 1.0):  # the renorm path too: its probe must keep every row as is
         weight = torch.randn(10, 4, device=dev) * 5
@@ -102,7 +58,90 @@ def main():
         if not torch.equal(weight, before):
             raise SystemExit("a bad id in a max_norm call changed the weight")
     torch.cuda.synchronize()
-    print("sanitize_kernels: all kernels ran and matched the reference")
+
+
+def check_hot_rows(dev):
+    """Segments many times longer than the sorted backward's chunks (both of its kernels)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for deterministic in (False, True):
+            torch.use_deterministic_algorithms(deterministic)
+            idx = torch.randint(0, 40, (1500,), device=dev)
+            idx[::3] = 5
+            idx[1::7] = 3
+            weight = torch.randn(40, 24, device=dev, dtype=dtype, requires_grad=True)
+            out = ee.embedding(idx, weight, padding_idx=3, scale_grad_by_freq=True)
+            grad_out = torch.randn_like(out)
+            out.backward(grad_out)
+            torch.testing.assert_close(
+                weight.grad.double(), reference.dense_backward(grad_out, idx, 40, 3, True),
+                atol=2e-2, rtol=2e-2, msg=lambda m: f"hot rows ({dtype}, {deterministic}): {m}")
+            torch.use_deterministic_algorithms(False)
+    print("hot rows: ok", flush=True)
+
+
+def run_case(dev, dtype, index_dtype, dim):
+    case = f"{dtype}, {index_dtype}, dim={dim}"
+    print("case", case, flush=True)
+    weight = torch.randn(50, dim, device=dev, dtype=dtype, requires_grad=True)
+    idx = torch.randint(0, 50, (7, 9), device=dev, dtype=index_dtype)
+    idx[0, :4] = 3  # duplicates of the padding row
+    idx[1, :3] = 5  # duplicates of an ordinary row
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        for sparse in (False, True):
+            what = f"{case}, deterministic={deterministic}, sparse={sparse}"
+            weight.grad = None
+            before = weight.detach().clone()
+            out = ee.embedding(idx, weight, padding_idx=3, max_norm=2.0,
+                               scale_grad_by_freq=True, sparse=sparse)
+            # The renorm kernel (in place), then the gather of the renormed rows.
+            check(f"renorm ({what})", weight.detach(),
+                  reference.renorm(before, idx, 2.0, 2.0), dtype)
+            check(f"forward ({what})", out, weight.detach()[idx.long()], dtype,
+                  exact=True)
+            grad_out = torch.randn_like(out)
+            out.backward(grad_out)
+            expected = reference.dense_backward(grad_out, idx, 50, 3, True)
+            got = weight.grad.to_dense() if sparse else weight.grad
+            torch.testing.assert_close(got.double(), expected, atol=2e-2, rtol=2e-2,
+                                       msg=lambda m: f"backward ({what}): {m}")
+        torch.use_deterministic_algorithms(False)
+    # Double backward: the scaled-gather kernel. d(sum(gw))/d(go) at a position
+    # is 1/count of its row, 0 at padding; for a general v it gathers v's rows
+    # with the same scale.
+    go = torch.randn(7, 9, dim, device=dev, dtype=dtype, requires_grad=True)
+    (gw,) = torch.autograd.grad(
+        ee.embedding(idx, weight, padding_idx=3, scale_grad_by_freq=True),
+        weight, go, create_graph=True)
+    check(f"dense backward, create_graph ({case})", gw,
+          reference.dense_backward(go.detach(), idx, 50, 3, True), dtype)
+    scales = reference.position_scales(idx, 50, 3, True).reshape(7, 9, 1)
+    (ggo,) = torch.autograd.grad(gw.sum(), go, retain_graph=True)
+    if ggo.shape != go.shape or ggo.dtype != dtype:
+        raise AssertionError(f"scaled gather ({case}): {ggo.dtype} {tuple(ggo.shape)}")
+    check(f"scaled gather of ones ({case})", ggo,
+          scales.expand(7, 9, dim), dtype)
+    if not ggo[0, :4].eq(0).all():
+        raise AssertionError(f"scaled gather ({case}): padding positions not 0")
+    v = torch.randn(50, dim, device=dev, dtype=dtype)
+    (ggo,) = torch.autograd.grad(gw, go, v)
+    check(f"scaled gather ({case})", ggo, reference.forward(v, idx) * scales, dtype)
+
+
+def main():
+    torch.manual_seed(0)
+    args = sys.argv[1:]
+    quick = "--quick" in args
+    dev = next((a for a in args if not a.startswith("--")), "cuda")
+    if dev == "cuda":  # first: the error path, the riskiest host code
+        check_bad_ids(dev)
+    check_hot_rows(dev)
+    for dtype, index_dtype in QUICK if quick else FULL:
+        for dim in DIMS:
+            run_case(dev, dtype, index_dtype, dim)
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    print("sanitize_kernels: all kernels ran and matched the reference on", dev)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 // rules with torch._check (keep the two in step).
 #pragma once
 
+#include <string>
+
 #include <ATen/core/Tensor.h>
 #include <c10/core/SymInt.h>
 #include <c10/util/Exception.h>
@@ -116,12 +118,17 @@ inline BackwardInputs backward_inputs(const at::Tensor& grad, const at::Tensor& 
   return in;
 }
 
-// The error every backend raises for an index outside [0, num_rows).
+// The message of the error every backend raises for an index outside [0, num_rows).
+inline std::string index_error_message(int64_t value, int64_t position, int64_t num_rows,
+                                       const char* op, const char* when = "") {
+  return c10::str(op, ": index ", value, " at position ", position,
+                  " (row-major) is out of range for 'weight' with ", num_rows,
+                  " rows; valid indices are 0 <= index < ", num_rows, when);
+}
+
 [[noreturn]] inline void throw_index_error(int64_t value, int64_t position, int64_t num_rows,
                                            const char* op, const char* when = "") {
-  TORCH_CHECK_INDEX(false, op, ": index ", value, " at position ", position,
-                    " (row-major) is out of range for 'weight' with ", num_rows,
-                    " rows; valid indices are 0 <= index < ", num_rows, when);
+  TORCH_CHECK_INDEX(false, index_error_message(value, position, num_rows, op, when));
   __builtin_unreachable();
 }
 

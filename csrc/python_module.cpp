@@ -20,14 +20,9 @@ namespace embedding_ext {
 namespace {
 
 #ifdef EMBEDDING_EXT_WITH_CUDA
-// Re-raises a recorded CUDA index error as Python's IndexError.
-void check_cuda_index_errors() {
-  try {
-    cuda::raise_pending_index_error(/*synchronize=*/true);
-  } catch (const c10::IndexError& e) {
-    throw pybind11::index_error(e.what_without_backtrace());
-  }
-}
+// Waits for every device with a record and returns a recorded bad index's message, consuming
+// it ("" if none): Python raises the IndexError, so no C++ exception crosses this binding.
+std::string take_cuda_index_error() { return cuda::take_pending_index_error(/*synchronize=*/true); }
 #endif
 
 // Tests only: one named implementation of the CPU dense backward, so that a test comparing
@@ -64,7 +59,7 @@ PYBIND11_MODULE(_C, mod) {
 
 #ifdef EMBEDDING_EXT_WITH_CUDA
   mod.attr("with_cuda") = true;
-  mod.def("check_cuda_index_errors", &ee::check_cuda_index_errors);
+  mod.def("take_cuda_index_error", &ee::take_cuda_index_error);
   mod.def("set_synchronous_index_checks", &ee::cuda::set_synchronous_index_checks);
   mod.def("synchronous_index_checks", &ee::cuda::synchronous_index_checks);
 #else

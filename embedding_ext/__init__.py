@@ -50,7 +50,9 @@ def check_cuda_index_errors() -> None:
     """Wait for the GPU and raise ``IndexError`` if any embedding_ext CUDA kernel met an
     out-of-range index since the last check (see README: "Bad indices on CUDA")."""
     if _C.with_cuda and torch.cuda.is_available():
-        _C.check_cuda_index_errors()
+        message = _C.take_cuda_index_error()
+        if message:
+            raise IndexError(message)
 
 
 _sync_checks_without_cuda = False

@@ -1,4 +1,6 @@
 """Dense backward against the float64 reference and against PyTorch."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,7 +47,16 @@ def test_dense_backward(device, dtype, index_dtype, shape, options):
     if dtype in (torch.float32, torch.float64):
         # Side by side with PyTorch too (its fp16/bf16 CPU path accumulates in low precision).
         w_ref = weight.detach().clone().requires_grad_()
-        (grad_ref,) = torch.autograd.grad(F.embedding(idx, w_ref, **options), w_ref, grad_out)
+        try:
+            (grad_ref,) = torch.autograd.grad(F.embedding(idx, w_ref, **options), w_ref, grad_out)
+        except RuntimeError as err:
+            # Seen on an H200 with torch 2.11 (2026-11-26): PyTorch's CUDA backward fails on no
+            # ids with scale_grad_by_freq=True (ours gives the zero gradient, checked above
+            # against the float64 reference). Only that case may fail; say how it failed.
+            if not (device == "cuda" and idx.numel() == 0 and options.get("scale_grad_by_freq")):
+                raise
+            warnings.warn(f"PyTorch's CUDA embedding backward, no ids, scale_grad_by_freq: {err}")
+            return
         assert_close(grad, grad_ref, dtype)
 
 

@@ -22,13 +22,36 @@ constexpr int kMaxDevices = 64;
 // One record and claim flag per device, set up by that device's first call and kept for
 // the life of the process. g_set_up counts the devices set up so far: raising scans those.
 struct DeviceRecord {
-  IndexErrorRecord* record = nullptr;  // pinned, mapped host memory
+  IndexErrorRecord* record = nullptr;         // pinned, mapped host memory: the host's view
+  IndexErrorRecord* device_record = nullptr;  // the same memory as kernels address it
   int* claimed = nullptr;              // device memory
 };
 std::mutex g_record_mutex;  // guards set-up and the consumption of records
 DeviceRecord g_records[kMaxDevices];
 std::atomic<int> g_set_up{0};
 int g_device_of[kMaxDevices];  // g_device_of[i]: the i-th device set up
+
+// The op names kernels report by code (IndexErrorRecord::op); filled under g_record_mutex,
+// read after an acquire of g_op_count. Names are the ops' string literals.
+constexpr int kMaxOps = 32;
+const char* g_op_names[kMaxOps];
+std::atomic<int> g_op_count{0};
+
+int op_code(const char* op) {  // under g_record_mutex
+  const int count = g_op_count.load(std::memory_order_relaxed);
+  for (int i = 0; i < count; ++i) {
+    if (g_op_names[i] == op || std::strcmp(g_op_names[i], op) == 0) return i;
+  }
+  TORCH_CHECK(count < kMaxOps, "embedding_ext: more than ", kMaxOps, " ops report bad indices");
+  g_op_names[count] = op;
+  g_op_count.store(count + 1, std::memory_order_release);
+  return count;
+}
+
+const char* op_name(int code) {
+  const int count = g_op_count.load(std::memory_order_acquire);
+  return code >= 0 && code < count ? g_op_names[code] : "embedding_ext (unknown op)";
+}
 
 void set_up(int device, DeviceRecord& r, cudaStream_t stream) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
@@ -46,6 +69,8 @@ void set_up(int device, DeviceRecord& r, cudaStream_t stream) {
   int* claimed = nullptr;
   cudaError_t err = cudaHostAlloc(&host, sizeof(IndexErrorRecord),
                                   cudaHostAllocMapped | cudaHostAllocPortable);
+  void* device_view = nullptr;  // the same address under unified addressing; asked for anyway
+  if (err == cudaSuccess) err = cudaHostGetDevicePointer(&device_view, host, 0);
   if (err == cudaSuccess) err = cudaMalloc(&claimed, sizeof(int));
   // On the op's stream, and waited for: ordered before the first kernel on any stream.
   if (err == cudaSuccess) err = cudaMemsetAsync(claimed, 0, sizeof(int), stream);
@@ -59,6 +84,7 @@ void set_up(int device, DeviceRecord& r, cudaStream_t stream) {
   std::memset(host, 0, sizeof(IndexErrorRecord));
   r.claimed = claimed;
   r.record = static_cast<IndexErrorRecord*>(host);
+  r.device_record = static_cast<IndexErrorRecord*>(device_view);
   g_device_of[g_set_up.load()] = device;
   g_set_up.fetch_add(1, std::memory_order_release);
 }
@@ -78,10 +104,10 @@ ErrorSink error_sink(const char* op, cudaStream_t stream) {
   const int generation = capture == cudaStreamCaptureStatusNone
                              ? __atomic_load_n(&r.record->generation, __ATOMIC_RELAXED)
                              : -1;  // a graph: replays read the live generation
-  return {r.record, r.claimed, op, generation};
+  return {r.device_record, r.claimed, op_code(op), generation};
 }
 
-void raise_pending_index_error(bool synchronize) {
+std::string take_pending_index_error(bool synchronize) {
   const int devices = g_set_up.load(std::memory_order_acquire);
   if (synchronize) {
     for (int i = 0; i < devices; ++i) {
@@ -99,14 +125,20 @@ void raise_pending_index_error(bool synchronize) {
     const long long value = __atomic_load_n(&seen->value, __ATOMIC_RELAXED);
     const long long position = __atomic_load_n(&seen->position, __ATOMIC_RELAXED);
     const long long rows = __atomic_load_n(&seen->num_rows, __ATOMIC_RELAXED);
-    const char* op = __atomic_load_n(&seen->op, __ATOMIC_RELAXED);
+    const char* op = op_name(__atomic_load_n(&seen->op, __ATOMIC_RELAXED));
     __atomic_store_n(&seen->state, 0, __ATOMIC_RELAXED);
     // Release: the reads and the cleared state above come before the new generation, which
     // lets the next writer in.
     __atomic_store_n(&seen->generation, seen->generation + 1, __ATOMIC_RELEASE);
-    throw_index_error(value, position, rows, op,
-                      synchronize ? "" : " (seen by an earlier asynchronous CUDA call)");
+    return index_error_message(value, position, rows, op,
+                               synchronize ? "" : " (seen by an earlier asynchronous CUDA call)");
   }
+  return {};
+}
+
+void raise_pending_index_error(bool synchronize) {
+  const std::string message = take_pending_index_error(synchronize);
+  TORCH_CHECK_INDEX(message.empty(), message);
 }
 
 void set_synchronous_index_checks(bool enabled) { g_synchronous_checks.store(enabled); }

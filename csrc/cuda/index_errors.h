@@ -2,7 +2,7 @@
 //
 // A kernel that meets a bad index never reads or writes outside the tensors (the output
 // row is zero-filled, the gradient contribution dropped) and records the index, its
-// position, the row count and the op's name in its device's record, in pinned,
+// position, the row count and the op (a code) in its device's record, in pinned,
 // device-mapped host memory. One thread per generation writes it: the first to raise the
 // device's claim flag (device memory; atomics on host memory are not reliable across PCIe)
 // to its generation + 1, with plain stores and a system fence before `state`. A launch
@@ -22,7 +22,9 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
+#include <string>
 
 namespace embedding_ext {
 namespace cuda {
@@ -30,18 +32,26 @@ namespace cuda {
 struct IndexErrorRecord {
   int state;       // 0 empty, 2 complete (written last, after a system fence)
   int generation;  // written by the host only: bumped each time it consumes a record
-  const char* op;  // the reporting op's name: a host string, passed through, never read here
+  // The reporting op, as a code into the host's table of op names (never a pointer: the host
+  // checks the code before it uses it, so no record can make it read a bad address).
+  int op;
+  int unused;
   long long position;
   long long value;
   long long num_rows;
 };
 
+// Host and device code must agree on this layout (the host reads what kernels write).
+static_assert(sizeof(IndexErrorRecord) == 40 && offsetof(IndexErrorRecord, op) == 8 &&
+                  offsetof(IndexErrorRecord, position) == 16,
+              "IndexErrorRecord layout");
+
 // What a kernel needs to report a bad index: its device's record and claim flag, and the
-// op's name.
+// op's code.
 struct ErrorSink {
   IndexErrorRecord* record;
   int* claimed;
-  const char* op;
+  int op;          // the op's code (see IndexErrorRecord::op)
   int generation;  // the record's generation at launch; -1: read it when reporting
 };
 
@@ -50,6 +60,9 @@ struct ErrorSink {
 // call refuses with a clear error while `stream` is capturing.
 ErrorSink error_sink(const char* op, cudaStream_t stream);
 
+// The message of a recorded bad index, consuming the record ("" if none); with
+// synchronize=true it first waits for all work on every device that has a record.
+std::string take_pending_index_error(bool synchronize);
 // Raises IndexError if a kernel recorded a bad index. With synchronize=true it first
 // waits for all work on every device that has a record, so nothing launched earlier is
 // missed (a synchronisation: not while capturing).
