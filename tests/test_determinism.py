@@ -42,6 +42,43 @@ def test_cuda_deterministic_backward_bitwise_reproducible(device, dtype, options
         rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("device", CUDA)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [1, 3, 4, 6, 96, 257])
+@pytest.mark.parametrize("options", OPTIONS, ids=["plain", "pad-freq"])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "grad-offset"])
+def test_cuda_sorted_backward_hot_rows(device, dtype, dim, options, offset, deterministic):
+    """Segments far longer than the sorted path's chunks (a row hit 20,000 times, others a
+    few hundred or once), every vector width (and a grad_output one element off alignment):
+    right against float64, and the same bits on every run."""
+    n = 30000
+    idx = torch.randint(0, 5000, (n,), device=device)
+    idx[torch.rand(n, device=device) < 0.66] = 7  # the hot row
+    idx[torch.rand(n, device=device) < 0.05] = 0  # padding (when asked for)
+    idx[torch.rand(n, device=device) < 0.03] = 4999
+    weight = make_weight(5000, dim, dtype, device)
+    grad_out = torch.randn(n * dim + offset, dtype=dtype, device=device)[offset:].view(n, dim)
+    first = _grad(weight, idx, grad_out, **options)
+    assert torch.equal(_grad(weight, idx, grad_out, **options), first)
+    expected = reference.dense_backward(grad_out, idx, 5000, options.get("padding_idx"),
+                                        options.get("scale_grad_by_freq", False))
+    tol = dict(rtol=1e-2, atol=1e-1) if dtype in (torch.float16, torch.bfloat16) else dict(rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(first.double(), expected, **tol)
+
+
+@pytest.mark.parametrize("device", CUDA)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_low_precision_backward_is_reproducible_by_default(device, dtype):
+    """fp16/bf16 always take the sorted path (no fp32 scratch of the table), so their
+    gradient is the same on every run without use_deterministic_algorithms too."""
+    idx = make_indices((20000,), 300, device, padding_idx=0)
+    weight = make_weight(300, 64, dtype, device)
+    grad_out = torch.randn(20000, 64, dtype=dtype, device=device)
+    first = _grad(weight, idx, grad_out, padding_idx=0)
+    for _ in range(2):
+        assert torch.equal(_grad(weight, idx, grad_out, padding_idx=0), first)
+
+
 def _position_order_sum(grad_out, idx, num_weights, padding_idx, scale_grad_by_freq):
     """The CPU contract, computed the slow way: each row sums its positions in ascending
     order in float32 (float64 for float64), is multiplied by 1/count, then rounded once."""

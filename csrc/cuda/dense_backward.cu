@@ -1,11 +1,19 @@
-// CUDA dense backward (embedding_dense_backward). Default: an atomic scatter-add into an
-// accumulation-type buffer (fp32 for fp16/bf16, rounded once). Under
-// torch.use_deterministic_algorithms(True): positions stably sorted by row, and one row
-// group per distinct row sums its positions in ascending order (no atomics on values).
+// CUDA dense backward (embedding_dense_backward), two algorithms:
+// - fp32/fp64, default: an atomic scatter-add straight into the zero-filled gradient (the
+//   fewest bytes: no sort, no scratch).
+// - fp16/bf16 always, and every dtype under torch.use_deterministic_algorithms(True): the
+//   sorted path. Positions stably sorted by row; each distinct row is summed in fp32 in a
+//   fixed order and written once, rounded once (no fp32 scratch of the whole table). A long
+//   segment (a hot row) is not summed by one row group alone: the sorted positions are cut
+//   into chunks of kChunk, a first pass sums each chunk's share of a segment that began in
+//   an earlier chunk, and the segment's head adds those partial sums in chunk order. The
+//   result depends only on the ids, never on scheduling.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "launch.cuh"
 
@@ -13,10 +21,10 @@ namespace embedding_ext {
 namespace cuda {
 namespace {
 
-template <typename scalar_t, typename acc_t, typename index_t>
+template <typename scalar_t, typename index_t>
 __global__ void scatter_add_kernel(const scalar_t* __restrict__ grad, const index_t* __restrict__ idx,
                                    int64_t n, int64_t num_rows, int64_t dim, int64_t padding_idx,
-                                   const int* __restrict__ counts, acc_t* __restrict__ out,
+                                   const int* __restrict__ counts, scalar_t* __restrict__ out,
                                    ErrorSink sink) {
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; i < n; i += step) {
@@ -26,22 +34,85 @@ __global__ void scatter_add_kernel(const scalar_t* __restrict__ grad, const inde
       continue;
     }
     if (k == padding_idx) continue;
-    const acc_t scale = counts ? acc_t(1) / static_cast<acc_t>(counts[k]) : acc_t(1);
+    const scalar_t scale = counts ? scalar_t(1) / static_cast<scalar_t>(counts[k]) : scalar_t(1);
     const scalar_t* g = grad + i * dim;
-    acc_t* dst = out + k * dim;
-    for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
-      atomicAdd(dst + d, static_cast<acc_t>(g[d]) * scale);
+    scalar_t* dst = out + k * dim;
+    for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) atomicAdd(dst + d, g[d] * scale);
+  }
+}
+
+// Sorted positions per chunk. A segment of L positions costs its head at most kChunk row
+// reads plus L / kChunk partial sums.
+constexpr int64_t kChunk = 64;
+
+// VEC consecutive elements of a row, loaded and stored as one access.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// Adds the VEC elements of `src` (any float type) to fp32/fp64 accumulators.
+template <typename acc_t, typename T, int VEC>
+__device__ __forceinline__ void add_pack(acc_t (&acc)[VEC], const T* src) {
+  const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(src);
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) acc[e] += static_cast<acc_t>(p.v[e]);
+}
+
+// First position in [begin, n) whose row is above k (rows ascending).
+template <typename index_t>
+__device__ __forceinline__ int64_t segment_end(const index_t* rows, int64_t begin, int64_t n,
+                                               int64_t k) {
+  int64_t lo = begin, hi = n;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (static_cast<int64_t>(rows[mid]) <= k) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+// Pass 1: for each chunk whose first position continues a segment begun in an earlier chunk
+// (and is a valid, non-padding row), the sum of that segment's terms inside the chunk.
+// Other chunks' partial rows are never read. dim_vecs = dim / VEC.
+template <typename scalar_t, typename index_t, int VEC>
+__global__ void chunk_carry_kernel(const scalar_t* __restrict__ grad,
+                                   const index_t* __restrict__ sorted_rows,
+                                   const int64_t* __restrict__ positions, int64_t n,
+                                   int64_t num_rows, int64_t dim_vecs, int64_t padding_idx,
+                                   at::opmath_type<scalar_t>* __restrict__ partial) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t num_chunks = (n + kChunk - 1) / kChunk;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; c < num_chunks;
+       c += step) {
+    const int64_t s = c * kChunk;
+    const int64_t k = sorted_rows[s];
+    if (s == 0 || static_cast<int64_t>(sorted_rows[s - 1]) != k) continue;  // a segment head
+    if (!row_in_range(k, num_rows) || k == padding_idx) continue;
+    const int64_t end = min(s + kChunk, n);
+    int64_t e = s + 1;
+    while (e < end && static_cast<int64_t>(sorted_rows[e]) == k) ++e;
+    for (int64_t v = threadIdx.x; v < dim_vecs; v += blockDim.x) {
+      acc_t acc[VEC] = {};
+      for (int64_t t = s; t < e; ++t) add_pack<acc_t, scalar_t, VEC>(acc, grad + (positions[t] * dim_vecs + v) * VEC);
+      Pack<acc_t, VEC> out;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) out.v[i] = acc[i];
+      *reinterpret_cast<Pack<acc_t, VEC>*>(partial + (c * dim_vecs + v) * VEC) = out;
     }
   }
 }
 
-template <typename scalar_t, typename index_t>
+// Pass 2: one row group per segment head sums the segment's terms in its first chunk, then
+// the partial sums of the chunks it continues into, in order, and writes the row once.
+template <typename scalar_t, typename index_t, int VEC>
 __global__ void segment_sum_kernel(const scalar_t* __restrict__ grad,
                                    const index_t* __restrict__ sorted_rows,
                                    const int64_t* __restrict__ positions, int64_t n,
-                                   int64_t num_rows, int64_t dim, int64_t padding_idx,
-                                   bool scale_grad_by_freq, scalar_t* __restrict__ out,
-                                   ErrorSink sink) {
+                                   int64_t num_rows, int64_t dim_vecs, int64_t padding_idx,
+                                   bool scale_grad_by_freq,
+                                   const at::opmath_type<scalar_t>* __restrict__ partial,
+                                   scalar_t* __restrict__ out, ErrorSink sink) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; j < n; j += step) {
@@ -52,15 +123,91 @@ __global__ void segment_sum_kernel(const scalar_t* __restrict__ grad,
       continue;
     }
     if (k == padding_idx) continue;
+    // The segment's end: a scan inside its first chunk (most segments end there), a binary
+    // search beyond.
+    const int64_t first_chunk = j / kChunk;
+    const int64_t chunk_end = min(n, (first_chunk + 1) * kChunk);
     int64_t e = j + 1;
-    while (e < n && static_cast<int64_t>(sorted_rows[e]) == k) ++e;
+    while (e < chunk_end && static_cast<int64_t>(sorted_rows[e]) == k) ++e;
+    if (e == chunk_end && e < n && static_cast<int64_t>(sorted_rows[e]) == k) {
+      e = segment_end(sorted_rows, e + 1, n, k);
+    }
+    const int64_t first_end = min(e, chunk_end);
     const acc_t scale = scale_grad_by_freq ? acc_t(1) / static_cast<acc_t>(e - j) : acc_t(1);
-    for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
-      acc_t acc = 0;
-      for (int64_t s = j; s < e; ++s) acc += static_cast<acc_t>(grad[positions[s] * dim + d]);
-      out[k * dim + d] = static_cast<scalar_t>(acc * scale);
+    for (int64_t v = threadIdx.x; v < dim_vecs; v += blockDim.x) {
+      acc_t acc[VEC] = {};
+      for (int64_t t = j; t < first_end; ++t) add_pack<acc_t, scalar_t, VEC>(acc, grad + (positions[t] * dim_vecs + v) * VEC);
+#pragma unroll 4
+      for (int64_t c = first_chunk + 1; c * kChunk < e; ++c) add_pack<acc_t, acc_t, VEC>(acc, partial + (c * dim_vecs + v) * VEC);
+      Pack<scalar_t, VEC> row;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) row.v[i] = static_cast<scalar_t>(acc[i] * scale);
+      *reinterpret_cast<Pack<scalar_t, VEC>*>(out + (k * dim_vecs + v) * VEC) = row;
     }
   }
+}
+
+template <typename scalar_t, typename index_t>
+at::Tensor sorted_dense_backward(const BackwardInputs& in, int64_t padding_idx,
+                                 bool scale_grad_by_freq, const LaunchScope& scope) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = in.n, dim = in.dim;
+  auto sorted = at::sort(in.indices, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor& sorted_rows = std::get<0>(sorted);
+  const at::Tensor& positions = std::get<1>(sorted);
+  at::Tensor result = at::zeros({in.num_rows, dim}, in.grad.options());
+  const int64_t num_chunks = ceil_div(n, kChunk);
+  at::Tensor partial = at::empty({num_chunks, dim},
+                                 in.grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  const int64_t elem = sizeof(scalar_t);
+  const int vb = vector_bytes({dim * elem, reinterpret_cast<int64_t>(in.grad.const_data_ptr()),
+                               reinterpret_cast<int64_t>(result.const_data_ptr())});
+  auto go = [&](auto vec_tag) {
+    constexpr int VEC = decltype(vec_tag)::value;
+    const int64_t dim_vecs = dim / VEC;
+    const RowLaunch carry = row_launch(num_chunks, dim_vecs);
+    chunk_carry_kernel<scalar_t, index_t, VEC><<<carry.grid, carry.block, 0, scope.stream>>>(
+        in.grad.const_data_ptr<scalar_t>(), sorted_rows.const_data_ptr<index_t>(),
+        positions.const_data_ptr<int64_t>(), n, in.num_rows, dim_vecs, padding_idx,
+        partial.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const RowLaunch heads = row_launch(n, dim_vecs);
+    segment_sum_kernel<scalar_t, index_t, VEC><<<heads.grid, heads.block, 0, scope.stream>>>(
+        in.grad.const_data_ptr<scalar_t>(), sorted_rows.const_data_ptr<index_t>(),
+        positions.const_data_ptr<int64_t>(), n, in.num_rows, dim_vecs, padding_idx,
+        scale_grad_by_freq, partial.const_data_ptr<acc_t>(), result.mutable_data_ptr<scalar_t>(),
+        scope.sink);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  // The widest access (<= 16 bytes) that divides the row and both base addresses.
+  const int vec = vb / static_cast<int>(elem);
+  if (vec >= 8 && 8 * elem <= 16) go(std::integral_constant<int, (8 * sizeof(scalar_t) <= 16 ? 8 : 1)>{});
+  else if (vec >= 4 && 4 * elem <= 16) go(std::integral_constant<int, (4 * sizeof(scalar_t) <= 16 ? 4 : 1)>{});
+  else if (vec >= 2) go(std::integral_constant<int, 2>{});
+  else go(std::integral_constant<int, 1>{});
+  return result;
+}
+
+// Picks the algorithm (see the top of this file).
+template <typename scalar_t, typename index_t>
+at::Tensor dense_backward(const BackwardInputs& in, int64_t padding_idx, bool scale_grad_by_freq,
+                          const LaunchScope& scope) {
+  if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
+    if (!at::globalContext().deterministicAlgorithms()) {
+      const index_t* idx = in.indices.const_data_ptr<index_t>();
+      at::Tensor counts;
+      if (scale_grad_by_freq) counts = row_counts(idx, in.n, in.num_rows, padding_idx, in.grad, scope);
+      at::Tensor result = at::zeros({in.num_rows, in.dim}, in.grad.options());
+      const RowLaunch l = row_launch(in.n, in.dim);
+      scatter_add_kernel<scalar_t, index_t><<<l.grid, l.block, 0, scope.stream>>>(
+          in.grad.const_data_ptr<scalar_t>(), idx, in.n, in.num_rows, in.dim, padding_idx,
+          scale_grad_by_freq ? counts.const_data_ptr<int>() : nullptr,
+          result.mutable_data_ptr<scalar_t>(), scope.sink);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return result;
+    }
+  }
+  return sorted_dense_backward<scalar_t, index_t>(in, padding_idx, scale_grad_by_freq, scope);
 }
 
 at::Tensor embedding_dense_backward_cuda(const at::Tensor& grad_in, const at::Tensor& indices_in,
@@ -68,45 +215,20 @@ at::Tensor embedding_dense_backward_cuda(const at::Tensor& grad_in, const at::Te
                                          bool scale_grad_by_freq) {
   constexpr const char* op = "embedding_dense_backward";
   const BackwardInputs in = cuda_backward_inputs(grad_in, indices_in, num_weights, padding_idx, op);
-  const at::Tensor &grad = in.grad, &indices = in.indices;
   const int64_t num_rows = in.num_rows, dim = in.dim, n = in.n;
   LaunchScope scope(grad_in, op);
   if (n == 0 || dim == 0 || num_rows == 0) {
     // Nothing to add, but bad ids are still reported.
-    AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), op, [&] {
-      probe_indices<index_t>(indices.const_data_ptr<index_t>(), n, num_rows, scope);
+    AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
+      probe_indices<index_t>(in.indices.const_data_ptr<index_t>(), n, num_rows, scope);
     });
     scope.finish();
-    return at::zeros({num_rows, dim}, grad.options());
+    return at::zeros({num_rows, dim}, in.grad.options());
   }
   at::Tensor result;
-  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), op, [&] {
-    const index_t* idx = indices.const_data_ptr<index_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), op, [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const RowLaunch l = row_launch(n, dim);
-      if (at::globalContext().deterministicAlgorithms()) {
-        auto sorted = at::sort(indices, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-        const at::Tensor& sorted_rows = std::get<0>(sorted);
-        const at::Tensor& positions = std::get<1>(sorted);
-        result = at::zeros({num_rows, dim}, grad.options());
-        segment_sum_kernel<scalar_t, index_t><<<l.grid, l.block, 0, scope.stream>>>(
-            grad.const_data_ptr<scalar_t>(), sorted_rows.const_data_ptr<index_t>(),
-            positions.const_data_ptr<int64_t>(), n, num_rows, dim, padding_idx, scale_grad_by_freq,
-            result.mutable_data_ptr<scalar_t>(), scope.sink);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        return;
-      }
-      at::Tensor counts;
-      if (scale_grad_by_freq) counts = row_counts(idx, n, num_rows, padding_idx, grad, scope);
-      at::Tensor acc = at::zeros({num_rows, dim}, grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-      scatter_add_kernel<scalar_t, acc_t, index_t><<<l.grid, l.block, 0, scope.stream>>>(
-          grad.const_data_ptr<scalar_t>(), idx, n, num_rows, dim, padding_idx,
-          scale_grad_by_freq ? counts.const_data_ptr<int>() : nullptr,
-          acc.mutable_data_ptr<acc_t>(), scope.sink);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      // fp16/bf16 were summed in fp32 and are rounded once here.
-      result = acc.scalar_type() == grad.scalar_type() ? acc : acc.to(grad.scalar_type());
+  AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.grad.scalar_type(), op, [&] {
+      result = dense_backward<scalar_t, index_t>(in, padding_idx, scale_grad_by_freq, scope);
     });
   });
   scope.finish();
