@@ -11,6 +11,8 @@ Environment switches (all optional):
 """
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -54,7 +56,7 @@ def _extension():
     openmp = torch.backends.openmp.is_available()
     macros = [("EMBEDDING_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
     cxx = ["-O3"] + (["-fopenmp"] if openmp else [])
-    link = ["-fopenmp"] if openmp else []
+    link = (["-fopenmp"] if openmp else []) + _SHARED_LIBSTDCXX
     if not with_cuda:
         return CppExtension("embedding_ext._C", sources, define_macros=macros,
                             extra_compile_args={"cxx": cxx}, extra_link_args=link)
@@ -69,7 +71,49 @@ def _extension():
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
 
 
+class BuildChecked(BuildExtension):
+    """Refuses a binary that carries its own copy of libstdc++'s stream code: there, every
+    error message with a number in it (c10::str) comes out cut short or crashes the process
+    (seen on a GPU machine whose /opt/gcc toolchain linked libstdc++ statically: a SIGSEGV in
+    std::ostream::_M_insert<long> on the first out-of-range index)."""
+
+    def build_extension(self, ext):
+        super().build_extension(ext)
+        path = self.get_ext_fullpath(ext.name)
+        nm = shutil.which("nm")
+        if not sys.platform.startswith("linux") or nm is None:
+            return
+        defined = subprocess.run([nm, "--defined-only", path], capture_output=True,
+                                 text=True).stdout
+        if "_ZNSo9_M_insertIlEERSoT_" in defined:  # std::ostream::_M_insert<long>
+            raise RuntimeError(
+                f"{path} was linked with a static copy of libstdc++ (it defines "
+                "std::ostream::_M_insert<long>), which breaks every error message that "
+                "formats a number. Link against the shared libstdc++ (drop "
+                "-static-libstdc++ from LDFLAGS/CXX, or use a compiler whose lib directory "
+                "has libstdc++.so).")
+
+
+def _loaded_libstdcxx():
+    """The shared libstdc++ this process (Python with torch imported) runs on, or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so") and os.path.exists(path):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+# Link the shared libstdc++ that torch runs on, by path, ahead of whatever the compiler
+# driver adds: a toolchain whose own lib directory holds only libstdc++.a (or a driver that
+# adds -static-libstdc++) would otherwise put a second, private copy of the C++ runtime into
+# the binary. BuildChecked refuses such a binary if it happens anyway.
+_SHARED_LIBSTDCXX = [p for p in [_loaded_libstdcxx()] if p]
+
 setup(
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildChecked},
 )

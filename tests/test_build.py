@@ -3,8 +3,10 @@ aten::embedding* op runs underneath our API."""
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 import embedding_ext as ee
@@ -96,3 +98,19 @@ def test_import_refuses_a_binary_built_for_another_torch(monkeypatch):
         monkeypatch.undo()
         importlib.reload(ee)
     assert ee.build_info()["torch_version"] == torch.__version__
+
+
+def test_binary_uses_the_shared_cpp_runtime():
+    """A private (static) copy of libstdc++ in our binary breaks every error message that
+    formats a number: cut short here, a SIGSEGV on the H200 machine of 2026-11-26, whose
+    toolchain linked libstdc++ statically. setup.py links torch's own libstdc++ and refuses
+    such a binary; this checks the one that was built, and a message with numbers."""
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm not found")
+    defined = subprocess.run([nm, "--defined-only", ee._C.__file__], capture_output=True,
+                             text=True, check=True).stdout
+    assert "_ZNSo9_M_insertIlEERSoT_" not in defined, "std::ostream::_M_insert<long> is ours"
+    with pytest.raises(IndexError) as err:
+        ee.embedding(torch.tensor([12]), torch.randn(10, 4))
+    assert str(err.value).endswith("valid indices are 0 <= index < 10")
