@@ -6,6 +6,10 @@
 #   make test-gpu-torch   build (CUDA kernels included) and test against torch==2.11.0, the
 #                         version the GPU machines run (CI runs it)
 #   make gpu-dry-run      bench/gpu_suite.sh --dry-run: the GPU check's steps, without a GPU
+#   make wheel            a binary wheel in dist/ (pip wheel --no-build-isolation): requires
+#                         exactly this venv's torch; CUDA kernels for A100, H100/H200 + PTX
+#   make package-check    the wheel installed into a fresh venv and self-checked there, pip's
+#                         refusal next to another torch, plain `pip install .` stopping (CI)
 #   make build            (re)build the extension in place
 #   make bench-results    the benchmark, written to the committed bench/results/ (make bench
 #                         writes to bench/out/, which git ignores)
@@ -17,7 +21,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?= --preset quick
 export MAX_JOBS ?= 2
 
-.PHONY: all setup build test bench bench-results test-cpu-torch test-gpu-torch gpu-dry-run clean
+.PHONY: all setup build test bench bench-results test-cpu-torch test-gpu-torch gpu-dry-run wheel package-check clean
 
 all: test
 
@@ -55,5 +59,16 @@ test-gpu-torch:
 gpu-dry-run: build
 	PYTHON=$(PY) bash bench/gpu_suite.sh --dry-run bench/out/gpu-dry-run
 
+WHEEL_DIR ?= dist
+WHEEL_CUDA_ARCH ?= 8.0;9.0+PTX
+wheel: setup
+	rm -f $(WHEEL_DIR)/embedding_ext-*.whl
+	TORCH_CUDA_ARCH_LIST="$(WHEEL_CUDA_ARCH)" $(PY) -m pip wheel -q --no-build-isolation --no-deps -w $(WHEEL_DIR) .
+	ls $(WHEEL_DIR)/embedding_ext-*.whl
+
+package-check:
+	$(MAKE) setup VENV=.venv-cpu TORCH_SPEC=torch==2.13.0
+	bash .ci/check_packaging.sh
+
 clean:
-	rm -rf build embedding_ext/*.so
+	rm -rf build dist embedding_ext/*.so

@@ -1,6 +1,9 @@
 """Build embedding_ext: the C++ kernels always, the CUDA kernels whenever torch is a CUDA
 build and nvcc is found (a visible GPU is not needed).
 
+Build with --no-build-isolation, against the torch that will import the binary (README,
+"Install"); the package then requires exactly that torch.
+
 Environment switches (all optional):
   EMBEDDING_EXT_FORCE_CPU=1      build the C++ kernels only, even where CUDA could be built
   TORCH_CUDA_ARCH_LIST="9.0"     the CUDA architectures; default "8.0;9.0+PTX" with no GPU
@@ -34,7 +37,18 @@ if _cuda_home:
     # Must be set before torch.utils.cpp_extension is imported: it reads it once.
     os.environ["CUDA_HOME"] = _cuda_home
 
-import torch  # noqa: E402
+try:
+    import torch  # noqa: E402
+except ImportError:
+    # Under pip's default build isolation the build runs in a fresh environment without the
+    # user's torch; compiling against another torch would give a binary their torch refuses.
+    sys.exit(
+        "embedding_ext: building needs the torch that will import it, and this build "
+        "environment has none: pip's build isolation hides your installed packages. Install "
+        "torch first, then build with `pip install --no-build-isolation .` (or `make wheel`); "
+        "see README, Install.")
+import importlib.metadata  # noqa: E402
+
 from setuptools import setup  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
@@ -113,7 +127,17 @@ def _loaded_libstdcxx():
 # the binary. BuildChecked refuses such a binary if it happens anyway.
 _SHARED_LIBSTDCXX = [p for p in [_loaded_libstdcxx()] if p]
 
+def _torch_requirement():
+    """The exact torch this build is compiled against, as pip knows it (the distribution's
+    version, e.g. 2.13.0+cpu): the only torch the binary can be imported with."""
+    try:
+        return f"torch=={importlib.metadata.version('torch')}"
+    except importlib.metadata.PackageNotFoundError:  # a torch without metadata (source tree)
+        return f"torch=={torch.__version__}"
+
+
 setup(
     ext_modules=[_extension()],
+    install_requires=[_torch_requirement()],
     cmdclass={"build_ext": BuildChecked},
 )

@@ -96,6 +96,7 @@ if [ $DRY = 0 ]; then
     TAIL_LINES=40 run probe-backtrace 90 cuda-gdb -q -batch -ex run -ex bt -ex "info registers rip" \
       --args "$PY" -m bench.gpu_probe
   fi
+  run selfcheck 60 "$PY" -m embedding_ext
   # The CPU half runs in CI; here only what needs the GPU. With xdist, a crashing test takes
   # down one worker (reported, then replaced), not the run.
   xdist=()
@@ -109,6 +110,7 @@ else
   run tests-cuda-collect 120 "$PY" -m pytest -q -p no:cacheprovider -m cuda --collect-only tests
   run benchmark-cpu-tiny 120 "$PY" -m bench.run --preset gpu --device cpu --filter tiny \
     --min-run-time 0.05 --rounds 1 --threads 1 --out "$SCRATCH/dry-bench"
+  run selfcheck-cpu 60 "$PY" -m embedding_ext
   run sanitize-driver-cpu 120 "$PY" -m bench.sanitize_kernels cpu --quick
   run sanitizer-found 30 bash -c 'if [ -x "$1" ]; then "$1" --version | head -2; else echo "compute-sanitizer not here ($1): checked on the GPU machine only"; fi' _ "$SANITIZER"
 fi

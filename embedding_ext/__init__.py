@@ -9,13 +9,15 @@ import os
 
 import torch
 
+from ._version import __version__
+
 try:
     from . import _C
 except ImportError as exc:  # pragma: no cover - only without a build
     raise ImportError(
         "embedding_ext: the compiled module embedding_ext._C is missing or does not load "
         f"({exc}). Build it with `pip install --no-build-isolation -e .` (or `make build`) "
-        "in the repository, against the torch you import."
+        "in the repository, against the torch you import (README: Install)."
     ) from exc
 
 if _C.torch_version != torch.__version__:
@@ -98,6 +100,7 @@ def cpu_output_cache_bytes() -> int:
 set_synchronous_index_checks(os.environ.get("EMBEDDING_EXT_SYNC_INDEX_CHECKS", "0") == "1")
 
 __all__ = [
+    "__version__",
     "Embedding",
     "EmbeddingFunction",
     "embedding",

@@ -17,8 +17,9 @@ class Embedding(torch.nn.Embedding):
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
                  max_norm: float | None = None, norm_type: float = 2.0,
                  scale_grad_by_freq: bool = False, sparse: bool = False,
-                 _weight: Tensor | None = None, _freeze: bool = False, device=None,
-                 dtype=None) -> None:
+                 _weight: Tensor | None = None, _freeze: bool = False,
+                 device: torch.device | str | int | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         if num_embeddings < 0 or embedding_dim < 0:
             raise ValueError(
                 "Embedding: 'num_embeddings' and 'embedding_dim' must be >= 0, got "

@@ -114,3 +114,20 @@ def test_binary_uses_the_shared_cpp_runtime():
     with pytest.raises(IndexError) as err:
         ee.embedding(torch.tensor([12]), torch.randn(10, 4))
     assert str(err.value).endswith("valid indices are 0 <= index < 10")
+
+
+def test_public_api_is_typed():
+    """py.typed ships with the package, and every public function and the module's
+    constructor annotate every parameter and the return value."""
+    import inspect
+    assert (Path(ee.__file__).parent / "py.typed").exists()
+    functions = [getattr(ee, name) for name in ee.__all__
+                 if inspect.isfunction(getattr(ee, name))]
+    functions += [ee.Embedding.__init__, ee.Embedding.forward]
+    assert len(functions) > 10
+    for fn in functions:
+        sig = inspect.signature(fn)
+        missing = [p.name for p in sig.parameters.values()
+                   if p.name != "self" and p.annotation is inspect.Parameter.empty]
+        assert not missing, f"{fn.__qualname__}: parameters without a type: {missing}"
+        assert sig.return_annotation is not inspect.Signature.empty, f"{fn.__qualname__}: no return type"
