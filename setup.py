@@ -91,6 +91,12 @@ class BuildChecked(BuildExtension):
     (seen on a GPU machine whose /opt/gcc toolchain linked libstdc++ statically: a SIGSEGV in
     std::ostream::_M_insert<long> on the first out-of-range index)."""
 
+    def finalize_options(self):
+        super().finalize_options()
+        # Always compile: without ninja, setuptools' up-to-date check could package a binary
+        # that an earlier build made against another torch.
+        self.force = True
+
     def build_extension(self, ext):
         super().build_extension(ext)
         path = self.get_ext_fullpath(ext.name)
@@ -125,19 +131,28 @@ def _loaded_libstdcxx():
 # driver adds: a toolchain whose own lib directory holds only libstdc++.a (or a driver that
 # adds -static-libstdc++) would otherwise put a second, private copy of the C++ runtime into
 # the binary. BuildChecked refuses such a binary if it happens anyway.
-_SHARED_LIBSTDCXX = [p for p in [_loaded_libstdcxx()] if p]
+_SHARED_LIBSTDCXX = ([p for p in [_loaded_libstdcxx()] if p]
+                     if "clang" not in os.environ.get("CXX", "") else [])
 
 def _torch_requirement():
-    """The exact torch this build is compiled against, as pip knows it (the distribution's
-    version, e.g. 2.13.0+cpu): the only torch the binary can be imported with."""
+    """The exact torch this build is compiled against, as pip knows it: the distribution's
+    version (2.13.0+cpu; 2.14.1 for PyPI's CUDA build, whose torch.__version__ reads
+    2.14.1+cu130). A version without a local label is pinned with ===, so that pip does not
+    take 2.14.1+cpu for it either. [] when the imported torch has no metadata (a source
+    tree): the import-time check is then the only guard."""
     try:
-        return f"torch=={importlib.metadata.version('torch')}"
-    except importlib.metadata.PackageNotFoundError:  # a torch without metadata (source tree)
-        return f"torch=={torch.__version__}"
+        dist_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    if dist_version.split("+")[0] != torch.__version__.split("+")[0]:
+        sys.exit(f"embedding_ext: the torch being imported ({torch.__version__}, "
+                 f"{torch.__file__}) is not the installed torch distribution "
+                 f"({dist_version}); build in an environment with one torch.")
+    return [f"torch=={dist_version}" if "+" in dist_version else f"torch==={dist_version}"]
 
 
 setup(
     ext_modules=[_extension()],
-    install_requires=[_torch_requirement()],
+    install_requires=_torch_requirement(),
     cmdclass={"build_ext": BuildChecked},
 )

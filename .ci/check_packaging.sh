@@ -20,14 +20,15 @@ make -s wheel VENV="$VENV" WHEEL_DIR="$work/dist"
 wheel=$(ls "$work"/dist/embedding_ext-*.whl)
 torch_version=$("$PY" -c "import importlib.metadata as m; print(m.version('torch'))")
 say "built $(basename "$wheel") against torch $torch_version"
-unzip -p "$wheel" '*.dist-info/METADATA' | grep -qx "Requires-Dist: torch==$torch_version" \
+unzip -p "$wheel" '*.dist-info/METADATA' \
+  | grep -qxF -e "Requires-Dist: torch==$torch_version" -e "Requires-Dist: torch===$torch_version" \
   || { say "FAIL: the wheel does not require torch==$torch_version"; exit 1; }
 contents=$(unzip -Z1 "$wheel")
-for f in embedding_ext/py.typed embedding_ext/__main__.py; do
+for f in embedding_ext/py.typed embedding_ext/_C.pyi embedding_ext/__main__.py; do
   grep -qx "$f" <<< "$contents" || { say "FAIL: $f missing from the wheel"; exit 1; }
 done
 grep -q '^embedding_ext/_C\..*\.so$' <<< "$contents" || { say "FAIL: no binary in the wheel"; exit 1; }
-say "metadata pins torch==$torch_version; py.typed, __main__ and the binary are in the wheel"
+say "metadata pins torch==$torch_version; py.typed, _C.pyi, __main__ and the binary are in the wheel"
 
 python3 -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install -q "$wheel"

@@ -34,7 +34,7 @@ from .module import Embedding  # noqa: E402
 from .swap import replace_embeddings, restore_embeddings  # noqa: E402
 
 
-def build_info() -> dict:
+def build_info() -> dict[str, object]:
     """How the loaded binary was built: backends, CUDA arch list, torch version."""
     return {
         "torch_version": _C.torch_version,

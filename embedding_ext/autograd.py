@@ -7,6 +7,7 @@ gradients of every order stay on our kernels."""
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from . import ops
 
@@ -21,7 +22,8 @@ class EmbeddingFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(weight, indices, padding_idx: int, scale_grad_by_freq: bool, sparse: bool):
+    def forward(weight: Tensor, indices: Tensor, padding_idx: int, scale_grad_by_freq: bool,
+                sparse: bool) -> Tensor:
         return ops.embedding_forward(weight, indices)
 
     @staticmethod

@@ -1,6 +1,7 @@
 """`python -m embedding_ext`: the facts it prints, and that its checks fail on wrong ops."""
 import io
 import os
+import re
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ def test_module_runs_and_passes_outside_the_source_tree(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     assert f"embedding_ext {ee.__version__}" in run.stdout
     assert f"torch {torch.__version__}" in run.stdout
-    assert "cpu: 10/10 checks match torch.nn.Embedding" in run.stdout
+    assert re.search(r"^cpu: (\d+)/\1 checks match torch.nn.Embedding", run.stdout, re.M)
     assert run.stdout.rstrip().endswith("self-check: all ops match PyTorch")
 
 
@@ -66,7 +67,8 @@ def _vague_errors(ids, weight, **options):
 @pytest.mark.parametrize("broken, must_fail", [
     (_off_by_a_bit, ["lookup (int64 ids)", "lookup (int32 ids)", "max_norm renorm",
                      "bfloat16 lookup and gradient"]),
-    (_doubled_gradient, ["dense gradient", "sparse gradient"]),
+    (_doubled_gradient, ["dense gradient", "sparse gradient", "dense gradient, padding_idx, "
+                         "scale_grad_by_freq", "double backward"]),
     (_vague_errors, ["out-of-range id: IndexError with its message"]),
 ], ids=["wrong-values", "wrong-gradient", "vague-error"])
 def test_checks_fail_on_a_wrong_lookup(broken, must_fail):
