@@ -118,6 +118,43 @@ inline BackwardInputs backward_inputs(const at::Tensor& grad, const at::Tensor& 
   return in;
 }
 
+// The arguments of the pooled lookup (embedding_bag_*): 1-D int32/int64 ids, 1-D int32/int64
+// CSR offsets with at least one entry, per_sample_weights (if any) one per id, in the
+// table's dtype, all on one device. The offsets' values are checked by each backend
+// (check_bag_offsets on the CPU).
+inline void check_bag_args(const at::Tensor& table, const char* table_name,
+                           const at::Tensor& indices, const at::Tensor& offsets,
+                           const c10::optional<at::Tensor>& per_sample_weights, const char* op) {
+  check_indices_dtype(indices, op);
+  TORCH_CHECK(indices.dim() == 1, op, ": 'indices' must be 1-D, got shape ", indices.sizes());
+  TORCH_CHECK(offsets.scalar_type() == at::kLong || offsets.scalar_type() == at::kInt, op,
+              ": 'offsets' must be an int64 or int32 tensor, got ", offsets.scalar_type());
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 1, op,
+              ": 'offsets' must be 1-D with at least one entry (CSR: bags + 1), got shape ",
+              offsets.sizes());
+  check_same_device(table, table_name, indices, "indices", op);
+  check_same_device(offsets, "offsets", indices, "indices", op);
+  if (per_sample_weights.has_value()) {
+    const at::Tensor& w = *per_sample_weights;
+    TORCH_CHECK(w.dim() == 1 && w.size(0) == indices.size(0), op,
+                ": 'per_sample_weights' must have the shape of 'indices' ", indices.sizes(),
+                ", got ", w.sizes());
+    check_same_device(w, "per_sample_weights", indices, "indices", op);
+  }
+}
+
+// CSR offsets: off[0] == 0, each <= n, non-decreasing.
+inline void check_bag_offsets(const int64_t* off, int64_t count, int64_t n, const char* op) {
+  TORCH_CHECK(off[0] == 0, op, ": 'offsets[0]' must be 0 (the first bag starts at the first id), got ",
+              off[0]);
+  for (int64_t b = 1; b < count; ++b) {
+    TORCH_CHECK(off[b] <= n, op, ": 'offsets[", b, "]' = ", off[b],
+                " is past the end of 'indices' (", n, " ids)");
+    TORCH_CHECK(off[b] >= off[b - 1], op, ": 'offsets' must be non-decreasing, got offsets[",
+                b - 1, "] = ", off[b - 1], " > offsets[", b, "] = ", off[b]);
+  }
+}
+
 // The message of the error every backend raises for an index outside [0, num_rows).
 inline std::string index_error_message(int64_t value, int64_t position, int64_t num_rows,
                                        const char* op, const char* when = "") {

@@ -46,4 +46,32 @@ TORCH_LIBRARY(embedding_ext, m) {
   m.def(
       "embedding_renorm_(Tensor(a!) weight, Tensor indices, float max_norm, "
       "float norm_type) -> ()");
+
+  // --- The pooled lookup (ee.embedding_bag). `indices` is 1-D; `offsets` has B + 1
+  // non-decreasing entries starting at 0 (CSR): bag b pools indices[offsets[b]:offsets[b+1]],
+  // ids past offsets[B] belong to no bag (but are still range-checked). mode: 0 sum, 1 mean,
+  // 2 max. Entries equal to padding_idx (< 0: none) are left out of the pooling and of
+  // mean's count. An empty or all-padding bag gives zeros.
+
+  // output (B, D) in weight's dtype, pooled in fp32 (fp64 for fp64); sum mode multiplies
+  // each row by per_sample_weights[i] first. arg_max (B, D) int64: for max mode the row
+  // each output element came from (the first on ties; -1 for an empty bag), else empty.
+  m.def(
+      "embedding_bag_forward(Tensor weight, Tensor indices, Tensor offsets, int mode, "
+      "Tensor? per_sample_weights, int padding_idx) -> (Tensor output, Tensor arg_max)");
+
+  // Dense gradient w.r.t. weight, (num_weights, D): sum mode adds grad_output[b] *
+  // per_sample_weights[i] to row indices[i], mean mode grad_output[b] / count_b, max mode
+  // grad_output[b, d] to row arg_max[b, d] only; with scale_grad_by_freq each term is also
+  // divided by its row's count over the whole call. Summed in position order (deterministic).
+  m.def(
+      "embedding_bag_dense_backward(Tensor grad_output, Tensor indices, Tensor offsets, "
+      "Tensor arg_max, SymInt num_weights, int mode, Tensor? per_sample_weights, "
+      "int padding_idx, bool scale_grad_by_freq) -> Tensor");
+
+  // Gradient w.r.t. per_sample_weights (sum mode): out[i] = <grad_output[bag of i],
+  // weight[indices[i]]>, 0 at padding entries and at ids in no bag.
+  m.def(
+      "embedding_bag_per_sample_weights_backward(Tensor grad_output, Tensor weight, "
+      "Tensor indices, Tensor offsets, int padding_idx) -> Tensor");
 }

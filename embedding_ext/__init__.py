@@ -28,9 +28,9 @@ if _C.torch_version != torch.__version__:
     )
 
 from . import ops  # noqa: E402  (registers fake kernels)
-from .autograd import EmbeddingFunction  # noqa: E402
-from .functional import embedding  # noqa: E402
-from .module import Embedding  # noqa: E402
+from .autograd import EmbeddingBagFunction, EmbeddingFunction  # noqa: E402
+from .functional import embedding, embedding_bag  # noqa: E402
+from .module import Embedding, EmbeddingBag  # noqa: E402
 from .swap import replace_embeddings, restore_embeddings  # noqa: E402
 
 
@@ -102,8 +102,11 @@ set_synchronous_index_checks(os.environ.get("EMBEDDING_EXT_SYNC_INDEX_CHECKS", "
 __all__ = [
     "__version__",
     "Embedding",
+    "EmbeddingBag",
     "EmbeddingFunction",
+    "EmbeddingBagFunction",
     "embedding",
+    "embedding_bag",
     "replace_embeddings",
     "restore_embeddings",
     "build_info",

@@ -6,6 +6,7 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import ops
+from .autograd import EmbeddingBagFunction
 from ._torch_private import direct_call
 
 # The lookup op; its autograd, forward-mode AD and torch.func support are in C++
@@ -52,3 +53,87 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None,
         # As in PyTorch, the in-place renorm is visible to autograd's saved-tensor checks.
         torch.autograd.graph.increment_version(weight)
     return _embedding_direct(weight, input, padding, bool(scale_grad_by_freq), bool(sparse))
+
+
+def _bag_layout(input: Tensor, offsets: Tensor | None, per_sample_weights: Tensor | None,
+                include_last_offset: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(1-D ids, CSR offsets with bags + 1 entries, 1-D per_sample_weights) from either
+    form F.embedding_bag takes; ids and offsets in one dtype (int64 if either is)."""
+    if input.dim() == 2:
+        if offsets is not None:
+            raise ValueError("embedding_bag: 'offsets' must be None for a 2-D input (each row "
+                             f"is a bag), got a tensor of shape {tuple(offsets.shape)}")
+        bags, length = input.shape
+        csr = torch.arange(bags + 1, device=input.device, dtype=input.dtype) * length
+        flat = input.reshape(-1)
+        psw = None if per_sample_weights is None else per_sample_weights.reshape(-1)
+        return flat, csr, psw
+    if input.dim() != 1:
+        raise ValueError(f"embedding_bag: 'input' must be 1-D (with offsets) or 2-D, got a "
+                         f"{input.dim()}-D tensor of shape {tuple(input.shape)}")
+    if offsets is None:
+        raise ValueError("embedding_bag: 'offsets' is required for a 1-D input")
+    if offsets.dim() != 1:
+        raise ValueError(f"embedding_bag: 'offsets' must be 1-D, got shape {tuple(offsets.shape)}")
+    if offsets.dtype != input.dtype and {offsets.dtype, input.dtype} <= {torch.int32, torch.int64}:
+        input, offsets = input.long(), offsets.long()
+    if not include_last_offset:
+        end = torch.full((1,), input.shape[0], dtype=offsets.dtype, device=offsets.device)
+        offsets = torch.cat([offsets, end])
+    return input, offsets, per_sample_weights
+
+
+def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None,
+                  max_norm: float | None = None, norm_type: float = 2.0,
+                  scale_grad_by_freq: bool = False, mode: str = "mean", sparse: bool = False,
+                  per_sample_weights: Tensor | None = None, include_last_offset: bool = False,
+                  padding_idx: int | None = None) -> Tensor:
+    """Equivalent to :func:`torch.nn.functional.embedding_bag` on the CPU, computed by
+    embedding_ext's kernels (README: "Bags" for what is not there yet: CUDA, sparse=True).
+
+    Beyond PyTorch: offsets are validated (first 0, non-decreasing, none past the ids) with
+    an error naming the bad entry; with ``include_last_offset=True`` the offsets are CSR:
+    ids after the last offset belong to no bag, in every mode; fp16/bf16 pool in fp32.
+    """
+    if has_torch_function_variadic(input, weight, offsets, per_sample_weights):
+        return handle_torch_function(
+            embedding_bag, (input, weight, offsets, per_sample_weights), input, weight,
+            offsets=offsets, max_norm=max_norm, norm_type=norm_type,
+            scale_grad_by_freq=scale_grad_by_freq, mode=mode, sparse=sparse,
+            per_sample_weights=per_sample_weights, include_last_offset=include_last_offset,
+            padding_idx=padding_idx)
+    if mode not in ops.BAG_MODES:
+        raise ValueError(f"embedding_bag: 'mode' must be 'sum', 'mean' or 'max', got {mode!r}")
+    if mode == "max" and scale_grad_by_freq:
+        raise ValueError("embedding_bag: max mode does not support scaling the gradient by the "
+                         "frequency (scale_grad_by_freq=True), as in PyTorch")
+    if per_sample_weights is not None and mode != "sum":
+        raise NotImplementedError(
+            f"embedding_bag: 'per_sample_weights' is only supported in mode='sum', got "
+            f"mode={mode!r}")
+    if per_sample_weights is not None and per_sample_weights.shape != input.shape:
+        raise ValueError(f"embedding_bag: 'per_sample_weights' must have the shape of 'input' "
+                         f"{tuple(input.shape)}, got {tuple(per_sample_weights.shape)}")
+    for name, t in (("input", input), ("weight", weight), ("offsets", offsets),
+                    ("per_sample_weights", per_sample_weights)):
+        if t is not None and t.device.type != "cpu":
+            raise NotImplementedError(
+                f"embedding_bag: '{name}' is on {t.device}; embedding_ext's pooled lookup runs "
+                "on the CPU only so far (its CUDA kernels are not written yet): use "
+                "torch.nn.functional.embedding_bag there")
+    if sparse:
+        raise NotImplementedError("embedding_bag: sparse=True gradients are not implemented in "
+                                  "embedding_ext yet: use sparse=False (a dense gradient)")
+    if weight.dim() != 2:
+        raise RuntimeError(f"embedding_bag: 'weight' must be 2-D, got a {weight.dim()}-D tensor "
+                           f"of shape {tuple(weight.shape)}")
+    padding = normalize_padding_idx(padding_idx, weight.shape[0])
+    ids, csr, psw = _bag_layout(input, offsets, per_sample_weights, include_last_offset)
+    if max_norm is not None:
+        ids = ids.contiguous()
+        with torch.no_grad():
+            ops.embedding_renorm_(weight, ids, max_norm, norm_type)
+        torch.autograd.graph.increment_version(weight)
+    output, _ = EmbeddingBagFunction.apply(weight, ids, csr, ops.BAG_MODES[mode], psw, padding,
+                                           bool(scale_grad_by_freq))
+    return output

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .functional import embedding
+from .functional import embedding, embedding_bag
 
 
 class Embedding(torch.nn.Embedding):
@@ -30,3 +30,15 @@ class Embedding(torch.nn.Embedding):
     def forward(self, input: Tensor) -> Tensor:
         return embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type,
                          self.scale_grad_by_freq, self.sparse)
+
+
+class EmbeddingBag(torch.nn.EmbeddingBag):
+    """Equivalent to :class:`torch.nn.EmbeddingBag` on the CPU; see
+    :func:`embedding_ext.embedding_bag`. Construction, ``from_pretrained`` and
+    ``state_dict`` are inherited unchanged."""
+
+    def forward(self, input: Tensor, offsets: Tensor | None = None,
+                per_sample_weights: Tensor | None = None) -> Tensor:
+        return embedding_bag(input, self.weight, offsets, self.max_norm, self.norm_type,
+                             self.scale_grad_by_freq, self.mode, self.sparse,
+                             per_sample_weights, self.include_last_offset, self.padding_idx)

@@ -51,6 +51,37 @@ def embedding_renorm_(weight: Tensor, indices: Tensor, max_norm: float, norm_typ
     _ops.embedding_renorm_(weight, indices, float(max_norm), float(norm_type))
 
 
+# The pooled lookup (csrc/embedding_ext.cpp documents the contract). mode: 0 sum, 1 mean,
+# 2 max; offsets: CSR, bags + 1 entries.
+BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
+
+
+def embedding_bag_forward(weight: Tensor, indices: Tensor, offsets: Tensor, mode: int,
+                          per_sample_weights: Tensor | None,
+                          padding_idx: int) -> tuple[Tensor, Tensor]:
+    """``(output (bags, D), arg_max (bags, D) int64 in max mode, else empty)``."""
+    return _ops.embedding_bag_forward(weight, indices, offsets, mode, per_sample_weights,
+                                      padding_idx)
+
+
+def embedding_bag_dense_backward(grad_output: Tensor, indices: Tensor, offsets: Tensor,
+                                 arg_max: Tensor, num_weights: int, mode: int,
+                                 per_sample_weights: Tensor | None, padding_idx: int,
+                                 scale_grad_by_freq: bool) -> Tensor:
+    """The ``(num_weights, D)`` weight gradient of :func:`embedding_bag_forward`."""
+    return _ops.embedding_bag_dense_backward(grad_output, indices, offsets, arg_max, num_weights,
+                                             mode, per_sample_weights, padding_idx,
+                                             scale_grad_by_freq)
+
+
+def embedding_bag_per_sample_weights_backward(grad_output: Tensor, weight: Tensor,
+                                              indices: Tensor, offsets: Tensor,
+                                              padding_idx: int) -> Tensor:
+    """The gradient w.r.t. ``per_sample_weights`` (sum mode): one value per id."""
+    return _ops.embedding_bag_per_sample_weights_backward(grad_output, weight, indices, offsets,
+                                                          padding_idx)
+
+
 # --------------------------------------------------------------------------------------
 # Fake kernels: the rules of csrc/checks.h.
 
@@ -144,3 +175,48 @@ def _renorm_fake(weight, indices, max_norm, norm_type):
 def _embedding_fake(weight, indices, padding_idx, scale_grad_by_freq, sparse):
     _check_lookup(weight, indices, "embedding_forward")  # the eager kernels are the forward
     return weight.new_empty((*indices.shape, weight.shape[1]))
+
+
+def _check_bag(table: Tensor, table_name: str, indices: Tensor, offsets: Tensor,
+               per_sample_weights: Tensor | None, op: str) -> None:
+    """check_bag_args (the offsets' values are checked by the kernels)."""
+    _check_indices(indices, op)
+    torch._check(indices.dim() == 1, lambda: f"{op}: 'indices' must be 1-D, got shape "
+                                             f"{tuple(indices.shape)}")
+    torch._check(offsets.dtype in _INDEX_DTYPES,
+                 lambda: f"{op}: 'offsets' must be an int64 or int32 tensor, got {offsets.dtype}")
+    torch._check(offsets.dim() == 1 and offsets.shape[0] >= 1,
+                 lambda: f"{op}: 'offsets' must be 1-D with at least one entry (CSR: bags + 1), "
+                         f"got shape {tuple(offsets.shape)}")
+    _check_devices(table, table_name, indices, op)
+    _check_devices(offsets, "offsets", indices, op)
+    if per_sample_weights is not None:
+        torch._check(per_sample_weights.shape == indices.shape,
+                     lambda: f"{op}: 'per_sample_weights' must have the shape of 'indices' "
+                             f"{tuple(indices.shape)}, got {tuple(per_sample_weights.shape)}")
+
+
+@torch.library.register_fake("embedding_ext::embedding_bag_forward")
+def _bag_forward_fake(weight, indices, offsets, mode, per_sample_weights, padding_idx):
+    _check_weight(weight, "embedding_bag_forward")
+    _check_bag(weight, "weight", indices, offsets, per_sample_weights, "embedding_bag_forward")
+    bags = offsets.shape[0] - 1
+    out = weight.new_empty((bags, weight.shape[1]))
+    arg_max = weight.new_empty((bags if mode == 2 else 0, weight.shape[1]), dtype=torch.int64)
+    return out, arg_max
+
+
+@torch.library.register_fake("embedding_ext::embedding_bag_dense_backward")
+def _bag_dense_backward_fake(grad_output, indices, offsets, arg_max, num_weights, mode,
+                             per_sample_weights, padding_idx, scale_grad_by_freq):
+    op = "embedding_bag_dense_backward"
+    _check_bag(grad_output, "grad_output", indices, offsets, per_sample_weights, op)
+    torch._check(num_weights >= 0, lambda: f"{op}: 'num_weights' must be >= 0, got {num_weights}")
+    return grad_output.new_empty((num_weights, grad_output.shape[1]))
+
+
+@torch.library.register_fake("embedding_ext::embedding_bag_per_sample_weights_backward")
+def _bag_psw_backward_fake(grad_output, weight, indices, offsets, padding_idx):
+    _check_bag(weight, "weight", indices, offsets, None,
+               "embedding_bag_per_sample_weights_backward")
+    return weight.new_empty(indices.shape)

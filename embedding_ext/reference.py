@@ -60,3 +60,30 @@ def renorm(weight: Tensor, indices: Tensor, max_norm: float, norm_type: float) -
     scale = torch.where(norms > max_norm, max_norm / (norms + 1e-7), torch.ones_like(norms))
     out[rows] *= scale[:, None]
     return out
+
+
+def bag_forward(weight: Tensor, indices: Tensor, offsets: Tensor, mode: str,
+                per_sample_weights: Tensor | None = None,
+                padding_idx: int | None = None) -> Tensor:
+    """The pooled lookup in float64, bag by bag: 1-D ids, CSR offsets (bags + 1 entries;
+    ids after the last offset belong to no bag). Padding entries are left out of the pooling
+    and of mean's count; an empty or all-padding bag gives zeros; max takes per feature."""
+    w = weight.double()
+    rows = []
+    for b in range(offsets.numel() - 1):
+        ids = indices[int(offsets[b]):int(offsets[b + 1])].long()
+        keep = ids != (-1 if padding_idx is None else padding_idx)
+        picked = w[ids[keep]]
+        if per_sample_weights is not None:
+            picked = picked * per_sample_weights[int(offsets[b]):int(offsets[b + 1])][keep].double()[:, None]
+        if picked.shape[0] == 0:
+            rows.append(picked.sum(0))  # zeros, still connected to `weight` for autograd
+        elif mode == "sum":
+            rows.append(picked.sum(0))
+        elif mode == "mean":
+            rows.append(picked.mean(0))
+        else:
+            rows.append(picked.max(0).values)
+    if not rows:
+        return w[:0]
+    return torch.stack(rows)

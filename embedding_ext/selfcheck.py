@@ -5,7 +5,8 @@ Each check runs one of our ops (through the public API, so the autograd path is 
 users get) on small duplicate- and padding-heavy ids and compares with PyTorch's own
 embedding on a copy of the same weight: the lookup, the dense and sparse gradients (with
 ``padding_idx`` and ``scale_grad_by_freq``), the ``max_norm`` renorm, the double backward,
-a bf16 lookup and gradient, and the bad-index error (its full message, numbers included).
+a bf16 lookup and gradient, the module, the pooled lookup (CPU) and the bad-index error
+(its full message, numbers included).
 """
 from __future__ import annotations
 
@@ -153,6 +154,23 @@ def check_device(device: str, fn: Lookup = ee.embedding) -> list[tuple[str, bool
                 and _close(ours.weight.grad, theirs.weight.grad, 1e-5))
     if fn is ee.embedding:  # the module runs ee.embedding itself
         record("ee.Embedding module", module)
+
+    def bags() -> bool:
+        ok = True
+        offsets = torch.tensor([0, 7, 7, 50], device=device)
+        flat = ids.flatten()
+        for mode in ("sum", "mean", "max"):
+            psw = torch.randn(flat.shape, device=device) if mode == "sum" else None
+            outs = []
+            for lookup in (ee.embedding_bag, F.embedding_bag):
+                w = weight.detach().clone().requires_grad_()
+                out = lookup(flat, w, offsets, mode=mode, padding_idx=1, per_sample_weights=psw)
+                out.backward(torch.ones_like(out))
+                outs.append((out, w.grad))
+            ok = ok and _close(outs[0][0], outs[1][0], 1e-5) and _close(outs[0][1], outs[1][1], 1e-5)
+        return ok
+    if device == "cpu" and fn is ee.embedding:  # bags: CPU kernels only so far (issue 13)
+        record("bags: sum, mean, max (forward and gradient)", bags)
 
     def bad_index() -> tuple[bool, str]:
         bad = torch.tensor([0, 25, 3], device=device)

@@ -1,0 +1,308 @@
+// CPU pooled lookup (embedding_bag_forward, embedding_bag_dense_backward,
+// embedding_bag_per_sample_weights_backward). Bags are pooled in fp32 (fp64 for fp64), one
+// task per run of bags; the weight gradient sums each row's terms in position order (rows
+// split across threads, never atomics), so every result is deterministic.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <vector>
+
+#include "common.h"
+#include "row_convert.h"
+
+namespace embedding_ext {
+namespace cpu {
+namespace {
+
+constexpr int64_t kSum = 0, kMean = 1, kMax = 2;
+
+void check_mode(int64_t mode, const char* op) {
+  TORCH_CHECK(mode == kSum || mode == kMean || mode == kMax, op,
+              ": 'mode' must be 0 (sum), 1 (mean) or 2 (max), got ", mode);
+}
+
+// The checked inputs every bag op starts from: flat contiguous ids, int64 CSR offsets.
+struct BagInputs {
+  at::Tensor indices, offsets;  // offsets: int64, contiguous
+  int64_t n, bags;
+};
+
+BagInputs bag_inputs(const at::Tensor& table, const char* table_name, const at::Tensor& indices,
+                     const at::Tensor& offsets,
+                     const c10::optional<at::Tensor>& per_sample_weights, const char* op) {
+  check_bag_args(table, table_name, indices, offsets, per_sample_weights, op);
+  BagInputs in{indices.contiguous(), offsets.to(at::kLong).contiguous(), indices.size(0),
+               offsets.size(0) - 1};
+  check_bag_offsets(in.offsets.const_data_ptr<int64_t>(), in.bags + 1, in.n, op);
+  return in;
+}
+
+// bag_of[i]: the bag that pools id i, or -1 for ids past the last offset.
+std::vector<int64_t> bag_of_positions(const int64_t* off, int64_t bags, int64_t n) {
+  std::vector<int64_t> bag_of(n, -1);
+  for (int64_t b = 0; b < bags; ++b) {
+    for (int64_t i = off[b]; i < off[b + 1]; ++i) bag_of[i] = b;
+  }
+  return bag_of;
+}
+
+template <typename scalar_t, typename index_t>
+void pool_bags(const scalar_t* weight, int64_t row_stride, const index_t* idx, const int64_t* off,
+               int64_t bags, int64_t dim, int64_t mode, const scalar_t* psw, int64_t padding_idx,
+               scalar_t* out, int64_t* arg_max) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t avg_ids = bags ? std::max<int64_t>(1, off[bags] / bags) : 1;
+  at::parallel_for(0, bags, grain_for(avg_ids * dim * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(dim), row(dim);
+    for (int64_t b = begin; b < end; ++b) {
+      int64_t count = 0;
+      if (mode == kMax) {
+        int64_t* arg = arg_max + b * dim;
+        for (int64_t i = off[b]; i < off[b + 1]; ++i) {
+          const int64_t k = idx[i];
+          if (k == padding_idx) continue;
+          load_row<false>(weight + k * row_stride, row.data(), dim);
+          for (int64_t d = 0; d < dim; ++d) {
+            // The first occurrence wins ties; a NaN wins over any number and stays.
+            if (count == 0 || row[d] > acc[d] || (row[d] != row[d] && acc[d] == acc[d])) {
+              acc[d] = row[d];
+              arg[d] = k;
+            }
+          }
+          ++count;
+        }
+        if (count == 0) {
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          std::fill(arg, arg + dim, int64_t(-1));
+        }
+        store_row(acc.data(), acc_t(1), out + b * dim, dim);
+        continue;
+      }
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t i = off[b]; i < off[b + 1]; ++i) {
+        const int64_t k = idx[i];
+        if (k == padding_idx) continue;
+        ++count;
+        if (i + kPrefetchDistance < off[b + 1]) {
+          prefetch_row(weight + static_cast<int64_t>(idx[i + kPrefetchDistance]) * row_stride,
+                       dim * sizeof(scalar_t));
+        }
+        if (psw == nullptr) {
+          load_row<true>(weight + k * row_stride, acc.data(), dim);
+          continue;
+        }
+        load_row<false>(weight + k * row_stride, row.data(), dim);
+        const acc_t w = static_cast<acc_t>(psw[i]);
+        for (int64_t d = 0; d < dim; ++d) acc[d] += row[d] * w;
+      }
+      const acc_t scale = mode == kMean && count > 0 ? acc_t(1) / static_cast<acc_t>(count) : acc_t(1);
+      store_row(acc.data(), scale, out + b * dim, dim);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> embedding_bag_forward_cpu(
+    const at::Tensor& weight_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
+    int64_t mode, const c10::optional<at::Tensor>& per_sample_weights, int64_t padding_idx) {
+  constexpr const char* op = "embedding_bag_forward";
+  check_weight_2d(weight_in, op);
+  check_mode(mode, op);
+  const BagInputs in = bag_inputs(weight_in, "weight", indices_in, offsets_in, per_sample_weights, op);
+  TORCH_CHECK(!per_sample_weights.has_value() || mode == kSum, op,
+              ": 'per_sample_weights' is only supported in sum mode (0), got mode ", mode);
+  at::Tensor psw;
+  if (per_sample_weights.has_value()) {
+    TORCH_CHECK(per_sample_weights->scalar_type() == weight_in.scalar_type(), op,
+                ": 'per_sample_weights' must have the dtype of 'weight' (",
+                weight_in.scalar_type(), "), got ", per_sample_weights->scalar_type());
+    psw = per_sample_weights->contiguous();
+  }
+  const at::Tensor weight = weight_in.stride(1) == 1 ? weight_in : weight_in.contiguous();
+  const int64_t num_rows = weight.size(0), dim = weight.size(1);
+  at::Tensor out = at::empty({in.bags, dim}, weight.options());
+  at::Tensor arg_max = at::empty({mode == kMax ? in.bags : 0, dim},
+                                 weight.options().dtype(at::kLong));
+  AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
+    const index_t* idx = in.indices.const_data_ptr<index_t>();
+    check_index_range(idx, in.n, num_rows, op);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
+      pool_bags<scalar_t, index_t>(
+          weight.const_data_ptr<scalar_t>(), weight.stride(0), idx,
+          in.offsets.const_data_ptr<int64_t>(), in.bags, dim, mode,
+          psw.defined() ? psw.const_data_ptr<scalar_t>() : nullptr, padding_idx,
+          out.mutable_data_ptr<scalar_t>(), mode == kMax ? arg_max.mutable_data_ptr<int64_t>() : nullptr);
+    });
+  });
+  return {out, arg_max};
+}
+
+template <typename scalar_t, typename index_t>
+void bag_weight_gradient(const scalar_t* grad, const index_t* idx, const int64_t* off,
+                         int64_t bags, int64_t n, int64_t num_rows, int64_t dim, int64_t mode,
+                         const int64_t* arg_max, const scalar_t* psw, int64_t padding_idx,
+                         bool scale_grad_by_freq, scalar_t* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<int64_t> occurrences;
+  if (scale_grad_by_freq) occurrences = count_rows(idx, n, num_rows, padding_idx);
+  const auto freq = [&](int64_t k) {
+    return scale_grad_by_freq ? acc_t(1) / static_cast<acc_t>(occurrences[k]) : acc_t(1);
+  };
+  if (mode == kMax) {
+    // Each (bag, feature) sends its gradient to one row: columns split across threads, so
+    // no two threads touch one element; bags in order within a column.
+    std::vector<acc_t> acc(num_rows * dim, acc_t(0));
+    at::parallel_for(0, dim, 1, [&](int64_t d0, int64_t d1) {
+      for (int64_t b = 0; b < bags; ++b) {
+        for (int64_t d = d0; d < d1; ++d) {
+          const int64_t k = arg_max[b * dim + d];
+          if (k >= 0) acc[k * dim + d] += static_cast<acc_t>(grad[b * dim + d]) * freq(k);
+        }
+      }
+    });
+    at::parallel_for(0, num_rows, grain_for(dim * sizeof(scalar_t)), [&](int64_t r0, int64_t r1) {
+      for (int64_t k = r0; k < r1; ++k) store_row(acc.data() + k * dim, acc_t(1), out + k * dim, dim);
+    });
+    return;
+  }
+  std::vector<int64_t> bag_of = bag_of_positions(off, bags, n);
+  std::vector<acc_t> inv_count(bags, acc_t(1));
+  if (mode == kMean) {
+    for (int64_t b = 0; b < bags; ++b) {
+      int64_t count = 0;
+      for (int64_t i = off[b]; i < off[b + 1]; ++i) count += static_cast<int64_t>(idx[i]) != padding_idx;
+      inv_count[b] = count > 0 ? acc_t(1) / static_cast<acc_t>(count) : acc_t(0);
+    }
+  }
+  // Rows with their positions in order; each row summed by one thread.
+  const SortedLookups sorted = sort_by_row(idx, n, num_rows, padding_idx);
+  const int64_t m = static_cast<int64_t>(sorted.rows.size());
+  std::vector<int64_t> heads;
+  for (int64_t j = 0; j < m; ++j) {
+    if (j == 0 || sorted.rows[j] != sorted.rows[j - 1]) heads.push_back(j);
+  }
+  heads.push_back(m);
+  const int64_t segments = static_cast<int64_t>(heads.size()) - 1;
+  at::parallel_for(0, segments, grain_for(dim * sizeof(scalar_t) * 4), [&](int64_t s0, int64_t s1) {
+    std::vector<acc_t> acc(dim), row(dim);
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t k = sorted.rows[heads[s]];
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      bool any = false;
+      for (int64_t j = heads[s]; j < heads[s + 1]; ++j) {
+        const int64_t i = sorted.positions[j];
+        const int64_t b = bag_of[i];
+        if (b < 0) continue;  // an id in no bag
+        any = true;
+        acc_t coef = mode == kMean ? inv_count[b] : acc_t(1);
+        if (psw != nullptr) coef *= static_cast<acc_t>(psw[i]);
+        load_row<false>(grad + b * dim, row.data(), dim);
+        for (int64_t d = 0; d < dim; ++d) acc[d] += row[d] * coef;
+      }
+      if (any) store_row(acc.data(), freq(k), out + k * dim, dim);
+    }
+  });
+}
+
+at::Tensor embedding_bag_dense_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
+    const at::Tensor& arg_max_in, c10::SymInt num_weights, int64_t mode,
+    const c10::optional<at::Tensor>& per_sample_weights, int64_t padding_idx,
+    bool scale_grad_by_freq) {
+  constexpr const char* op = "embedding_bag_dense_backward";
+  check_mode(mode, op);
+  check_weight_2d(grad_in, op, "grad_output");
+  const BagInputs in = bag_inputs(grad_in, "grad_output", indices_in, offsets_in, per_sample_weights, op);
+  const int64_t num_rows = num_weights.expect_int();
+  TORCH_CHECK(num_rows >= 0, op, ": 'num_weights' must be >= 0, got ", num_rows);
+  TORCH_CHECK(padding_idx < num_rows, op, ": 'padding_idx' must be < num_weights (", num_rows,
+              "), got ", padding_idx);
+  TORCH_CHECK(grad_in.size(0) == in.bags, op, ": 'grad_output' must have one row per bag (",
+              in.bags, "), got shape ", grad_in.sizes());
+  const int64_t dim = grad_in.size(1);
+  TORCH_CHECK(mode != kMax || (arg_max_in.dim() == 2 && arg_max_in.size(0) == in.bags &&
+                               arg_max_in.size(1) == dim && arg_max_in.scalar_type() == at::kLong),
+              op, ": 'arg_max' must be an int64 tensor of shape (bags, D) = (", in.bags, ", ", dim,
+              ") in max mode, got ", arg_max_in.scalar_type(), " of shape ", arg_max_in.sizes());
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor arg_max = mode == kMax ? arg_max_in.contiguous() : arg_max_in;
+  at::Tensor psw;
+  if (per_sample_weights.has_value()) psw = per_sample_weights->to(grad.scalar_type()).contiguous();
+  at::Tensor out = at::zeros({num_rows, dim}, grad.options());
+  AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
+    const index_t* idx = in.indices.const_data_ptr<index_t>();
+    check_index_range(idx, in.n, num_rows, op);
+    if (mode == kMax) {
+      const int64_t* am = arg_max.const_data_ptr<int64_t>();
+      for (int64_t e = 0; e < in.bags * dim; ++e) {
+        TORCH_CHECK(am[e] >= -1 && am[e] < num_rows, op, ": 'arg_max' holds ", am[e],
+                    ", not a row of the ", num_rows, "-row table");
+      }
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), op, [&] {
+      bag_weight_gradient<scalar_t, index_t>(
+          grad.const_data_ptr<scalar_t>(), idx, in.offsets.const_data_ptr<int64_t>(), in.bags,
+          in.n, num_rows, dim, mode, mode == kMax ? arg_max.const_data_ptr<int64_t>() : nullptr,
+          psw.defined() ? psw.const_data_ptr<scalar_t>() : nullptr, padding_idx,
+          scale_grad_by_freq, out.mutable_data_ptr<scalar_t>());
+    });
+  });
+  return out;
+}
+
+at::Tensor embedding_bag_per_sample_weights_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& weight_in, const at::Tensor& indices_in,
+    const at::Tensor& offsets_in, int64_t padding_idx) {
+  constexpr const char* op = "embedding_bag_per_sample_weights_backward";
+  check_weight_2d(weight_in, op);
+  check_weight_2d(grad_in, op, "grad_output");
+  const BagInputs in = bag_inputs(weight_in, "weight", indices_in, offsets_in, c10::nullopt, op);
+  check_same_device(grad_in, "grad_output", weight_in, "weight", op);
+  TORCH_CHECK(grad_in.size(0) == in.bags && grad_in.size(1) == weight_in.size(1), op,
+              ": 'grad_output' must have shape (bags, D) = (", in.bags, ", ", weight_in.size(1),
+              "), got ", grad_in.sizes());
+  const at::Tensor weight = weight_in.stride(1) == 1 ? weight_in : weight_in.contiguous();
+  const at::Tensor grad = grad_in.to(weight.scalar_type()).contiguous();
+  const int64_t dim = weight.size(1);
+  at::Tensor out = at::empty({in.n}, weight.options());
+  AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
+    const index_t* idx = in.indices.const_data_ptr<index_t>();
+    check_index_range(idx, in.n, weight.size(0), op);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const std::vector<int64_t> bag_of = bag_of_positions(in.offsets.const_data_ptr<int64_t>(), in.bags, in.n);
+      const scalar_t* w = weight.const_data_ptr<scalar_t>();
+      const scalar_t* g = grad.const_data_ptr<scalar_t>();
+      scalar_t* o = out.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, in.n, grain_for(2 * dim * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> a(dim), b(dim);
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t k = idx[i];
+          if (bag_of[i] < 0 || k == padding_idx) {
+            o[i] = scalar_t(0);
+            continue;
+          }
+          load_row<false>(w + k * weight.stride(0), a.data(), dim);
+          load_row<false>(g + bag_of[i] * dim, b.data(), dim);
+          acc_t dot = 0;
+          for (int64_t d = 0; d < dim; ++d) dot += a[d] * b[d];
+          o[i] = static_cast<scalar_t>(dot);
+        }
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(embedding_ext, CPU, m) {
+  m.impl("embedding_bag_forward", &embedding_bag_forward_cpu);
+  m.impl("embedding_bag_dense_backward", &embedding_bag_dense_backward_cpu);
+  m.impl("embedding_bag_per_sample_weights_backward", &embedding_bag_per_sample_weights_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace embedding_ext

@@ -1,0 +1,243 @@
+"""ee.embedding_bag / ee.EmbeddingBag (CPU): forward and gradients against PyTorch and the
+float64 reference, every mode, padding, per_sample_weights, both input forms, CSR offsets,
+errors. Duplicates and empty bags in every case."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import embedding_ext as ee
+from embedding_ext import reference
+from conftest import TOL, make_weight, poison
+
+MODES = ["sum", "mean", "max"]
+
+
+def _bags(num_weights, index_dtype=torch.int64, padding_idx=None):
+    """1-D ids with hot rows and padding, and offsets with an empty bag, an all-padding bag
+    (when padding is given) and a long one."""
+    n = 60
+    ids = torch.randint(0, num_weights, (n,))
+    ids[::4] = 3  # a hot row
+    if padding_idx is not None:
+        ids[1::5] = padding_idx
+        ids[10:13] = padding_idx  # bag 2 is all padding
+    offsets = torch.tensor([0, 4, 4, 10, 13, 30, 31])  # bag 1 empty; last bag 31..60
+    return ids.to(index_dtype), offsets.to(index_dtype)
+
+
+def _grads(fn, weight, *args, grad_out=None, psw=None, **kwargs):
+    w = weight.detach().clone().requires_grad_()
+    p = None if psw is None else psw.detach().clone().requires_grad_()
+    out = fn(args[0], w, *args[1:], per_sample_weights=p, **kwargs)
+    inputs = (w,) if p is None else (w, p)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    return out, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("padding_idx", [None, 0, -2])
+@pytest.mark.parametrize("mode", MODES + ["sum+weights"])
+@pytest.mark.parametrize("form", ["offsets", "include_last_offset", "2d"])
+def test_bag_matches_pytorch(dtype, index_dtype, padding_idx, mode, form):
+    num_weights, dim = 17, 5
+    pad = None if padding_idx is None else padding_idx % num_weights
+    weight = make_weight(num_weights, dim, dtype)
+    ids, offsets = _bags(num_weights, index_dtype, pad)
+    if form == "include_last_offset":
+        offsets = torch.cat([offsets, torch.tensor([ids.numel()], dtype=index_dtype)])
+    elif form == "2d":
+        ids, offsets = ids.reshape(6, 10), None
+    kwargs = dict(mode=mode.split("+")[0], padding_idx=padding_idx,
+                  include_last_offset=form == "include_last_offset")
+    psw = torch.randn(ids.shape, dtype=dtype) if mode == "sum+weights" else None
+    bags = 6 if form == "2d" else offsets.numel() - (form == "include_last_offset")
+    grad_out = torch.randn(bags, dim, dtype=dtype)
+    poison(bags * dim, dtype, "cpu")
+    ours, our_grads = _grads(ee.embedding_bag, weight, ids, offsets, grad_out=grad_out, psw=psw,
+                             **kwargs)
+    theirs, their_grads = _grads(F.embedding_bag, weight, ids, offsets, grad_out=grad_out,
+                                 psw=psw, **kwargs)
+    assert ours.dtype == dtype and ours.shape == (bags, dim)
+    torch.testing.assert_close(ours, theirs, **TOL[dtype])
+    for a, b in zip(our_grads, their_grads):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+    if pad is not None:
+        assert not our_grads[0][pad].any(), "the padding row gets no gradient"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", MODES + ["sum+weights"])
+def test_bag_low_precision_pools_in_fp32(dtype, mode):
+    """Against the float64 reference (PyTorch's CPU pools fp16/bf16 in the low precision
+    on some paths): one rounding of an fp32 pool, and fp32-accumulated gradients."""
+    weight = make_weight(40, 24, dtype)
+    ids, offsets = _bags(40, padding_idx=2)
+    csr = torch.cat([offsets, torch.tensor([ids.numel()])])
+    psw = torch.randn(ids.shape, dtype=dtype) if mode == "sum+weights" else None
+    m = mode.split("+")[0]
+    grad_out = torch.randn(csr.numel() - 1, 24, dtype=dtype)
+    ours, our_grads = _grads(ee.embedding_bag, weight, ids, offsets, grad_out=grad_out, psw=psw,
+                             mode=m, padding_idx=2)
+    w64 = weight.double().requires_grad_()
+    p64 = None if psw is None else psw.double().requires_grad_()
+    expected = reference.bag_forward(w64, ids, csr, m, p64, 2)
+    ref_grads = torch.autograd.grad(expected, (w64,) if p64 is None else (w64, p64),
+                                    grad_out.double())
+    tol = dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ours.double(), expected.detach(), **tol)
+    for a, b in zip(our_grads, ref_grads):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), b, **tol)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bag_gradcheck(mode):
+    weight = make_weight(9, 3, torch.float64).requires_grad_()
+    ids = torch.tensor([1, 2, 2, 0, 5, 7, 7, 3, 4])
+    offsets = torch.tensor([0, 3, 3, 6])
+    assert torch.autograd.gradcheck(
+        lambda w: ee.embedding_bag(ids, w, offsets, mode=mode, padding_idx=0), (weight,))
+    if mode == "sum":
+        psw = torch.randn(9, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(
+            lambda w, p: ee.embedding_bag(ids, w, offsets, mode="sum", per_sample_weights=p,
+                                          padding_idx=0), (weight, psw))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_include_last_offset_is_csr_in_every_mode(mode):
+    """Beyond PyTorch (whose CPU gives three answers by mode): ids after the last offset
+    belong to no bag, get no gradient, and are still range-checked."""
+    weight = make_weight(10, 4, torch.float64).requires_grad_()
+    ids = torch.tensor([1, 2, 2, 0, 5, 7, 7, 3])
+    csr = torch.tensor([0, 3, 6])
+    out = ee.embedding_bag(ids, weight, csr, mode=mode, include_last_offset=True)
+    torch.testing.assert_close(out, reference.bag_forward(weight, ids, csr, mode))
+    torch.testing.assert_close(out, ee.embedding_bag(ids[:6], weight, csr, mode=mode,
+                                                     include_last_offset=True))
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, weight, grad_out)
+    (trimmed,) = torch.autograd.grad(
+        ee.embedding_bag(ids[:6], weight, csr, mode=mode, include_last_offset=True), weight, grad_out)
+    assert torch.equal(grad, trimmed) and not grad[3].any()
+    with pytest.raises(IndexError, match="index 10 at position 7"):
+        ee.embedding_bag(torch.tensor([1, 2, 2, 0, 5, 7, 7, 10]), weight, csr, mode=mode,
+                         include_last_offset=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_and_all_padding_bags_are_zero(mode):
+    weight = make_weight(6, 3, torch.float32).requires_grad_()
+    ids = torch.tensor([4, 4, 1, 5])
+    out = ee.embedding_bag(ids, weight, torch.tensor([0, 0, 2, 2]), mode=mode, padding_idx=4)
+    assert out.shape == (4, 3)
+    assert not out[:3].any()
+    torch.testing.assert_close(out[3], reference.bag_forward(weight, ids, torch.tensor([2, 4]),
+                                                             mode, None, 4)[0].float())
+    out.sum().backward()
+    assert not weight.grad[4].any()
+
+
+def test_max_ties_go_to_the_first_occurrence():
+    weight = torch.tensor([[1.0, 5.0], [1.0, 2.0], [0.0, 5.0]], requires_grad=True)
+    ids = torch.tensor([1, 0, 2])
+    out = ee.embedding_bag(ids, weight, torch.tensor([0]), mode="max")
+    out.backward(torch.tensor([[10.0, 20.0]]))
+    # Feature 0: rows 1 and 0 tie at 1.0 -> row 1 (first); feature 1: rows 0 and 2 -> row 0.
+    assert torch.equal(weight.grad, torch.tensor([[0.0, 20.0], [10.0, 0.0], [0.0, 0.0]]))
+    w2 = weight.detach().clone().requires_grad_()
+    F.embedding_bag(ids, w2, torch.tensor([0]), mode="max").backward(torch.tensor([[10.0, 20.0]]))
+    assert torch.equal(weight.grad, w2.grad), "PyTorch breaks ties the same way"
+
+
+def test_module_and_from_pretrained():
+    torch.manual_seed(0)
+    ours = ee.EmbeddingBag(20, 6, mode="sum", padding_idx=1)
+    theirs = torch.nn.EmbeddingBag(20, 6, mode="sum", padding_idx=1)
+    theirs.load_state_dict(ours.state_dict())
+    ids, offsets = _bags(20, padding_idx=1)
+    psw = torch.randn(ids.shape)
+    torch.testing.assert_close(ours(ids, offsets, psw), theirs(ids, offsets, psw))
+    ours(ids, offsets).sum().backward()
+    theirs(ids, offsets).sum().backward()
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+    pre = ee.EmbeddingBag.from_pretrained(ours.weight.detach(), mode="max", freeze=True)
+    assert type(pre) is ee.EmbeddingBag and not pre.weight.requires_grad and pre.mode == "max"
+    assert repr(pre).startswith("EmbeddingBag(20, 6")
+
+
+def test_max_norm_renorms_the_referenced_rows():
+    weight = make_weight(12, 4, torch.float64) * 4
+    theirs = weight.clone()
+    ids, offsets = torch.tensor([1, 2, 2, 7]), torch.tensor([0, 2])
+    out = ee.embedding_bag(ids, weight, offsets, mode="mean", max_norm=1.0)
+    expected = F.embedding_bag(ids, theirs, offsets, mode="mean", max_norm=1.0)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(weight, theirs)
+
+
+def test_mixed_id_and_offset_dtypes_are_promoted():
+    weight = make_weight(8, 3, torch.float32)
+    ids = torch.tensor([1, 2, 3, 4], dtype=torch.int32)
+    offsets = torch.tensor([0, 2], dtype=torch.int64)
+    torch.testing.assert_close(ee.embedding_bag(ids, weight, offsets),
+                               F.embedding_bag(ids.long(), weight, offsets))
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda w: ee.embedding_bag(torch.tensor([1, 2]), w, torch.tensor([1])), RuntimeError,
+     r"embedding_bag_forward: 'offsets\[0\]' must be 0"),
+    (lambda w: ee.embedding_bag(torch.tensor([1, 2, 3]), w, torch.tensor([0, 2, 1])), RuntimeError,
+     r"'offsets' must be non-decreasing, got offsets\[1\] = 2 > offsets\[2\] = 1"),
+    (lambda w: ee.embedding_bag(torch.tensor([1, 2]), w, torch.tensor([0, 5])), RuntimeError,
+     r"'offsets\[1\]' = 5 is past the end of 'indices' \(2 ids\)"),
+    (lambda w: ee.embedding_bag(torch.tensor([1, 12]), w, torch.tensor([0])), IndexError,
+     r"embedding_bag_forward: index 12 at position 1 .* 10 rows"),
+    (lambda w: ee.embedding_bag(torch.tensor([1, 2]), w, torch.tensor([0]), mode="mean",
+                                per_sample_weights=torch.ones(2)), NotImplementedError,
+     "only supported in mode='sum', got mode='mean'"),
+    (lambda w: ee.embedding_bag(torch.tensor([1, 2]), w, torch.tensor([0]), mode="avg"),
+     ValueError, "'mode' must be 'sum', 'mean' or 'max', got 'avg'"),
+    (lambda w: ee.embedding_bag(torch.tensor([[1, 2]]), w, torch.tensor([0])), ValueError,
+     "'offsets' must be None for a 2-D input"),
+    (lambda w: ee.embedding_bag(torch.tensor([1, 2]), w), ValueError,
+     "'offsets' is required for a 1-D input"),
+    (lambda w: ee.embedding_bag(torch.tensor([1, 2]), w, torch.tensor([0]), mode="max",
+                                scale_grad_by_freq=True), ValueError, "max mode does not support"),
+    (lambda w: ee.embedding_bag(torch.tensor([1, 2]), w, torch.tensor([0]), sparse=True),
+     NotImplementedError, "sparse=True gradients are not implemented"),
+    (lambda w: ee.embedding_bag(torch.tensor([1, 2], device="meta"), w.to("meta"),
+                                torch.tensor([0], device="meta")), NotImplementedError,
+     "runs on the CPU only so far"),
+    (lambda w: ee.embedding_bag(torch.tensor([1, 2]), w, torch.tensor([0]), mode="sum",
+                                per_sample_weights=torch.ones(3)), ValueError,
+     r"'per_sample_weights' must have the shape of 'input' \(2,\), got \(3,\)"),
+])
+def test_bag_errors_name_the_argument(call, error, message):
+    weight = make_weight(10, 4, torch.float32)
+    before = weight.clone()
+    with pytest.raises(error, match=message):
+        call(weight)
+    assert torch.equal(weight, before)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), mode=st.sampled_from(MODES), num_weights=st.integers(1, 12),
+       dim=st.integers(0, 9), padding=st.booleans())
+def test_bag_hypothesis_against_reference(data, mode, num_weights, dim, padding):
+    lengths = data.draw(st.lists(st.integers(0, 6), min_size=1, max_size=8))
+    n = sum(lengths)
+    ids = torch.tensor(data.draw(st.lists(st.integers(0, num_weights - 1), min_size=n,
+                                          max_size=n)), dtype=torch.int64)
+    csr = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)))
+    pad = data.draw(st.integers(0, num_weights - 1)) if padding else None
+    weight = torch.randn(num_weights, dim, dtype=torch.float64, requires_grad=True)
+    out = ee.embedding_bag(ids, weight, csr, mode=mode, padding_idx=pad, include_last_offset=True)
+    expected = reference.bag_forward(weight, ids, csr, mode, None, pad)
+    torch.testing.assert_close(out, expected.detach())
+    grad_out = torch.randn_like(out)
+    (ours,) = torch.autograd.grad(out, weight, grad_out)
+    (ref,) = torch.autograd.grad(expected, weight, grad_out)
+    torch.testing.assert_close(ours, ref)
