@@ -75,11 +75,14 @@ def _bag_layout(input: Tensor, offsets: Tensor | None, per_sample_weights: Tenso
         raise ValueError("embedding_bag: 'offsets' is required for a 1-D input")
     if offsets.dim() != 1:
         raise ValueError(f"embedding_bag: 'offsets' must be 1-D, got shape {tuple(offsets.shape)}")
+    if offsets.numel() == 0 and not include_last_offset:  # no bags (PyTorch: a (0, D) output)
+        offsets = offsets.new_zeros(0)
     if offsets.dtype != input.dtype and {offsets.dtype, input.dtype} <= {torch.int32, torch.int64}:
         input, offsets = input.long(), offsets.long()
     if not include_last_offset:
         end = torch.full((1,), input.shape[0], dtype=offsets.dtype, device=offsets.device)
-        offsets = torch.cat([offsets, end])
+        # No bags: CSR [0] (every id then belongs to no bag).
+        offsets = torch.cat([offsets, end]) if offsets.numel() else end.zero_()
     return input, offsets, per_sample_weights
 
 
@@ -121,13 +124,20 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None,
                 f"embedding_bag: '{name}' is on {t.device}; embedding_ext's pooled lookup runs "
                 "on the CPU only so far (its CUDA kernels are not written yet): use "
                 "torch.nn.functional.embedding_bag there")
+    if weight.dim() != 2:
+        raise ValueError(f"embedding_bag: 'weight' must be 2-D, got a {weight.dim()}-D tensor "
+                         f"of shape {tuple(weight.shape)}")
+    if sparse and mode == "max":
+        raise ValueError("embedding_bag: max mode does not support sparse weights, as in PyTorch")
     if sparse:
         raise NotImplementedError("embedding_bag: sparse=True gradients are not implemented in "
                                   "embedding_ext yet: use sparse=False (a dense gradient)")
-    if weight.dim() != 2:
-        raise RuntimeError(f"embedding_bag: 'weight' must be 2-D, got a {weight.dim()}-D tensor "
-                           f"of shape {tuple(weight.shape)}")
-    padding = normalize_padding_idx(padding_idx, weight.shape[0])
+    try:
+        padding = normalize_padding_idx(padding_idx, weight.shape[0])
+    except AssertionError:
+        raise RuntimeError(f"embedding_bag: 'padding_idx' must be within the number of "
+                           f"embeddings, {-weight.shape[0]} through {weight.shape[0] - 1}, but got "
+                           f"{padding_idx}") from None
     ids, csr, psw = _bag_layout(input, offsets, per_sample_weights, include_last_offset)
     if max_norm is not None:
         ids = ids.contiguous()

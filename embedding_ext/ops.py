@@ -196,10 +196,23 @@ def _check_bag(table: Tensor, table_name: str, indices: Tensor, offsets: Tensor,
                              f"{tuple(indices.shape)}, got {tuple(per_sample_weights.shape)}")
 
 
+def _check_bag_mode(mode: int, op: str) -> None:
+    torch._check(mode in (0, 1, 2),
+                 lambda: f"{op}: 'mode' must be 0 (sum), 1 (mean) or 2 (max), got {mode}")
+
+
 @torch.library.register_fake("embedding_ext::embedding_bag_forward")
 def _bag_forward_fake(weight, indices, offsets, mode, per_sample_weights, padding_idx):
-    _check_weight(weight, "embedding_bag_forward")
-    _check_bag(weight, "weight", indices, offsets, per_sample_weights, "embedding_bag_forward")
+    op = "embedding_bag_forward"
+    _check_weight(weight, op)
+    _check_bag_mode(mode, op)
+    _check_bag(weight, "weight", indices, offsets, per_sample_weights, op)
+    if per_sample_weights is not None:
+        torch._check(mode == 0, lambda: f"{op}: 'per_sample_weights' is only supported in sum "
+                                        f"mode (0), got mode {mode}")
+        torch._check(per_sample_weights.dtype == weight.dtype,
+                     lambda: f"{op}: 'per_sample_weights' must have the dtype of 'weight' "
+                             f"({weight.dtype}), got {per_sample_weights.dtype}")
     bags = offsets.shape[0] - 1
     out = weight.new_empty((bags, weight.shape[1]))
     arg_max = weight.new_empty((bags if mode == 2 else 0, weight.shape[1]), dtype=torch.int64)
@@ -210,13 +223,28 @@ def _bag_forward_fake(weight, indices, offsets, mode, per_sample_weights, paddin
 def _bag_dense_backward_fake(grad_output, indices, offsets, arg_max, num_weights, mode,
                              per_sample_weights, padding_idx, scale_grad_by_freq):
     op = "embedding_bag_dense_backward"
+    _check_bag_mode(mode, op)
+    _check_weight(grad_output, op)
     _check_bag(grad_output, "grad_output", indices, offsets, per_sample_weights, op)
     torch._check(num_weights >= 0, lambda: f"{op}: 'num_weights' must be >= 0, got {num_weights}")
+    torch._check(padding_idx < num_weights,
+                 lambda: f"{op}: 'padding_idx' must be < num_weights ({num_weights}), got "
+                         f"{padding_idx}")
+    torch._check(not (mode == 2 and scale_grad_by_freq),
+                 lambda: f"{op}: max mode (2) does not support scale_grad_by_freq")
+    torch._check(grad_output.shape[0] == offsets.shape[0] - 1,
+                 lambda: f"{op}: 'grad_output' must have one row per bag "
+                         f"({offsets.shape[0] - 1}), got shape {tuple(grad_output.shape)}")
     return grad_output.new_empty((num_weights, grad_output.shape[1]))
 
 
 @torch.library.register_fake("embedding_ext::embedding_bag_per_sample_weights_backward")
 def _bag_psw_backward_fake(grad_output, weight, indices, offsets, padding_idx):
-    _check_bag(weight, "weight", indices, offsets, None,
-               "embedding_bag_per_sample_weights_backward")
+    op = "embedding_bag_per_sample_weights_backward"
+    _check_weight(weight, op)
+    _check_bag(weight, "weight", indices, offsets, None, op)
+    torch._check(grad_output.dim() == 2 and grad_output.shape[0] == offsets.shape[0] - 1
+                 and grad_output.shape[1] == weight.shape[1],
+                 lambda: f"{op}: 'grad_output' must have shape (bags, D) = "
+                         f"({offsets.shape[0] - 1}, {weight.shape[1]}), got {tuple(grad_output.shape)}")
     return weight.new_empty(indices.shape)

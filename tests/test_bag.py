@@ -38,7 +38,8 @@ def _grads(fn, weight, *args, grad_out=None, psw=None, **kwargs):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("padding_idx", [None, 0, -2])
-@pytest.mark.parametrize("mode", MODES + ["sum+weights"])
+@pytest.mark.parametrize("mode", MODES + ["sum+weights", "sum+freq", "mean+freq",
+                                  "sum+weights+freq"])
 @pytest.mark.parametrize("form", ["offsets", "include_last_offset", "2d"])
 def test_bag_matches_pytorch(dtype, index_dtype, padding_idx, mode, form):
     num_weights, dim = 17, 5
@@ -50,8 +51,9 @@ def test_bag_matches_pytorch(dtype, index_dtype, padding_idx, mode, form):
     elif form == "2d":
         ids, offsets = ids.reshape(6, 10), None
     kwargs = dict(mode=mode.split("+")[0], padding_idx=padding_idx,
-                  include_last_offset=form == "include_last_offset")
-    psw = torch.randn(ids.shape, dtype=dtype) if mode == "sum+weights" else None
+                  include_last_offset=form == "include_last_offset",
+                  scale_grad_by_freq="freq" in mode)
+    psw = torch.randn(ids.shape, dtype=dtype) if "weights" in mode else None
     bags = 6 if form == "2d" else offsets.numel() - (form == "include_last_offset")
     grad_out = torch.randn(bags, dim, dtype=dtype)
     poison(bags * dim, dtype, "cpu")
@@ -208,6 +210,12 @@ def test_mixed_id_and_offset_dtypes_are_promoted():
                                 scale_grad_by_freq=True), ValueError, "max mode does not support"),
     (lambda w: ee.embedding_bag(torch.tensor([1, 2]), w, torch.tensor([0]), sparse=True),
      NotImplementedError, "sparse=True gradients are not implemented"),
+    (lambda w: ee.embedding_bag(torch.tensor([1, 2]), w, torch.tensor([0]), mode="max",
+                                sparse=True), ValueError, "max mode does not support sparse"),
+    (lambda w: ee.embedding_bag(torch.tensor([1, 2]), w[0], torch.tensor([0])), ValueError,
+     r"'weight' must be 2-D, got a 1-D tensor"),
+    (lambda w: ee.embedding_bag(torch.tensor([1, 2]), w, torch.tensor([0]), padding_idx=10),
+     RuntimeError, "'padding_idx' must be within the number of embeddings, -10 through 9, but got 10"),
     (lambda w: ee.embedding_bag(torch.tensor([1, 2], device="meta"), w.to("meta"),
                                 torch.tensor([0], device="meta")), NotImplementedError,
      "runs on the CPU only so far"),
@@ -241,3 +249,76 @@ def test_bag_hypothesis_against_reference(data, mode, num_weights, dim, padding)
     (ours,) = torch.autograd.grad(out, weight, grad_out)
     (ref,) = torch.autograd.grad(expected, weight, grad_out)
     torch.testing.assert_close(ours, ref)
+
+
+def test_no_bags():
+    """Empty offsets: no bags, a (0, D) output. PyTorch 2.14's CPU agrees in sum and mean
+    mode and crashes (SIGSEGV) in max mode, so max is checked against the shape alone."""
+    weight = make_weight(10, 4, torch.float32)
+    ids = torch.tensor([1, 2])
+    for mode in MODES:
+        out = ee.embedding_bag(ids, weight, torch.tensor([], dtype=torch.int64), mode=mode)
+        assert out.shape == (0, 4)
+        if mode != "max":
+            assert F.embedding_bag(ids, weight, torch.tensor([], dtype=torch.int64),
+                                   mode=mode).shape == (0, 4)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_csr_trailing_ids_get_nothing(mode):
+    """Ids after the last offset: no per_sample_weights gradient, and not counted by
+    scale_grad_by_freq."""
+    weight = make_weight(6, 3, torch.float64).requires_grad_()
+    ids = torch.tensor([1, 2, 1])
+    csr = torch.tensor([0, 2])
+    psw = torch.ones(3, dtype=torch.float64, requires_grad=(mode == "sum"))
+    out = ee.embedding_bag(ids, weight, csr, mode=mode, include_last_offset=True,
+                           scale_grad_by_freq=True, per_sample_weights=psw if mode == "sum" else None)
+    out.backward(torch.ones_like(out))
+    scale = 1.0 if mode == "sum" else 0.5
+    assert torch.equal(weight.grad[1], torch.full((3,), scale, dtype=torch.float64)), \
+        "row 1 is in one bag once: its count is 1, not 2"
+    if mode == "sum":
+        assert psw.grad[2] == 0
+
+
+def test_max_nan_follows_pytorch():
+    """A NaN is taken only as a bag's first value (PyTorch's CPU rule)."""
+    weight = torch.tensor([[1.0, float("nan")], [float("nan"), 2.0], [3.0, 0.0]])
+    ids = torch.tensor([0, 1, 2, 1, 0])
+    offsets = torch.tensor([0, 3])
+    w1, w2 = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+    ours = ee.embedding_bag(ids, w1, offsets, mode="max")
+    theirs = F.embedding_bag(ids, w2, offsets, mode="max")
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    ours.backward(torch.ones_like(ours))
+    theirs.backward(torch.ones_like(theirs))
+    torch.testing.assert_close(w1.grad, w2.grad)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_many_bags_on_several_threads(mode):
+    """Enough bags for several parallel tasks (and, in max mode, tied rows): the same bits
+    with 1 and 3 threads, and PyTorch's results."""
+    weight = make_weight(500, 64, torch.float32)
+    weight[7] = weight[3]  # ties between rows 3 and 7
+    ids = torch.randint(0, 500, (40000,))
+    ids[::5] = 3
+    ids[1::5] = 7
+    offsets = torch.arange(0, 40000, 8)
+    grad_out = torch.randn(5000, 64)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            results.append(_grads(ee.embedding_bag, weight, ids, offsets, grad_out=grad_out,
+                                  mode=mode, padding_idx=0))
+    finally:
+        torch.set_num_threads(threads)
+    (out1, (g1,)), (out3, (g3,)) = results
+    assert torch.equal(out1, out3) and torch.equal(g1, g3)
+    theirs, (gt,) = _grads(F.embedding_bag, weight, ids, offsets, grad_out=grad_out, mode=mode,
+                           padding_idx=0)
+    torch.testing.assert_close(out1, theirs)
+    torch.testing.assert_close(g1, gt, rtol=1e-4, atol=1e-4)

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -57,22 +58,39 @@ void pool_bags(const scalar_t* weight, int64_t row_stride, const index_t* idx, c
   const int64_t avg_ids = bags ? std::max<int64_t>(1, off[bags] / bags) : 1;
   at::parallel_for(0, bags, grain_for(avg_ids * dim * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(dim), row(dim);
+    // Prefetch across bag boundaries (within this task's ids): a bag's first rows would
+    // otherwise each wait for DRAM.
+    const int64_t task_end = off[end];
+    const auto prefetch_ahead = [&](int64_t i) {
+      if (i + kPrefetchDistance < task_end) {
+        prefetch_row(weight + static_cast<int64_t>(idx[i + kPrefetchDistance]) * row_stride,
+                     dim * sizeof(scalar_t));
+      }
+    };
+    for (int64_t i = off[begin]; i < std::min(off[begin] + kPrefetchDistance, task_end); ++i) {
+      prefetch_row(weight + static_cast<int64_t>(idx[i]) * row_stride, dim * sizeof(scalar_t));
+    }
     for (int64_t b = begin; b < end; ++b) {
       int64_t count = 0;
       if (mode == kMax) {
         int64_t* arg = arg_max + b * dim;
         for (int64_t i = off[b]; i < off[b + 1]; ++i) {
+          prefetch_ahead(i);
           const int64_t k = idx[i];
           if (k == padding_idx) continue;
+          if (count++ == 0) {
+            load_row<false>(weight + k * row_stride, acc.data(), dim);
+            std::fill(arg, arg + dim, k);
+            continue;
+          }
           load_row<false>(weight + k * row_stride, row.data(), dim);
           for (int64_t d = 0; d < dim; ++d) {
-            // The first occurrence wins ties; a NaN wins over any number and stays.
-            if (count == 0 || row[d] > acc[d] || (row[d] != row[d] && acc[d] == acc[d])) {
-              acc[d] = row[d];
-              arg[d] = k;
-            }
+            // Strictly greater: the first occurrence wins ties, and a NaN is never taken
+            // after the first row (PyTorch's rule). Selects, no branches: the loop vectorises.
+            const bool take = row[d] > acc[d];
+            acc[d] = take ? row[d] : acc[d];
+            arg[d] = take ? k : arg[d];
           }
-          ++count;
         }
         if (count == 0) {
           std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -83,13 +101,10 @@ void pool_bags(const scalar_t* weight, int64_t row_stride, const index_t* idx, c
       }
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t i = off[b]; i < off[b + 1]; ++i) {
+        prefetch_ahead(i);
         const int64_t k = idx[i];
         if (k == padding_idx) continue;
         ++count;
-        if (i + kPrefetchDistance < off[b + 1]) {
-          prefetch_row(weight + static_cast<int64_t>(idx[i + kPrefetchDistance]) * row_stride,
-                       dim * sizeof(scalar_t));
-        }
         if (psw == nullptr) {
           load_row<true>(weight + k * row_stride, acc.data(), dim);
           continue;
@@ -98,8 +113,11 @@ void pool_bags(const scalar_t* weight, int64_t row_stride, const index_t* idx, c
         const acc_t w = static_cast<acc_t>(psw[i]);
         for (int64_t d = 0; d < dim; ++d) acc[d] += row[d] * w;
       }
-      const acc_t scale = mode == kMean && count > 0 ? acc_t(1) / static_cast<acc_t>(count) : acc_t(1);
-      store_row(acc.data(), scale, out + b * dim, dim);
+      if (mode == kMean && count > 1) {  // a division, as PyTorch (not a multiply by 1/count)
+        const acc_t c = static_cast<acc_t>(count);
+        for (int64_t d = 0; d < dim; ++d) acc[d] /= c;
+      }
+      store_row(acc.data(), acc_t(1), out + b * dim, dim);
     }
   });
 }
@@ -145,26 +163,37 @@ void bag_weight_gradient(const scalar_t* grad, const index_t* idx, const int64_t
                          const int64_t* arg_max, const scalar_t* psw, int64_t padding_idx,
                          bool scale_grad_by_freq, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
-  std::vector<int64_t> occurrences;
-  if (scale_grad_by_freq) occurrences = count_rows(idx, n, num_rows, padding_idx);
+  std::vector<int64_t> occurrences;  // over the ids in bags (CSR: trailing ids are in none)
+  if (scale_grad_by_freq) occurrences = count_rows(idx, off[bags], num_rows, padding_idx);
   const auto freq = [&](int64_t k) {
     return scale_grad_by_freq ? acc_t(1) / static_cast<acc_t>(occurrences[k]) : acc_t(1);
   };
   if (mode == kMax) {
     // Each (bag, feature) sends its gradient to one row: columns split across threads, so
-    // no two threads touch one element; bags in order within a column.
-    std::vector<acc_t> acc(num_rows * dim, acc_t(0));
+    // no two threads touch one element; bags in order within a column. fp32/fp64 add into
+    // the (zeroed) output itself; fp16/bf16 need an fp32 table-sized scratch (V x D x 4
+    // bytes, freed on return).
+    std::vector<acc_t> scratch;
+    acc_t* acc = nullptr;
+    if constexpr (std::is_same_v<acc_t, scalar_t>) {
+      acc = out;
+    } else {
+      scratch.assign(num_rows * dim, acc_t(0));
+      acc = scratch.data();
+    }
     at::parallel_for(0, dim, 1, [&](int64_t d0, int64_t d1) {
       for (int64_t b = 0; b < bags; ++b) {
         for (int64_t d = d0; d < d1; ++d) {
           const int64_t k = arg_max[b * dim + d];
-          if (k >= 0) acc[k * dim + d] += static_cast<acc_t>(grad[b * dim + d]) * freq(k);
+          if (k >= 0) acc[k * dim + d] += static_cast<acc_t>(grad[b * dim + d]);
         }
       }
     });
-    at::parallel_for(0, num_rows, grain_for(dim * sizeof(scalar_t)), [&](int64_t r0, int64_t r1) {
-      for (int64_t k = r0; k < r1; ++k) store_row(acc.data() + k * dim, acc_t(1), out + k * dim, dim);
-    });
+    if constexpr (!std::is_same_v<acc_t, scalar_t>) {
+      at::parallel_for(0, num_rows, grain_for(dim * sizeof(scalar_t)), [&](int64_t r0, int64_t r1) {
+        for (int64_t k = r0; k < r1; ++k) store_row(acc + k * dim, acc_t(1), out + k * dim, dim);
+      });
+    }
     return;
   }
   std::vector<int64_t> bag_of = bag_of_positions(off, bags, n);
@@ -219,6 +248,8 @@ at::Tensor embedding_bag_dense_backward_cpu(
   TORCH_CHECK(num_rows >= 0, op, ": 'num_weights' must be >= 0, got ", num_rows);
   TORCH_CHECK(padding_idx < num_rows, op, ": 'padding_idx' must be < num_weights (", num_rows,
               "), got ", padding_idx);
+  TORCH_CHECK(!(mode == kMax && scale_grad_by_freq), op,
+              ": max mode (2) does not support scale_grad_by_freq");
   TORCH_CHECK(grad_in.size(0) == in.bags, op, ": 'grad_output' must have one row per bag (",
               in.bags, "), got shape ", grad_in.sizes());
   const int64_t dim = grad_in.size(1);
