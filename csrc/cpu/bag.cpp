@@ -19,6 +19,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kSum = 0, kMean = 1, kMax = 2;
+constexpr int kBlock = 16;  // columns pooled in registers at a time
 
 void check_mode(int64_t mode, const char* op) {
   TORCH_CHECK(mode == kSum || mode == kMean || mode == kMax, op,
@@ -97,6 +98,28 @@ void pool_bags(const scalar_t* weight, int64_t row_stride, const index_t* idx, c
           std::fill(arg, arg + dim, int64_t(-1));
         }
         store_row(acc.data(), acc_t(1), out + b * dim, dim);
+        continue;
+      }
+      if (psw == nullptr && dim % kBlock == 0) {
+        // Columns in blocks of kBlock held in registers across the whole bag (a runtime-D
+        // accumulator in memory costs a load and a store per element per row).
+        for (int64_t d0 = 0; d0 < dim; d0 += kBlock) {
+          acc_t block[kBlock] = {};
+          count = 0;
+          for (int64_t i = off[b]; i < off[b + 1]; ++i) {
+            if (d0 == 0) prefetch_ahead(i);
+            const int64_t k = idx[i];
+            if (k == padding_idx) continue;
+            ++count;
+            const scalar_t* src = weight + k * row_stride + d0;
+#pragma GCC unroll 16
+            for (int e = 0; e < kBlock; ++e) block[e] += static_cast<acc_t>(src[e]);
+          }
+          if (mode == kMean && count > 1) {
+            for (int e = 0; e < kBlock; ++e) block[e] /= static_cast<acc_t>(count);
+          }
+          store_row(block, acc_t(1), out + b * dim + d0, kBlock);
+        }
         continue;
       }
       std::fill(acc.begin(), acc.end(), acc_t(0));
