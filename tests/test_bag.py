@@ -322,3 +322,14 @@ def test_many_bags_on_several_threads(mode):
                            padding_idx=0)
     torch.testing.assert_close(out1, theirs)
     torch.testing.assert_close(g1, gt, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+def test_cuda_bags_are_refused_clearly_for_now():
+    """Until the CUDA kernels exist (conftest.CUDA_PENDING_OPS): a clear refusal, not the
+    dispatcher's 'could not run ... with arguments from the CUDA backend'."""
+    weight = make_weight(10, 4, torch.float32, "cuda")
+    with pytest.raises(NotImplementedError, match="runs on the CPU only so far"):
+        ee.embedding_bag(torch.tensor([1, 2], device="cuda"), weight,
+                         torch.tensor([0], device="cuda"))
