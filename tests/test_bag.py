@@ -358,3 +358,26 @@ def test_cuda_bags_are_refused_clearly_for_now():
     with pytest.raises(NotImplementedError, match="runs on the CPU only so far"):
         ee.embedding_bag(torch.tensor([1, 2], device="cuda"), weight,
                          torch.tensor([0], device="cuda"))
+
+
+def test_compiles_fullgraph_with_gradients():
+    """torch.compile(fullgraph=True) through the module (static shapes, per_sample_weights,
+    padding) and the function (dynamic shapes, max mode): same outputs and gradients."""
+    torch._dynamo.reset()
+    ours = ee.EmbeddingBag(50, 8, mode="sum", padding_idx=0)
+    theirs = torch.nn.EmbeddingBag(50, 8, mode="sum", padding_idx=0)
+    theirs.load_state_dict(ours.state_dict())
+    ids, offsets = _bags(50, padding_idx=0)
+    psw = torch.randn(ids.shape)
+    out = torch.compile(ours, fullgraph=True)(ids, offsets, psw)
+    expected = theirs(ids, offsets, psw)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+    lookup = torch.compile(lambda i, w: ee.embedding_bag(i, w, mode="max"), fullgraph=True,
+                           dynamic=True)
+    weight = make_weight(50, 8, torch.float32)
+    for length in (3, 4):
+        ids2d = torch.randint(0, 50, (6, length))
+        torch.testing.assert_close(lookup(ids2d, weight), F.embedding_bag(ids2d, weight, mode="max"))
