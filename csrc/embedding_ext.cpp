@@ -69,6 +69,15 @@ TORCH_LIBRARY(embedding_ext, m) {
       "Tensor arg_max, SymInt num_weights, int mode, Tensor? per_sample_weights, "
       "int padding_idx, bool scale_grad_by_freq) -> Tensor");
 
+  // Sparse gradient w.r.t. weight (sum and mean modes), as PyTorch's: (rows (1, nnz) int64,
+  // values (nnz, D)) for the ids in bags, in position order, padding entries left out; each
+  // value is grad_output[bag] times per_sample_weights[i] (sum) or 1/count_b (mean), and
+  // 1/count of its row with scale_grad_by_freq. The caller wraps them in an uncoalesced COO.
+  m.def(
+      "embedding_bag_sparse_backward(Tensor grad_output, Tensor indices, Tensor offsets, "
+      "SymInt num_weights, int mode, Tensor? per_sample_weights, int padding_idx, "
+      "bool scale_grad_by_freq) -> (Tensor, Tensor)");
+
   // Gradient w.r.t. per_sample_weights (sum mode): out[i] = <grad_output[bag of i],
   // weight[indices[i]]>, 0 at padding entries and at ids in no bag.
   m.def(

@@ -73,26 +73,29 @@ def _sparse_gradient(grad_output, indices, num_weights, padding_idx, scale_grad_
 
 class EmbeddingBagFunction(torch.autograd.Function):
     """The pooled lookup: ``apply(weight, indices, offsets, mode, per_sample_weights,
-    padding_idx, scale_grad_by_freq)`` with 1-D ids, CSR offsets (bags + 1 entries), mode 0
-    sum / 1 mean / 2 max and ``padding_idx`` normalised (-1: none). Returns ``(output,
-    arg_max)``; gradients for ``weight`` and ``per_sample_weights`` (once differentiable)."""
+    padding_idx, scale_grad_by_freq, sparse)`` with 1-D ids, CSR offsets (bags + 1 entries),
+    mode 0 sum / 1 mean / 2 max and ``padding_idx`` normalised (-1: none). Returns
+    ``(output, arg_max)``; gradients for ``weight`` (dense, or an uncoalesced sparse COO
+    with ``sparse``) and ``per_sample_weights`` (once differentiable)."""
 
     @staticmethod
     def forward(weight: Tensor, indices: Tensor, offsets: Tensor, mode: int,
                 per_sample_weights: Tensor | None, padding_idx: int,
-                scale_grad_by_freq: bool) -> tuple[Tensor, Tensor]:
+                scale_grad_by_freq: bool, sparse: bool = False) -> tuple[Tensor, Tensor]:
         return ops.embedding_bag_forward(weight, indices, offsets, mode, per_sample_weights,
                                          padding_idx)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        weight, indices, offsets, mode, per_sample_weights, padding_idx, scale_grad_by_freq = inputs
+        weight, indices, offsets, mode, per_sample_weights, padding_idx, scale_grad_by_freq = inputs[:7]
+        ctx.sparse = bool(inputs[7]) if len(inputs) > 7 else False
         arg_max = output[1]
         ctx.mark_non_differentiable(arg_max)
         # The weight is needed only for the per_sample_weights gradient.
         ctx.save_for_backward(weight if per_sample_weights is not None else None, indices,
                               offsets, arg_max, per_sample_weights)
         ctx.num_weights = weight.shape[0]
+        ctx.num_inputs = len(inputs)
         ctx.mode = mode
         ctx.padding_idx = padding_idx
         ctx.scale_grad_by_freq = scale_grad_by_freq
@@ -102,11 +105,17 @@ class EmbeddingBagFunction(torch.autograd.Function):
     def backward(ctx, grad_output, _grad_arg_max):
         weight, indices, offsets, arg_max, per_sample_weights = ctx.saved_tensors
         grad_weight = grad_psw = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.sparse:
+            rows, values = ops.embedding_bag_sparse_backward(
+                grad_output, indices, offsets, ctx.num_weights, ctx.mode, per_sample_weights,
+                ctx.padding_idx, ctx.scale_grad_by_freq)
+            grad_weight = torch.sparse_coo_tensor(rows, values, (ctx.num_weights, values.shape[1]),
+                                                  is_coalesced=False, check_invariants=False)
+        elif ctx.needs_input_grad[0]:
             grad_weight = ops.embedding_bag_dense_backward(
                 grad_output, indices, offsets, arg_max, ctx.num_weights, ctx.mode,
                 per_sample_weights, ctx.padding_idx, ctx.scale_grad_by_freq)
         if ctx.needs_input_grad[4]:
             grad_psw = ops.embedding_bag_per_sample_weights_backward(
                 grad_output, weight, indices, offsets, ctx.padding_idx)
-        return grad_weight, None, None, None, grad_psw, None, None
+        return (grad_weight, None, None, None, grad_psw, None, None) + (None,) * (ctx.num_inputs - 7)

@@ -92,11 +92,12 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None,
                   per_sample_weights: Tensor | None = None, include_last_offset: bool = False,
                   padding_idx: int | None = None) -> Tensor:
     """Equivalent to :func:`torch.nn.functional.embedding_bag` on the CPU, computed by
-    embedding_ext's kernels (README: "Bags" for what is not there yet: CUDA, sparse=True).
+    embedding_ext's kernels (README: "Bags" for what is not there yet: CUDA).
 
     Beyond PyTorch: offsets are validated (first 0, non-decreasing, none past the ids) with
     an error naming the bad entry; with ``include_last_offset=True`` the offsets are CSR:
-    ids after the last offset belong to no bag, in every mode; fp16/bf16 pool in fp32.
+    ids after the last offset belong to no bag, in every mode; fp16/bf16 pool in fp32;
+    ``sparse=True`` works with ``scale_grad_by_freq``.
     """
     if has_torch_function_variadic(input, weight, offsets, per_sample_weights):
         return handle_torch_function(
@@ -129,9 +130,6 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None,
                          f"of shape {tuple(weight.shape)}")
     if sparse and mode == "max":
         raise ValueError("embedding_bag: max mode does not support sparse weights, as in PyTorch")
-    if sparse:
-        raise NotImplementedError("embedding_bag: sparse=True gradients are not implemented in "
-                                  "embedding_ext yet: use sparse=False (a dense gradient)")
     try:
         padding = normalize_padding_idx(padding_idx, weight.shape[0])
     except AssertionError:
@@ -145,5 +143,5 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None,
             ops.embedding_renorm_(weight, ids, max_norm, norm_type)
         torch.autograd.graph.increment_version(weight)
     output, _ = EmbeddingBagFunction.apply(weight, ids, csr, ops.BAG_MODES[mode], psw, padding,
-                                           bool(scale_grad_by_freq))
+                                           bool(scale_grad_by_freq), bool(sparse))
     return output

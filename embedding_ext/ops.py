@@ -74,6 +74,15 @@ def embedding_bag_dense_backward(grad_output: Tensor, indices: Tensor, offsets: 
                                              scale_grad_by_freq)
 
 
+def embedding_bag_sparse_backward(grad_output: Tensor, indices: Tensor, offsets: Tensor,
+                                  num_weights: int, mode: int, per_sample_weights: Tensor | None,
+                                  padding_idx: int,
+                                  scale_grad_by_freq: bool) -> tuple[Tensor, Tensor]:
+    """``(rows (1, nnz) int64, values (nnz, D))`` of the sparse weight gradient (sum, mean)."""
+    return _ops.embedding_bag_sparse_backward(grad_output, indices, offsets, num_weights, mode,
+                                              per_sample_weights, padding_idx, scale_grad_by_freq)
+
+
 def embedding_bag_per_sample_weights_backward(grad_output: Tensor, weight: Tensor,
                                               indices: Tensor, offsets: Tensor,
                                               padding_idx: int) -> Tensor:
@@ -248,3 +257,21 @@ def _bag_psw_backward_fake(grad_output, weight, indices, offsets, padding_idx):
                  lambda: f"{op}: 'grad_output' must have shape (bags, D) = "
                          f"({offsets.shape[0] - 1}, {weight.shape[1]}), got {tuple(grad_output.shape)}")
     return weight.new_empty(indices.shape)
+
+
+@torch.library.register_fake("embedding_ext::embedding_bag_sparse_backward")
+def _bag_sparse_backward_fake(grad_output, indices, offsets, num_weights, mode,
+                              per_sample_weights, padding_idx, scale_grad_by_freq):
+    op = "embedding_bag_sparse_backward"
+    _check_bag_mode(mode, op)
+    torch._check(mode != 2, lambda: f"{op}: max mode (2) has no sparse gradient (as in PyTorch)")
+    _check_weight(grad_output, op)
+    _check_bag(grad_output, "grad_output", indices, offsets, per_sample_weights, op)
+    torch._check(num_weights >= 0, lambda: f"{op}: 'num_weights' must be >= 0, got {num_weights}")
+    torch._check(grad_output.shape[0] == offsets.shape[0] - 1,
+                 lambda: f"{op}: 'grad_output' must have one row per bag "
+                         f"({offsets.shape[0] - 1}), got shape {tuple(grad_output.shape)}")
+    # Padding entries and ids after the last offset are left out: data-dependent.
+    nnz = torch.library.get_ctx().new_dynamic_size()
+    return (indices.new_empty((1, nnz), dtype=torch.int64),
+            grad_output.new_empty((nnz, grad_output.shape[1])))

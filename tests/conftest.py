@@ -106,5 +106,6 @@ class RecordOps(TorchDispatchMode):
 CUDA_PENDING_OPS = {
     "embedding_ext::embedding_bag_forward",
     "embedding_ext::embedding_bag_dense_backward",
+    "embedding_ext::embedding_bag_sparse_backward",
     "embedding_ext::embedding_bag_per_sample_weights_backward",
 }

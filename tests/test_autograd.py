@@ -116,6 +116,8 @@ def _bag_opcheck_cases(device):
         (ops.embedding_bag_dense_backward.default,
          (g.bfloat16(), ids, csr, torch.empty(0, 4, dtype=torch.long), 10, 0, psw, -1, False)),
         (ops.embedding_bag_per_sample_weights_backward.default, (g, w, ids, csr, 2)),
+        (ops.embedding_bag_sparse_backward.default, (g, ids, csr, 10, 0, psw, 2, True)),
+        (ops.embedding_bag_sparse_backward.default, (g.float(), ids.int(), csr.int(), 10, 1, None, -1, False)),
     ]
 
 

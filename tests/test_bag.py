@@ -233,8 +233,6 @@ def test_mixed_id_and_offset_dtypes_are_promoted():
      "'offsets' is required for a 1-D input"),
     (lambda w: ee.embedding_bag(torch.tensor([1, 2]), w, torch.tensor([0]), mode="max",
                                 scale_grad_by_freq=True), ValueError, "max mode does not support"),
-    (lambda w: ee.embedding_bag(torch.tensor([1, 2]), w, torch.tensor([0]), sparse=True),
-     NotImplementedError, "sparse=True gradients are not implemented"),
     (lambda w: ee.embedding_bag(torch.tensor([1, 2]), w, torch.tensor([0]), mode="max",
                                 sparse=True), ValueError, "max mode does not support sparse"),
     (lambda w: ee.embedding_bag(torch.tensor([1, 2]), w[0], torch.tensor([0])), ValueError,
@@ -381,3 +379,50 @@ def test_compiles_fullgraph_with_gradients():
     for length in (3, 4):
         ids2d = torch.randint(0, 50, (6, length))
         torch.testing.assert_close(lookup(ids2d, weight), F.embedding_bag(ids2d, weight, mode="max"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("padding_idx", [None, 2])
+@pytest.mark.parametrize("mode", ["sum", "mean", "sum+weights"])
+@pytest.mark.parametrize("form", ["offsets", "include_last_offset", "2d"])
+def test_sparse_gradient_matches_pytorch(dtype, padding_idx, mode, form):
+    """The uncoalesced COO gradient: PyTorch's rows and values, in its order."""
+    weight = make_weight(17, 5, dtype)
+    ids, offsets = _bags(17, padding_idx=padding_idx)
+    if form == "include_last_offset":
+        offsets = torch.cat([offsets, torch.tensor([ids.numel()])])
+    elif form == "2d":
+        ids, offsets = ids.reshape(6, 10), None
+    psw = torch.randn(ids.shape, dtype=dtype) if "weights" in mode else None
+    kwargs = dict(mode=mode.split("+")[0], padding_idx=padding_idx, sparse=True,
+                  include_last_offset=form == "include_last_offset")
+    bags = 6 if form == "2d" else offsets.numel() - (form == "include_last_offset")
+    grad_out = torch.randn(bags, 5, dtype=dtype)
+    grads = []
+    for fn in (ee.embedding_bag, F.embedding_bag):
+        w = weight.clone().requires_grad_()
+        p = None if psw is None else psw.clone().requires_grad_()
+        fn(ids, w, offsets, per_sample_weights=p, **kwargs).backward(grad_out)
+        grads.append((w.grad, p.grad if p is not None else None))
+    (ours, our_psw), (theirs, their_psw) = grads
+    assert ours.is_sparse and not ours.is_coalesced()
+    assert torch.equal(ours._indices(), theirs._indices())
+    torch.testing.assert_close(ours._values(), theirs._values(), **TOL[dtype])
+    if psw is not None:
+        torch.testing.assert_close(our_psw, their_psw, **TOL[dtype])
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_sparse_gradient_with_scale_grad_by_freq(mode):
+    """Beyond PyTorch (which refuses the pair): the sparse gradient, coalesced, equals the
+    dense one with scale_grad_by_freq."""
+    weight = make_weight(17, 5, torch.float64)
+    ids, offsets = _bags(17, padding_idx=2)
+    grad_out = torch.randn(offsets.numel(), 5, dtype=torch.float64)
+    grads = []
+    for sparse in (True, False):
+        w = weight.clone().requires_grad_()
+        ee.embedding_bag(ids, w, offsets, mode=mode, padding_idx=2, scale_grad_by_freq=True,
+                         sparse=sparse).backward(grad_out)
+        grads.append(w.grad.to_dense())
+    torch.testing.assert_close(grads[0], grads[1])

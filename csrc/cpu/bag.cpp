@@ -306,6 +306,75 @@ at::Tensor embedding_bag_dense_backward_cpu(
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> embedding_bag_sparse_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
+    c10::SymInt num_weights, int64_t mode, const c10::optional<at::Tensor>& per_sample_weights,
+    int64_t padding_idx, bool scale_grad_by_freq) {
+  constexpr const char* op = "embedding_bag_sparse_backward";
+  check_mode(mode, op);
+  TORCH_CHECK(mode != kMax, op, ": max mode (2) has no sparse gradient (as in PyTorch)");
+  check_weight_2d(grad_in, op, "grad_output");
+  const BagInputs in = bag_inputs(grad_in, "grad_output", indices_in, offsets_in, per_sample_weights, op);
+  const int64_t num_rows = num_weights.expect_int();
+  TORCH_CHECK(num_rows >= 0, op, ": 'num_weights' must be >= 0, got ", num_rows);
+  TORCH_CHECK(padding_idx < num_rows, op, ": 'padding_idx' must be < num_weights (", num_rows,
+              "), got ", padding_idx);
+  TORCH_CHECK(grad_in.size(0) == in.bags, op, ": 'grad_output' must have one row per bag (",
+              in.bags, "), got shape ", grad_in.sizes());
+  const int64_t dim = grad_in.size(1);
+  const at::Tensor grad = grad_in.contiguous();
+  at::Tensor psw;
+  if (per_sample_weights.has_value()) psw = per_sample_weights->to(grad.scalar_type()).contiguous();
+  const int64_t* off = in.offsets.const_data_ptr<int64_t>();
+  at::Tensor rows, values;
+  AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
+    const index_t* idx = in.indices.const_data_ptr<index_t>();
+    check_index_range(idx, in.n, num_rows, op);
+    const int64_t in_bags = off[in.bags];
+    // source[j]: the position of the j-th value (ids in bags, padding left out).
+    std::vector<int64_t> source;
+    source.reserve(in_bags);
+    for (int64_t i = 0; i < in_bags; ++i) {
+      if (static_cast<int64_t>(idx[i]) != padding_idx) source.push_back(i);
+    }
+    const int64_t nnz = static_cast<int64_t>(source.size());
+    rows = at::empty({1, nnz}, in.indices.options().dtype(at::kLong));
+    values = at::empty({nnz, dim}, grad.options());
+    int64_t* r = rows.mutable_data_ptr<int64_t>();
+    for (int64_t j = 0; j < nnz; ++j) r[j] = idx[source[j]];
+    std::vector<int64_t> occurrences;
+    if (scale_grad_by_freq) occurrences = count_rows(idx, in_bags, num_rows, padding_idx);
+    const std::vector<int64_t> bag_of = bag_of_positions(off, in.bags, in.n);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), op, [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* g = grad.const_data_ptr<scalar_t>();
+      const scalar_t* w = psw.defined() ? psw.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* v = values.mutable_data_ptr<scalar_t>();
+      std::vector<acc_t> inv_count(in.bags, acc_t(1));
+      if (mode == kMean) {
+        for (int64_t b = 0; b < in.bags; ++b) {
+          int64_t count = 0;
+          for (int64_t i = off[b]; i < off[b + 1]; ++i) count += static_cast<int64_t>(idx[i]) != padding_idx;
+          inv_count[b] = count > 0 ? acc_t(1) / static_cast<acc_t>(count) : acc_t(0);
+        }
+      }
+      at::parallel_for(0, nnz, grain_for(dim * sizeof(scalar_t)), [&](int64_t j0, int64_t j1) {
+        std::vector<acc_t> row(dim);
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t i = source[j];
+          const int64_t b = bag_of[i];
+          acc_t coef = mode == kMean ? inv_count[b] : acc_t(1);
+          if (w != nullptr) coef *= static_cast<acc_t>(w[i]);
+          if (scale_grad_by_freq) coef /= static_cast<acc_t>(occurrences[r[j]]);
+          load_row<false>(g + b * dim, row.data(), dim);
+          store_row(row.data(), coef, v + j * dim, dim);
+        }
+      });
+    });
+  });
+  return {rows, values};
+}
+
 at::Tensor embedding_bag_per_sample_weights_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& weight_in, const at::Tensor& indices_in,
     const at::Tensor& offsets_in, int64_t padding_idx) {
@@ -355,6 +424,7 @@ at::Tensor embedding_bag_per_sample_weights_backward_cpu(
 TORCH_LIBRARY_IMPL(embedding_ext, CPU, m) {
   m.impl("embedding_bag_forward", &embedding_bag_forward_cpu);
   m.impl("embedding_bag_dense_backward", &embedding_bag_dense_backward_cpu);
+  m.impl("embedding_bag_sparse_backward", &embedding_bag_sparse_backward_cpu);
   m.impl("embedding_bag_per_sample_weights_backward", &embedding_bag_per_sample_weights_backward_cpu);
 }
 
