@@ -42,6 +42,32 @@ BagInputs bag_inputs(const at::Tensor& table, const char* table_name, const at::
   return in;
 }
 
+// What both weight-gradient ops check beyond bag_inputs: a (bags, D) grad_output, the row
+// count, and a padding_idx inside it. Returns num_weights as an integer.
+int64_t check_bag_backward(const at::Tensor& grad, const BagInputs& in,
+                           const c10::SymInt& num_weights, int64_t padding_idx, const char* op) {
+  const int64_t num_rows = num_weights.expect_int();
+  TORCH_CHECK(num_rows >= 0, op, ": 'num_weights' must be >= 0, got ", num_rows);
+  TORCH_CHECK(padding_idx < num_rows, op, ": 'padding_idx' must be < num_weights (", num_rows,
+              "), got ", padding_idx);
+  TORCH_CHECK(grad.size(0) == in.bags, op, ": 'grad_output' must have one row per bag (",
+              in.bags, "), got shape ", grad.sizes());
+  return num_rows;
+}
+
+// 1 / (non-padding entries of each bag), 0 for an empty bag: mean mode's coefficients.
+template <typename acc_t, typename index_t>
+std::vector<acc_t> mean_coefficients(const index_t* idx, const int64_t* off, int64_t bags,
+                                     int64_t padding_idx) {
+  std::vector<acc_t> inv_count(bags);
+  for (int64_t b = 0; b < bags; ++b) {
+    int64_t count = 0;
+    for (int64_t i = off[b]; i < off[b + 1]; ++i) count += static_cast<int64_t>(idx[i]) != padding_idx;
+    inv_count[b] = count > 0 ? acc_t(1) / static_cast<acc_t>(count) : acc_t(0);
+  }
+  return inv_count;
+}
+
 // bag_of[i]: the bag that pools id i, or -1 for ids past the last offset.
 std::vector<int64_t> bag_of_positions(const int64_t* off, int64_t bags, int64_t n) {
   std::vector<int64_t> bag_of(n, -1);
@@ -220,14 +246,8 @@ void bag_weight_gradient(const scalar_t* grad, const index_t* idx, const int64_t
     return;
   }
   std::vector<int64_t> bag_of = bag_of_positions(off, bags, n);
-  std::vector<acc_t> inv_count(bags, acc_t(1));
-  if (mode == kMean) {
-    for (int64_t b = 0; b < bags; ++b) {
-      int64_t count = 0;
-      for (int64_t i = off[b]; i < off[b + 1]; ++i) count += static_cast<int64_t>(idx[i]) != padding_idx;
-      inv_count[b] = count > 0 ? acc_t(1) / static_cast<acc_t>(count) : acc_t(0);
-    }
-  }
+  const std::vector<acc_t> inv_count =
+      mode == kMean ? mean_coefficients<acc_t>(idx, off, bags, padding_idx) : std::vector<acc_t>();
   // Rows with their positions in order; each row summed by one thread.
   const SortedLookups sorted = sort_by_row(idx, n, num_rows, padding_idx);
   const int64_t m = static_cast<int64_t>(sorted.rows.size());
@@ -267,14 +287,9 @@ at::Tensor embedding_bag_dense_backward_cpu(
   check_mode(mode, op);
   check_weight_2d(grad_in, op, "grad_output");
   const BagInputs in = bag_inputs(grad_in, "grad_output", indices_in, offsets_in, per_sample_weights, op);
-  const int64_t num_rows = num_weights.expect_int();
-  TORCH_CHECK(num_rows >= 0, op, ": 'num_weights' must be >= 0, got ", num_rows);
-  TORCH_CHECK(padding_idx < num_rows, op, ": 'padding_idx' must be < num_weights (", num_rows,
-              "), got ", padding_idx);
+  const int64_t num_rows = check_bag_backward(grad_in, in, num_weights, padding_idx, op);
   TORCH_CHECK(!(mode == kMax && scale_grad_by_freq), op,
               ": max mode (2) does not support scale_grad_by_freq");
-  TORCH_CHECK(grad_in.size(0) == in.bags, op, ": 'grad_output' must have one row per bag (",
-              in.bags, "), got shape ", grad_in.sizes());
   const int64_t dim = grad_in.size(1);
   TORCH_CHECK(mode != kMax || (arg_max_in.dim() == 2 && arg_max_in.size(0) == in.bags &&
                                arg_max_in.size(1) == dim && arg_max_in.scalar_type() == at::kLong),
@@ -315,12 +330,7 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_sparse_backward_cpu(
   TORCH_CHECK(mode != kMax, op, ": max mode (2) has no sparse gradient (as in PyTorch)");
   check_weight_2d(grad_in, op, "grad_output");
   const BagInputs in = bag_inputs(grad_in, "grad_output", indices_in, offsets_in, per_sample_weights, op);
-  const int64_t num_rows = num_weights.expect_int();
-  TORCH_CHECK(num_rows >= 0, op, ": 'num_weights' must be >= 0, got ", num_rows);
-  TORCH_CHECK(padding_idx < num_rows, op, ": 'padding_idx' must be < num_weights (", num_rows,
-              "), got ", padding_idx);
-  TORCH_CHECK(grad_in.size(0) == in.bags, op, ": 'grad_output' must have one row per bag (",
-              in.bags, "), got shape ", grad_in.sizes());
+  const int64_t num_rows = check_bag_backward(grad_in, in, num_weights, padding_idx, op);
   const int64_t dim = grad_in.size(1);
   const at::Tensor grad = grad_in.contiguous();
   at::Tensor psw;
@@ -350,14 +360,8 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_sparse_backward_cpu(
       const scalar_t* g = grad.const_data_ptr<scalar_t>();
       const scalar_t* w = psw.defined() ? psw.const_data_ptr<scalar_t>() : nullptr;
       scalar_t* v = values.mutable_data_ptr<scalar_t>();
-      std::vector<acc_t> inv_count(in.bags, acc_t(1));
-      if (mode == kMean) {
-        for (int64_t b = 0; b < in.bags; ++b) {
-          int64_t count = 0;
-          for (int64_t i = off[b]; i < off[b + 1]; ++i) count += static_cast<int64_t>(idx[i]) != padding_idx;
-          inv_count[b] = count > 0 ? acc_t(1) / static_cast<acc_t>(count) : acc_t(0);
-        }
-      }
+      const std::vector<acc_t> inv_count =
+          mode == kMean ? mean_coefficients<acc_t>(idx, off, in.bags, padding_idx) : std::vector<acc_t>();
       at::parallel_for(0, nnz, grain_for(dim * sizeof(scalar_t)), [&](int64_t j0, int64_t j1) {
         std::vector<acc_t> row(dim);
         for (int64_t j = j0; j < j1; ++j) {
