@@ -35,7 +35,10 @@ python3 -m venv "$work/venv"
 (cd "$work" && "$work/venv/bin/python" -m embedding_ext) | tee "$work/selfcheck.log"
 grep -q "^embedding_ext .*($work/venv/" "$work/selfcheck.log" \
   || { say "FAIL: the self-check did not import the installed package"; exit 1; }
-say "installed into a fresh venv; python -m embedding_ext passed there"
+(cd "$work" && "$work/venv/bin/python" -c "import embedding_ext as ee, importlib.metadata as m
+assert ee.__version__ == m.version('embedding_ext'), (ee.__version__, m.version('embedding_ext'))") \
+  || { say "FAIL: ee.__version__ is not the installed version"; exit 1; }
+say "installed into a fresh venv; python -m embedding_ext passed there; ee.__version__ matches the metadata"
 
 other=torch==2.14.1
 [ "$torch_version" != 2.14.1 ] || other=torch==2.13.0

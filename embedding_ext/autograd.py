@@ -81,24 +81,24 @@ class EmbeddingBagFunction(torch.autograd.Function):
     @staticmethod
     def forward(weight: Tensor, indices: Tensor, offsets: Tensor, mode: int,
                 per_sample_weights: Tensor | None, padding_idx: int,
-                scale_grad_by_freq: bool, sparse: bool = False) -> tuple[Tensor, Tensor]:
+                scale_grad_by_freq: bool, sparse: bool) -> tuple[Tensor, Tensor]:
         return ops.embedding_bag_forward(weight, indices, offsets, mode, per_sample_weights,
                                          padding_idx)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        weight, indices, offsets, mode, per_sample_weights, padding_idx, scale_grad_by_freq = inputs[:7]
-        ctx.sparse = bool(inputs[7]) if len(inputs) > 7 else False
+        (weight, indices, offsets, mode, per_sample_weights, padding_idx, scale_grad_by_freq,
+         sparse) = inputs
         arg_max = output[1]
         ctx.mark_non_differentiable(arg_max)
         # The weight is needed only for the per_sample_weights gradient.
         ctx.save_for_backward(weight if per_sample_weights is not None else None, indices,
                               offsets, arg_max, per_sample_weights)
         ctx.num_weights = weight.shape[0]
-        ctx.num_inputs = len(inputs)
         ctx.mode = mode
         ctx.padding_idx = padding_idx
         ctx.scale_grad_by_freq = scale_grad_by_freq
+        ctx.sparse = sparse
 
     @staticmethod
     @once_differentiable
@@ -118,4 +118,4 @@ class EmbeddingBagFunction(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_psw = ops.embedding_bag_per_sample_weights_backward(
                 grad_output, weight, indices, offsets, ctx.padding_idx)
-        return (grad_weight, None, None, None, grad_psw, None, None) + (None,) * (ctx.num_inputs - 7)
+        return grad_weight, None, None, None, grad_psw, None, None, None

@@ -75,14 +75,12 @@ def _bag_layout(input: Tensor, offsets: Tensor | None, per_sample_weights: Tenso
         raise ValueError("embedding_bag: 'offsets' is required for a 1-D input")
     if offsets.dim() != 1:
         raise ValueError(f"embedding_bag: 'offsets' must be 1-D, got shape {tuple(offsets.shape)}")
-    if offsets.numel() == 0 and not include_last_offset:  # no bags (PyTorch: a (0, D) output)
-        offsets = offsets.new_zeros(0)
     if offsets.dtype != input.dtype and {offsets.dtype, input.dtype} <= {torch.int32, torch.int64}:
         input, offsets = input.long(), offsets.long()
     if not include_last_offset:
-        end = torch.full((1,), input.shape[0], dtype=offsets.dtype, device=offsets.device)
-        # No bags: CSR [0] (every id then belongs to no bag).
-        offsets = torch.cat([offsets, end]) if offsets.numel() else end.zero_()
+        # Empty offsets: no bags (PyTorch: a (0, D) output), so CSR [0] and every id is in none.
+        end = input.shape[0] if offsets.numel() else 0
+        offsets = torch.cat([offsets, offsets.new_full((1,), end)])
     return input, offsets, per_sample_weights
 
 
