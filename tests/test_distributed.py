@@ -1,6 +1,19 @@
 """DistributedDataParallel on the CPU (gloo, 2 processes): dense and sparse gradients give
-identical weights on both ranks, equal to a single-process run on the same data."""
+identical weights on both ranks, equal to a single-process run on the same data.
+
+The ranks run under a deadline. CI once sat in this file until its 90-minute limit (torch
+2.13, gloo), and a loop of the file here hung once in about 70 runs, in torch's process-group
+start-up or teardown, not in a lookup. So: every collective has a timeout, the parent waits
+at most DEADLINE_S, and a rank still running then has its Python stacks written (faulthandler
+on SIGUSR1) into the failure message before it is killed. A run that hit the deadline is
+retried once with a fresh rendezvous; a second one fails the test."""
+import datetime
+import faulthandler
 import os
+import signal
+import socket
+import time
+import warnings
 
 import pytest
 import torch
@@ -11,6 +24,8 @@ import embedding_ext as ee
 
 WORLD = 2
 STEPS = 3
+DEADLINE_S = 120
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
 
 
 def _model(sparse: bool) -> torch.nn.Module:
@@ -27,9 +42,11 @@ def _batch(step: int, rank: int):
     return ids, torch.randn(6, 1, generator=g)
 
 
-def _worker(rank: int, init_file: str, sparse: bool, out_dir: str):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
+def _worker(rank: int, port: int, sparse: bool, out_dir: str):
+    stacks = open(os.path.join(out_dir, f"stacks{rank}.txt"), "w")
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
     model = _model(sparse)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
@@ -45,10 +62,64 @@ def _worker(rank: int, init_file: str, sparse: bool, out_dir: str):
     dist.destroy_process_group()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_ranks(worker, args: tuple, out_dir, deadline_s: float = DEADLINE_S) -> str | None:
+    """Runs worker(rank, *args) on WORLD ranks; None when all exited, else the stacks of the
+    ranks still running at the deadline (then killed). A rank's error raises, as mp.spawn."""
+    ctx = mp.start_processes(worker, args=args, nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + deadline_s
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            running = [(r, p) for r, p in enumerate(ctx.processes) if p.is_alive()]
+            for _, p in running:
+                os.kill(p.pid, signal.SIGUSR1)
+            time.sleep(2)
+            for _, p in running:
+                p.kill()
+                p.join()
+            return "\n".join(f"rank {r} still running after {deadline_s} s:\n" + _stacks(out_dir, r)
+                             for r, _ in running)
+    return None
+
+
+def _stacks(out_dir, rank: int) -> str:
+    path = out_dir / f"stacks{rank}.txt"
+    return path.read_text() if path.exists() else "(no stacks: the rank had not started Python)"
+
+
+def _ddp_attempt(tmp_path, attempt: int, sparse: bool):
+    out = tmp_path / f"try{attempt}"
+    out.mkdir()
+    return out, _run_ranks(_worker, (_free_port(), sparse, str(out)), out)
+
+
+def _sleeping_worker(rank: int, out_dir: str):
+    stacks = open(os.path.join(out_dir, f"stacks{rank}.txt"), "w")
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+    time.sleep(3600)
+
+
+def test_a_rank_past_the_deadline_is_killed_with_its_stacks(tmp_path):
+    """The guard itself: a hung rank ends the wait with its stack, not CI's time limit."""
+    started = time.monotonic()
+    hung = _run_ranks(_sleeping_worker, (str(tmp_path),), tmp_path, deadline_s=20)
+    assert hung is not None and "_sleeping_worker" in hung and "rank 1 still running" in hung
+    assert time.monotonic() - started < 90
+
+
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 def test_ddp_matches_single_process(tmp_path, sparse):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), sparse, str(tmp_path)), nprocs=WORLD)
-    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    out, hung = _ddp_attempt(tmp_path, 1, sparse)
+    if hung is not None:
+        warnings.warn(f"DDP ranks hung once; retried with a fresh rendezvous:\n{hung}")
+        out, second = _ddp_attempt(tmp_path, 2, sparse)
+        assert second is None, f"the ranks hung twice:\n{hung}\n--- second run ---\n{second}"
+    states = [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), f"ranks disagree on {key}"
     # One process, the loss averaged over the ranks' batches: the same gradient DDP averages.
