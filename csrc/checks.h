@@ -143,6 +143,52 @@ inline void check_bag_args(const at::Tensor& table, const char* table_name,
   }
 }
 
+// Bag modes as the ops take them (PyTorch's numbering).
+constexpr int64_t kBagSum = 0, kBagMean = 1, kBagMax = 2;
+
+inline void check_bag_mode(int64_t mode, const char* op) {
+  TORCH_CHECK(mode == kBagSum || mode == kBagMean || mode == kBagMax, op,
+              ": 'mode' must be 0 (sum), 1 (mean) or 2 (max), got ", mode);
+}
+
+// The forward's per_sample_weights: sum mode only, the weight's dtype.
+inline void check_bag_sample_weights(const c10::optional<at::Tensor>& per_sample_weights,
+                                     const at::Tensor& weight, int64_t mode, const char* op) {
+  if (!per_sample_weights.has_value()) return;
+  TORCH_CHECK(mode == kBagSum, op,
+              ": 'per_sample_weights' is only supported in sum mode (0), got mode ", mode);
+  TORCH_CHECK(per_sample_weights->scalar_type() == weight.scalar_type(), op,
+              ": 'per_sample_weights' must have the dtype of 'weight' (", weight.scalar_type(),
+              "), got ", per_sample_weights->scalar_type());
+}
+
+// What both weight-gradient ops check beyond check_bag_args: a (bags, D) grad_output, the
+// row count, a padding_idx inside it. Returns num_weights as an integer.
+inline int64_t check_bag_gradient_args(const at::Tensor& grad, int64_t bags,
+                                       const c10::SymInt& num_weights, int64_t padding_idx,
+                                       const char* op) {
+  const int64_t num_rows = num_weights.expect_int();
+  TORCH_CHECK(num_rows >= 0, op, ": 'num_weights' must be >= 0, got ", num_rows);
+  TORCH_CHECK(padding_idx < num_rows, op, ": 'padding_idx' must be < num_weights (", num_rows,
+              "), got ", padding_idx);
+  TORCH_CHECK(grad.size(0) == bags, op, ": 'grad_output' must have one row per bag (", bags,
+              "), got shape ", grad.sizes());
+  return num_rows;
+}
+
+// The dense gradient's mode rules: no scale_grad_by_freq in max mode (as PyTorch), and max
+// mode's arg_max of shape (bags, D), int64.
+inline void check_bag_dense_gradient_mode(int64_t mode, bool scale_grad_by_freq,
+                                          const at::Tensor& arg_max, int64_t bags, int64_t dim,
+                                          const char* op) {
+  TORCH_CHECK(!(mode == kBagMax && scale_grad_by_freq), op,
+              ": max mode (2) does not support scale_grad_by_freq");
+  TORCH_CHECK(mode != kBagMax || (arg_max.dim() == 2 && arg_max.size(0) == bags &&
+                                  arg_max.size(1) == dim && arg_max.scalar_type() == at::kLong),
+              op, ": 'arg_max' must be an int64 tensor of shape (bags, D) = (", bags, ", ", dim,
+              ") in max mode, got ", arg_max.scalar_type(), " of shape ", arg_max.sizes());
+}
+
 // CSR offsets: off[0] == 0, each <= n, non-decreasing.
 inline void check_bag_offsets(const int64_t* off, int64_t count, int64_t n, const char* op) {
   TORCH_CHECK(off[0] == 0, op, ": 'offsets[0]' must be 0 (the first bag starts at the first id), got ",
@@ -161,6 +207,14 @@ inline std::string index_error_message(int64_t value, int64_t position, int64_t 
   return c10::str(op, ": index ", value, " at position ", position,
                   " (row-major) is out of range for 'weight' with ", num_rows,
                   " rows; valid indices are 0 <= index < ", num_rows, when);
+}
+
+// The CUDA message for a bad CSR offset entry (found by a kernel, raised later as IndexError
+// through the same record as a bad id; the CPU checks offsets before any work).
+inline std::string bad_offset_message(int64_t value, int64_t position, int64_t num_ids,
+                                      const char* op, const char* when = "") {
+  return c10::str(op, ": 'offsets[", position, "]' = ", value, " breaks the CSR rules (offsets[0] ",
+                  "== 0, non-decreasing, each <= the ", num_ids, " ids)", when);
 }
 
 [[noreturn]] inline void throw_index_error(int64_t value, int64_t position, int64_t num_rows,

@@ -89,11 +89,12 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None,
                   scale_grad_by_freq: bool = False, mode: str = "mean", sparse: bool = False,
                   per_sample_weights: Tensor | None = None, include_last_offset: bool = False,
                   padding_idx: int | None = None) -> Tensor:
-    """Equivalent to :func:`torch.nn.functional.embedding_bag` on the CPU, computed by
-    embedding_ext's kernels (README: "Bags" for what is not there yet: CUDA).
+    """Equivalent to :func:`torch.nn.functional.embedding_bag`, computed by embedding_ext's
+    CPU and CUDA kernels (README: "Bags").
 
     Beyond PyTorch: offsets are validated (first 0, non-decreasing, none past the ids) with
-    an error naming the bad entry; with ``include_last_offset=True`` the offsets are CSR:
+    an error naming the bad entry (on CUDA without a synchronisation: raised as IndexError
+    by a later call, like a bad id); with ``include_last_offset=True`` the offsets are CSR:
     ids after the last offset belong to no bag, in every mode; fp16/bf16 pool in fp32;
     ``sparse=True`` works with ``scale_grad_by_freq``.
     """
@@ -116,13 +117,6 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None,
     if per_sample_weights is not None and per_sample_weights.shape != input.shape:
         raise ValueError(f"embedding_bag: 'per_sample_weights' must have the shape of 'input' "
                          f"{tuple(input.shape)}, got {tuple(per_sample_weights.shape)}")
-    for name, t in (("input", input), ("weight", weight), ("offsets", offsets),
-                    ("per_sample_weights", per_sample_weights)):
-        if t is not None and t.device.type != "cpu":
-            raise NotImplementedError(
-                f"embedding_bag: '{name}' is on {t.device}; embedding_ext's pooled lookup runs "
-                "on the CPU only so far (its CUDA kernels are not written yet): use "
-                "torch.nn.functional.embedding_bag there")
     if weight.dim() != 2:
         raise ValueError(f"embedding_bag: 'weight' must be 2-D, got a {weight.dim()}-D tensor "
                          f"of shape {tuple(weight.shape)}")

@@ -33,7 +33,7 @@ class Embedding(torch.nn.Embedding):
 
 
 class EmbeddingBag(torch.nn.EmbeddingBag):
-    """Equivalent to :class:`torch.nn.EmbeddingBag` on the CPU; see
+    """Equivalent to :class:`torch.nn.EmbeddingBag` on the CPU and CUDA; see
     :func:`embedding_ext.embedding_bag`. Construction, ``from_pretrained`` and
     ``state_dict`` are inherited unchanged."""
 

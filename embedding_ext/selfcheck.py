@@ -169,7 +169,7 @@ def check_device(device: str, fn: Lookup = ee.embedding) -> list[tuple[str, bool
                 outs.append((out, w.grad))
             ok = ok and _close(outs[0][0], outs[1][0], 1e-5) and _close(outs[0][1], outs[1][1], 1e-5)
         return ok
-    if device == "cpu" and fn is ee.embedding:  # bags: CPU kernels only so far (issue 13)
+    if fn is ee.embedding:
         record("bags: sum, mean, max (forward and gradient)", bags)
 
     def bad_index() -> tuple[bool, str]:

@@ -8,26 +8,32 @@ from __future__ import annotations
 
 import torch
 
-from .module import Embedding
+from .module import Embedding, EmbeddingBag
 
 
 def replace_embeddings(model: torch.nn.Module) -> torch.nn.Module:
     """Make every plain ``torch.nn.Embedding`` in ``model`` (``model`` itself included) an
     ``embedding_ext.Embedding``, in place; returns ``model``.
 
-    Subclasses of ``nn.Embedding`` with their own behaviour are left alone, as is
-    ``nn.EmbeddingBag``. Undo with :func:`restore_embeddings`.
+    Every plain ``torch.nn.EmbeddingBag`` becomes an ``embedding_ext.EmbeddingBag`` the same
+    way. Subclasses with their own behaviour are left alone. Undo with
+    :func:`restore_embeddings`.
     """
     for module in model.modules():
         if type(module) is torch.nn.Embedding:
             module.__class__ = Embedding
+        elif type(module) is torch.nn.EmbeddingBag:
+            module.__class__ = EmbeddingBag
     return model
 
 
 def restore_embeddings(model: torch.nn.Module) -> torch.nn.Module:
-    """The inverse of :func:`replace_embeddings`: every ``embedding_ext.Embedding`` becomes a
-    plain ``torch.nn.Embedding`` again, in place; returns ``model``."""
+    """The inverse of :func:`replace_embeddings`: every ``embedding_ext.Embedding`` and
+    ``embedding_ext.EmbeddingBag`` becomes the plain torch module again, in place; returns
+    ``model``."""
     for module in model.modules():
         if type(module) is Embedding:
             module.__class__ = torch.nn.Embedding
+        elif type(module) is EmbeddingBag:
+            module.__class__ = torch.nn.EmbeddingBag
     return model

@@ -99,13 +99,3 @@ class RecordOps(TorchDispatchMode):
         self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
 
-
-# Ops whose CUDA kernels are not written yet (issue 13: the pooled lookup runs on the CPU
-# only; ee.embedding_bag refuses CUDA tensors with a clear error). test_build checks that
-# these have no CUDA kernel, so writing one forces this set to shrink.
-CUDA_PENDING_OPS = {
-    "embedding_ext::embedding_bag_forward",
-    "embedding_ext::embedding_bag_dense_backward",
-    "embedding_ext::embedding_bag_sparse_backward",
-    "embedding_ext::embedding_bag_per_sample_weights_backward",
-}

@@ -6,7 +6,7 @@ from torch.autograd import forward_ad
 
 import embedding_ext as ee
 from embedding_ext import reference
-from conftest import CUDA_PENDING_OPS, DEVICES, make_indices, make_weight
+from conftest import DEVICES, make_indices, make_weight
 
 OPTIONS = [dict(), dict(padding_idx=2), dict(scale_grad_by_freq=True),
            dict(padding_idx=-2, scale_grad_by_freq=True)]
@@ -95,11 +95,11 @@ def _opcheck_cases(device):
         (ops.embedding_sparse_backward.default, (g, idx, 9, -1, True)),
         (ops.embedding_sparse_backward.default, (g, idx, 9, int(idx[0, 0]), False)),
         (ops.embedding_renorm_.default, (w.clone(), idx, 1.0, 2.0)),
-    ] + (_bag_opcheck_cases(device) if device == "cpu" else [])
+    ] + _bag_opcheck_cases(device)
 
 
 def _bag_opcheck_cases(device):
-    """The pooled lookup's ops (CPU only so far: conftest.CUDA_PENDING_OPS)."""
+    """The pooled lookup's ops."""
     ops = torch.ops.embedding_ext
     w = make_weight(10, 4, torch.float64, device)
     ids = torch.tensor([1, 2, 2, 0, 5, 7], device=device)
@@ -112,9 +112,10 @@ def _bag_opcheck_cases(device):
         (ops.embedding_bag_forward.default, (w.float(), ids.int(), csr.int(), 2, None, -1)),
         (ops.embedding_bag_dense_backward.default, (g, ids, csr, arg_max, 10, 2, None, -1, False)),
         (ops.embedding_bag_dense_backward.default,
-         (g, ids, csr, torch.empty(0, 4, dtype=torch.long), 10, 1, None, 2, True)),
+         (g, ids, csr, torch.empty(0, 4, dtype=torch.long, device=device), 10, 1, None, 2, True)),
         (ops.embedding_bag_dense_backward.default,
-         (g.bfloat16(), ids, csr, torch.empty(0, 4, dtype=torch.long), 10, 0, psw, -1, False)),
+         (g.bfloat16(), ids, csr, torch.empty(0, 4, dtype=torch.long, device=device), 10, 0, psw,
+          -1, False)),
         (ops.embedding_bag_per_sample_weights_backward.default, (g, w, ids, csr, 2)),
         (ops.embedding_bag_sparse_backward.default, (g, ids, csr, 10, 0, psw, 2, True)),
         (ops.embedding_bag_sparse_backward.default, (g.float(), ids.int(), csr.int(), 10, 1, None, -1, False)),
@@ -127,8 +128,6 @@ def test_opcheck_every_op(device):
     covered = {op._schema.name for op, _ in cases}
     registered = {name for name in torch._C._dispatch_get_all_op_names()
                   if name.startswith("embedding_ext::")}
-    if device != "cpu":
-        registered -= CUDA_PENDING_OPS
     assert registered and registered <= covered, f"ops without an opcheck case: {registered - covered}"
     for op, args in cases:
         torch.library.opcheck(op, args)

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 import embedding_ext as ee
 from embedding_ext import reference
-from conftest import TOL, make_weight, poison
+from conftest import DEVICES, TOL, make_weight, poison
 
 MODES = ["sum", "mean", "max"]
 
@@ -41,22 +41,25 @@ def _grads(fn, weight, *args, grad_out=None, psw=None, **kwargs):
 @pytest.mark.parametrize("mode", MODES + ["sum+weights", "sum+freq", "mean+freq",
                                   "sum+weights+freq"])
 @pytest.mark.parametrize("form", ["offsets", "include_last_offset", "2d"])
-def test_bag_matches_pytorch(dtype, index_dtype, padding_idx, mode, form):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bag_matches_pytorch(dtype, index_dtype, padding_idx, mode, form, device):
     num_weights, dim = 17, 5
     pad = None if padding_idx is None else padding_idx % num_weights
-    weight = make_weight(num_weights, dim, dtype)
+    weight = make_weight(num_weights, dim, dtype, device)
     ids, offsets = _bags(num_weights, index_dtype, pad)
     if form == "include_last_offset":
         offsets = torch.cat([offsets, torch.tensor([ids.numel()], dtype=index_dtype)])
     elif form == "2d":
         ids, offsets = ids.reshape(6, 10), None
+    ids = ids.to(device)
+    offsets = None if offsets is None else offsets.to(device)
     kwargs = dict(mode=mode.split("+")[0], padding_idx=padding_idx,
                   include_last_offset=form == "include_last_offset",
                   scale_grad_by_freq="freq" in mode)
-    psw = torch.randn(ids.shape, dtype=dtype) if "weights" in mode else None
+    psw = torch.randn(ids.shape, dtype=dtype, device=device) if "weights" in mode else None
     bags = 6 if form == "2d" else offsets.numel() - (form == "include_last_offset")
-    grad_out = torch.randn(bags, dim, dtype=dtype)
-    poison(bags * dim, dtype, "cpu")
+    grad_out = torch.randn(bags, dim, dtype=dtype, device=device)
+    poison(bags * dim, dtype, device)
     ours, our_grads = _grads(ee.embedding_bag, weight, ids, offsets, grad_out=grad_out, psw=psw,
                              **kwargs)
     theirs, their_grads = _grads(F.embedding_bag, weight, ids, offsets, grad_out=grad_out,
@@ -117,6 +120,36 @@ def test_bag_low_precision_pools_in_fp32(dtype, mode):
     for a, b in zip(our_grads, ref_grads):
         assert a.dtype == dtype
         torch.testing.assert_close(a.double(), b, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dim", [16, 48, 80, 144])
+@pytest.mark.parametrize("mode", MODES + ["sum+weights"])
+@pytest.mark.parametrize("padding_idx", [None, 3])
+def test_bag_register_blocks(dtype, dim, mode, padding_idx):
+    """Widths that are multiples of 16 take the register-blocked loops (256-byte blocks for
+    sum/mean, then 16 columns; 16-column blocks for max), compiled for AVX2 where the CPU
+    has it: against the float64 reference, and PyTorch for fp32/fp64, ties included."""
+    weight = make_weight(40, dim, dtype)
+    weight[5] = weight[6]  # a tie between two rows for max
+    ids, offsets = _bags(40, padding_idx=padding_idx)
+    ids[31:33] = torch.tensor([5, 6])
+    csr = torch.cat([offsets, torch.tensor([ids.numel()])])
+    psw = torch.randn(ids.shape, dtype=dtype) if mode == "sum+weights" else None
+    m = mode.split("+")[0]
+    poison(csr.numel() * dim, dtype, "cpu")
+    ours = ee.embedding_bag(ids, weight, offsets, mode=m, padding_idx=padding_idx,
+                            per_sample_weights=psw)
+    expected = reference.bag_forward(weight, ids, csr, m, psw, padding_idx)
+    tol = TOL[dtype] if dtype in (torch.float32, torch.float64) else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(ours.double(), expected, **tol)
+    if dtype in (torch.float32, torch.float64):
+        kwargs = dict(mode=m, padding_idx=padding_idx, grad_out=torch.randn_like(ours), psw=psw)
+        theirs, their_grads = _grads(F.embedding_bag, weight, ids, offsets, **kwargs)
+        ours, our_grads = _grads(ee.embedding_bag, weight, ids, offsets, **kwargs)
+        torch.testing.assert_close(ours, theirs, **TOL[dtype])
+        for a, b in zip(our_grads, their_grads):  # max: the arg-max rows match PyTorch's
+            torch.testing.assert_close(a, b, **TOL[dtype])
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -239,9 +272,6 @@ def test_mixed_id_and_offset_dtypes_are_promoted():
      r"'weight' must be 2-D, got a 1-D tensor"),
     (lambda w: ee.embedding_bag(torch.tensor([1, 2]), w, torch.tensor([0]), padding_idx=10),
      RuntimeError, "'padding_idx' must be within the number of embeddings, -10 through 9, but got 10"),
-    (lambda w: ee.embedding_bag(torch.tensor([1, 2], device="meta"), w.to("meta"),
-                                torch.tensor([0], device="meta")), NotImplementedError,
-     "runs on the CPU only so far"),
     (lambda w: ee.embedding_bag(torch.tensor([1, 2]), w, torch.tensor([0]), mode="sum",
                                 per_sample_weights=torch.ones(3)), ValueError,
      r"'per_sample_weights' must have the shape of 'input' \(2,\), got \(3,\)"),
@@ -347,15 +377,89 @@ def test_many_bags_on_several_threads(mode):
     torch.testing.assert_close(g1, gt, rtol=1e-4, atol=1e-4)
 
 
+needs_cuda = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", MODES + ["sum+weights", "mean+freq"])
+@pytest.mark.parametrize("dim", [5, 64, 130])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_cuda_bags_match_our_cpu(dtype, mode, dim, sparse):
+    """The CUDA kernels against our CPU kernels (same rules, fp32 pooling both): outputs,
+    dense gradients, and sparse gradients with the same rows in the same order."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible")
+    m = mode.split("+")[0]
+    if sparse and m == "max":
+        pytest.skip("max mode has no sparse gradient")
+    weight = make_weight(40, dim, dtype)
+    ids, offsets = _bags(40, padding_idx=2)
+    ids = torch.cat([ids, torch.tensor([5, 39])])  # CSR tail: ids in no bag
+    csr = torch.cat([offsets, torch.tensor([ids.numel() - 2])])
+    psw = torch.randn(ids.shape, dtype=dtype) if "weights" in mode else None
+    grad_out = torch.randn(csr.numel() - 1, dim, dtype=dtype)
+    kwargs = dict(mode=m, padding_idx=2, include_last_offset=True, sparse=sparse,
+                  scale_grad_by_freq="freq" in mode)
+    results = []
+    for device in ("cpu", "cuda"):
+        poison(csr.numel() * dim, dtype, device)
+        to = (lambda t: None if t is None else t.to(device))
+        results.append(_grads(ee.embedding_bag, to(weight), to(ids), to(csr), grad_out=to(grad_out),
+                              psw=to(psw), **kwargs))
+    (cpu_out, cpu_grads), (cuda_out, cuda_grads) = results
+    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(cuda_out.cpu(), cpu_out, **tol)
+    for a, b in zip(cuda_grads, cpu_grads):
+        if sparse and a.is_sparse:
+            assert torch.equal(a._indices().cpu(), b._indices())
+            a, b = a._values(), b._values()
+        torch.testing.assert_close(a.cpu(), b, **tol)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
-def test_cuda_bags_are_refused_clearly_for_now():
-    """Until the CUDA kernels exist (conftest.CUDA_PENDING_OPS): a clear refusal, not the
-    dispatcher's 'could not run ... with arguments from the CUDA backend'."""
+def test_cuda_bad_ids_and_offsets_raise_index_error_later():
+    """No synchronisation in the call: a bad id or a bad CSR entry is recorded by the kernel
+    and raised as IndexError (naming it) by ee.check_cuda_index_errors or the next call; the
+    CUDA context survives and the next lookup is right."""
     weight = make_weight(10, 4, torch.float32, "cuda")
-    with pytest.raises(NotImplementedError, match="runs on the CPU only so far"):
-        ee.embedding_bag(torch.tensor([1, 2], device="cuda"), weight,
-                         torch.tensor([0], device="cuda"))
+    ids = torch.tensor([1, 25, 3, 4], device="cuda")
+    ee.embedding_bag(ids, weight, torch.tensor([0, 2], device="cuda"), mode="sum")
+    with pytest.raises(IndexError, match=r"embedding_bag_forward: index 25 at position 1"):
+        ee.check_cuda_index_errors()
+    ids = torch.tensor([1, 2, 3, 4], device="cuda")
+    ee.embedding_bag(ids, weight, torch.tensor([0, 3, 1], device="cuda"), mode="sum")
+    with pytest.raises(IndexError, match=r"'offsets\[2\]' = 1 breaks the CSR rules"):
+        ee.check_cuda_index_errors()
+    ee.embedding_bag(ids, weight, torch.tensor([0, 9], device="cuda"), mode="mean")
+    with pytest.raises(IndexError, match=r"'offsets\[2\]' = 9 breaks the CSR rules"):
+        ee.check_cuda_index_errors()
+    out = ee.embedding_bag(ids, weight, torch.tensor([0, 2], device="cuda"), mode="sum")
+    torch.testing.assert_close(out, F.embedding_bag(ids, weight, torch.tensor([0, 2], device="cuda"),
+                                                    mode="sum"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+def test_cuda_bag_gradients_under_deterministic_algorithms():
+    """Sum/mean take the lookup's sorted backward (reruns bitwise equal); max mode's atomics
+    alert, as PyTorch's CUDA embedding_bag does."""
+    weight = make_weight(50, 64, torch.float32, "cuda")
+    ids = torch.randint(0, 50, (4096,), device="cuda")
+    ids[::3] = 7  # a hot row
+    offsets = torch.arange(0, 4096, 16, device="cuda")
+    grad_out = torch.randn(256, 64, device="cuda")
+    torch.use_deterministic_algorithms(True)
+    try:
+        for mode in ("sum", "mean"):
+            runs = [_grads(ee.embedding_bag, weight, ids, offsets, grad_out=grad_out, mode=mode)[1][0]
+                    for _ in range(2)]
+            assert torch.equal(runs[0], runs[1])
+        with pytest.raises(RuntimeError, match="embedding_bag_dense_backward"):
+            _grads(ee.embedding_bag, weight, ids, offsets, grad_out=grad_out, mode="max")
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_compiles_fullgraph_with_gradients():

@@ -14,19 +14,29 @@ STEPS = 20
 
 
 def test_replace_and_restore_keep_parameters_and_optimizer():
+    class OwnBag(torch.nn.EmbeddingBag):  # a subclass with its own behaviour: left alone
+        pass
+
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 2),
-                                torch.nn.EmbeddingBag(10, 4))
-    weight = model[0].weight
+                                torch.nn.EmbeddingBag(10, 4, mode="max", padding_idx=0),
+                                OwnBag(10, 4))
+    weight, bag_weight = model[0].weight, model[2].weight
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     keys = list(model.state_dict())
+    ids, offsets = torch.tensor([1, 1, 3, 0, 2]), torch.tensor([0, 2])
+    before = model[2](ids, offsets)
     assert ee.replace_embeddings(model) is model
     assert type(model[0]) is ee.Embedding and model[0].weight is weight
-    assert type(model[2]) is torch.nn.EmbeddingBag  # not an nn.Embedding: untouched
+    assert type(model[2]) is ee.EmbeddingBag and model[2].weight is bag_weight
+    assert model[2].mode == "max" and model[2].padding_idx == 0
+    assert type(model[3]) is OwnBag
     assert list(model.state_dict()) == keys
-    model[0](torch.tensor([1, 1, 3])).sum().backward()
+    torch.testing.assert_close(model[2](ids, offsets), before)
+    (model[0](torch.tensor([1, 1, 3])).sum() + model[2](ids, offsets).sum()).backward()
     opt.step()
     assert ee.restore_embeddings(model) is model
     assert type(model[0]) is torch.nn.Embedding and model[0].weight is weight
+    assert type(model[2]) is torch.nn.EmbeddingBag and model[2].weight is bag_weight
     top = torch.nn.Embedding(3, 2)
     assert type(ee.replace_embeddings(top)) is ee.Embedding
 

@@ -7,6 +7,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -18,13 +19,7 @@ namespace embedding_ext {
 namespace cpu {
 namespace {
 
-constexpr int64_t kSum = 0, kMean = 1, kMax = 2;
-constexpr int kBlock = 16;  // columns pooled in registers at a time
-
-void check_mode(int64_t mode, const char* op) {
-  TORCH_CHECK(mode == kSum || mode == kMean || mode == kMax, op,
-              ": 'mode' must be 0 (sum), 1 (mean) or 2 (max), got ", mode);
-}
+constexpr int64_t kSum = kBagSum, kMean = kBagMean, kMax = kBagMax;
 
 // The checked inputs every bag op starts from: flat contiguous ids, int64 CSR offsets.
 struct BagInputs {
@@ -40,19 +35,6 @@ BagInputs bag_inputs(const at::Tensor& table, const char* table_name, const at::
                offsets.size(0) - 1};
   check_bag_offsets(in.offsets.const_data_ptr<int64_t>(), in.bags + 1, in.n, op);
   return in;
-}
-
-// What both weight-gradient ops check beyond bag_inputs: a (bags, D) grad_output, the row
-// count, and a padding_idx inside it. Returns num_weights as an integer.
-int64_t check_bag_backward(const at::Tensor& grad, const BagInputs& in,
-                           const c10::SymInt& num_weights, int64_t padding_idx, const char* op) {
-  const int64_t num_rows = num_weights.expect_int();
-  TORCH_CHECK(num_rows >= 0, op, ": 'num_weights' must be >= 0, got ", num_rows);
-  TORCH_CHECK(padding_idx < num_rows, op, ": 'padding_idx' must be < num_weights (", num_rows,
-              "), got ", padding_idx);
-  TORCH_CHECK(grad.size(0) == in.bags, op, ": 'grad_output' must have one row per bag (",
-              in.bags, "), got shape ", grad.sizes());
-  return num_rows;
 }
 
 // 1 / (non-padding entries of each bag), 0 for an empty bag: mean mode's coefficients.
@@ -77,13 +59,173 @@ std::vector<int64_t> bag_of_positions(const int64_t* off, int64_t bags, int64_t 
   return bag_of;
 }
 
+// One pooling task's inputs: bags [b0, b1) of `off` pool rows of `weight` into `out`.
+template <typename scalar_t, typename index_t>
+struct PoolArgs {
+  const scalar_t* weight;
+  int64_t row_stride;
+  const index_t* idx;
+  const int64_t* off;
+  int64_t dim, mode;
+  const scalar_t* psw;  // per_sample_weights (sum mode) or nullptr
+  int64_t padding_idx;
+  scalar_t* out;
+  int64_t* arg_max;  // max mode: (bags, dim) row ids, -1 for an empty bag
+};
+
+// wide[e] = float(src[e]) for e < kCols: the stored dtype widened to the accumulator.
+// kVector: the caller is compiled for AVX2/F16C (fp16 converts 8 at a time with F16C instead
+// of a branchy call per element).
+#if defined(__x86_64__)
+__attribute__((target("avx,f16c"))) inline void widen_8_f16c(const c10::Half* src, float* wide) {
+  _mm256_storeu_ps(wide, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+}
+#endif
+
+template <int kCols, bool kVector, typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void widen(const scalar_t* src, acc_t* wide) {
+#if defined(__x86_64__)
+  if constexpr (kVector && std::is_same_v<scalar_t, c10::Half>) {
+    static_assert(kCols % 8 == 0);
+    for (int e = 0; e < kCols; e += 8) widen_8_f16c(src + e, wide + e);
+    return;
+  }
+#endif
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+#pragma GCC unroll 64
+    for (int e = 0; e < kCols; ++e) {
+      const uint32_t widened = static_cast<uint32_t>(bits[e]) << 16;
+      std::memcpy(&wide[e], &widened, sizeof(float));
+    }
+  } else {
+#pragma GCC unroll 64
+    for (int e = 0; e < kCols; ++e) wide[e] = static_cast<acc_t>(src[e]);
+  }
+}
+
+// Columns [d0, d0 + kCols) of bag b, pooled in registers across the whole bag (a runtime-D
+// accumulator in memory costs a load and a store per element per row). Rows in position
+// order, no a*b+c contraction (setup.py: -ffp-contract=off): every instruction set gives the
+// same bits. Sum/mean divide by the count as PyTorch (not a multiply by 1/count); max keeps
+// the first row as is (a NaN included), then takes strictly greater values, so ties go to
+// the first occurrence and a later NaN is never taken (PyTorch's rule).
+template <int kCols, bool kVector, typename scalar_t, typename index_t>
+__attribute__((always_inline)) inline void pool_columns(const PoolArgs<scalar_t, index_t>& a,
+                                                        int64_t b, int64_t d0) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t i0 = a.off[b], i1 = a.off[b + 1];
+  acc_t acc[kCols] = {}, wide[kCols];
+  if (a.mode == kMax) {
+    int64_t arg[kCols];
+    int64_t i = i0;
+    while (i < i1 && static_cast<int64_t>(a.idx[i]) == a.padding_idx) ++i;
+    const int64_t first = i < i1 ? static_cast<int64_t>(a.idx[i]) : -1;
+    if (first >= 0) widen<kCols, kVector>(a.weight + first * a.row_stride + d0, acc);
+    for (int e = 0; e < kCols; ++e) arg[e] = first;
+    for (++i; i < i1; ++i) {
+      const int64_t k = a.idx[i];
+      if (k == a.padding_idx) continue;
+      widen<kCols, kVector>(a.weight + k * a.row_stride + d0, wide);
+#pragma GCC unroll 64
+      for (int e = 0; e < kCols; ++e) {
+        const bool take = wide[e] > acc[e];
+        acc[e] = take ? wide[e] : acc[e];
+        arg[e] = take ? k : arg[e];
+      }
+    }
+    std::copy(arg, arg + kCols, a.arg_max + b * a.dim + d0);
+    store_row(acc, acc_t(1), a.out + b * a.dim + d0, kCols);
+    return;
+  }
+  int64_t count = 0;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t k = a.idx[i];
+    if (k == a.padding_idx) continue;
+    ++count;
+    widen<kCols, kVector>(a.weight + k * a.row_stride + d0, wide);
+    if (a.psw != nullptr) {
+      const acc_t w = static_cast<acc_t>(a.psw[i]);
+#pragma GCC unroll 64
+      for (int e = 0; e < kCols; ++e) acc[e] += wide[e] * w;
+    } else {
+#pragma GCC unroll 64
+      for (int e = 0; e < kCols; ++e) acc[e] += wide[e];
+    }
+  }
+  if (a.mode == kMean && count > 1) {
+    const acc_t c = static_cast<acc_t>(count);
+    for (int e = 0; e < kCols; ++e) acc[e] /= c;
+  }
+  store_row(acc, acc_t(1), a.out + b * a.dim + d0, kCols);
+}
+
+// Bags [b0, b1), dim a multiple of 16: blocks of 256 bytes of accumulator (8 AVX2 registers)
+// for sum/mean, 16 columns for max (values and int64 arg ids: 6 registers), then 16-column
+// blocks for the rest. Rows are prefetched kPrefetchDistance ids ahead, across bag
+// boundaries within the task (a bag's first rows would otherwise each wait for DRAM).
+template <bool kVector, typename scalar_t, typename index_t>
+__attribute__((always_inline)) inline void pool_register_blocks(
+    const PoolArgs<scalar_t, index_t>& a, int64_t b0, int64_t b1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kWide = 256 / sizeof(acc_t);
+  const int64_t row_bytes = a.dim * sizeof(scalar_t), task_end = a.off[b1];
+  const auto prefetch = [&](int64_t i) {
+    prefetch_row(a.weight + static_cast<int64_t>(a.idx[i]) * a.row_stride, row_bytes);
+  };
+  for (int64_t i = a.off[b0]; i < std::min(a.off[b0] + kPrefetchDistance, task_end); ++i) prefetch(i);
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t i = a.off[b]; i < a.off[b + 1] && i + kPrefetchDistance < task_end; ++i) {
+      prefetch(i + kPrefetchDistance);
+    }
+    int64_t d0 = 0;
+    if (a.mode != kMax) {
+      for (; d0 + kWide <= a.dim; d0 += kWide) pool_columns<kWide, kVector>(a, b, d0);
+    }
+    for (; d0 < a.dim; d0 += 16) pool_columns<16, kVector>(a, b, d0);
+  }
+}
+
+template <typename scalar_t, typename index_t>
+void pool_register_blocks_portable(const PoolArgs<scalar_t, index_t>& a, int64_t b0, int64_t b1) {
+  pool_register_blocks<false>(a, b0, b1);
+}
+
+#if defined(__x86_64__)
+// The same loops compiled for AVX2 (PyTorch's and FBGEMM's CPU kernels pick their
+// instruction set at run time too; the extension is built for baseline x86-64).
+template <typename scalar_t, typename index_t>
+__attribute__((target("avx2,fma,f16c"))) void pool_register_blocks_avx2(
+    const PoolArgs<scalar_t, index_t>& a, int64_t b0, int64_t b1) {
+  pool_register_blocks<true>(a, b0, b1);
+}
+
+inline bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return yes;
+}
+#endif
+
 template <typename scalar_t, typename index_t>
 void pool_bags(const scalar_t* weight, int64_t row_stride, const index_t* idx, const int64_t* off,
                int64_t bags, int64_t dim, int64_t mode, const scalar_t* psw, int64_t padding_idx,
                scalar_t* out, int64_t* arg_max) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t avg_ids = bags ? std::max<int64_t>(1, off[bags] / bags) : 1;
-  at::parallel_for(0, bags, grain_for(avg_ids * dim * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(avg_ids * dim * sizeof(scalar_t));
+  if (dim % 16 == 0) {
+    const PoolArgs<scalar_t, index_t> args{weight, row_stride, idx, off, dim, mode, psw,
+                                            padding_idx, out, arg_max};
+    at::parallel_for(0, bags, grain, [&](int64_t begin, int64_t end) {
+#if defined(__x86_64__)
+      if (has_avx2()) return pool_register_blocks_avx2(args, begin, end);
+#endif
+      pool_register_blocks_portable(args, begin, end);
+    });
+    return;
+  }
+  at::parallel_for(0, bags, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(dim), row(dim);
     // Prefetch across bag boundaries (within this task's ids): a bag's first rows would
     // otherwise each wait for DRAM.
@@ -126,28 +268,6 @@ void pool_bags(const scalar_t* weight, int64_t row_stride, const index_t* idx, c
         store_row(acc.data(), acc_t(1), out + b * dim, dim);
         continue;
       }
-      if (psw == nullptr && dim % kBlock == 0) {
-        // Columns in blocks of kBlock held in registers across the whole bag (a runtime-D
-        // accumulator in memory costs a load and a store per element per row).
-        for (int64_t d0 = 0; d0 < dim; d0 += kBlock) {
-          acc_t block[kBlock] = {};
-          count = 0;
-          for (int64_t i = off[b]; i < off[b + 1]; ++i) {
-            if (d0 == 0) prefetch_ahead(i);
-            const int64_t k = idx[i];
-            if (k == padding_idx) continue;
-            ++count;
-            const scalar_t* src = weight + k * row_stride + d0;
-#pragma GCC unroll 16
-            for (int e = 0; e < kBlock; ++e) block[e] += static_cast<acc_t>(src[e]);
-          }
-          if (mode == kMean && count > 1) {
-            for (int e = 0; e < kBlock; ++e) block[e] /= static_cast<acc_t>(count);
-          }
-          store_row(block, acc_t(1), out + b * dim + d0, kBlock);
-        }
-        continue;
-      }
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t i = off[b]; i < off[b + 1]; ++i) {
         prefetch_ahead(i);
@@ -176,17 +296,11 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_forward_cpu(
     int64_t mode, const c10::optional<at::Tensor>& per_sample_weights, int64_t padding_idx) {
   constexpr const char* op = "embedding_bag_forward";
   check_weight_2d(weight_in, op);
-  check_mode(mode, op);
+  check_bag_mode(mode, op);
   const BagInputs in = bag_inputs(weight_in, "weight", indices_in, offsets_in, per_sample_weights, op);
-  TORCH_CHECK(!per_sample_weights.has_value() || mode == kSum, op,
-              ": 'per_sample_weights' is only supported in sum mode (0), got mode ", mode);
+  check_bag_sample_weights(per_sample_weights, weight_in, mode, op);
   at::Tensor psw;
-  if (per_sample_weights.has_value()) {
-    TORCH_CHECK(per_sample_weights->scalar_type() == weight_in.scalar_type(), op,
-                ": 'per_sample_weights' must have the dtype of 'weight' (",
-                weight_in.scalar_type(), "), got ", per_sample_weights->scalar_type());
-    psw = per_sample_weights->contiguous();
-  }
+  if (per_sample_weights.has_value()) psw = per_sample_weights->contiguous();
   const at::Tensor weight = weight_in.stride(1) == 1 ? weight_in : weight_in.contiguous();
   const int64_t num_rows = weight.size(0), dim = weight.size(1);
   at::Tensor out = at::empty({in.bags, dim}, weight.options());
@@ -284,17 +398,12 @@ at::Tensor embedding_bag_dense_backward_cpu(
     const c10::optional<at::Tensor>& per_sample_weights, int64_t padding_idx,
     bool scale_grad_by_freq) {
   constexpr const char* op = "embedding_bag_dense_backward";
-  check_mode(mode, op);
+  check_bag_mode(mode, op);
   check_weight_2d(grad_in, op, "grad_output");
   const BagInputs in = bag_inputs(grad_in, "grad_output", indices_in, offsets_in, per_sample_weights, op);
-  const int64_t num_rows = check_bag_backward(grad_in, in, num_weights, padding_idx, op);
-  TORCH_CHECK(!(mode == kMax && scale_grad_by_freq), op,
-              ": max mode (2) does not support scale_grad_by_freq");
+  const int64_t num_rows = check_bag_gradient_args(grad_in, in.bags, num_weights, padding_idx, op);
   const int64_t dim = grad_in.size(1);
-  TORCH_CHECK(mode != kMax || (arg_max_in.dim() == 2 && arg_max_in.size(0) == in.bags &&
-                               arg_max_in.size(1) == dim && arg_max_in.scalar_type() == at::kLong),
-              op, ": 'arg_max' must be an int64 tensor of shape (bags, D) = (", in.bags, ", ", dim,
-              ") in max mode, got ", arg_max_in.scalar_type(), " of shape ", arg_max_in.sizes());
+  check_bag_dense_gradient_mode(mode, scale_grad_by_freq, arg_max_in, in.bags, dim, op);
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor arg_max = mode == kMax ? arg_max_in.contiguous() : arg_max_in;
   at::Tensor psw;
@@ -326,11 +435,11 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_sparse_backward_cpu(
     c10::SymInt num_weights, int64_t mode, const c10::optional<at::Tensor>& per_sample_weights,
     int64_t padding_idx, bool scale_grad_by_freq) {
   constexpr const char* op = "embedding_bag_sparse_backward";
-  check_mode(mode, op);
+  check_bag_mode(mode, op);
   TORCH_CHECK(mode != kMax, op, ": max mode (2) has no sparse gradient (as in PyTorch)");
   check_weight_2d(grad_in, op, "grad_output");
   const BagInputs in = bag_inputs(grad_in, "grad_output", indices_in, offsets_in, per_sample_weights, op);
-  const int64_t num_rows = check_bag_backward(grad_in, in, num_weights, padding_idx, op);
+  const int64_t num_rows = check_bag_gradient_args(grad_in, in.bags, num_weights, padding_idx, op);
   const int64_t dim = grad_in.size(1);
   const at::Tensor grad = grad_in.contiguous();
   at::Tensor psw;

@@ -126,12 +126,14 @@ std::string take_pending_index_error(bool synchronize) {
     const long long position = __atomic_load_n(&seen->position, __ATOMIC_RELAXED);
     const long long rows = __atomic_load_n(&seen->num_rows, __ATOMIC_RELAXED);
     const char* op = op_name(__atomic_load_n(&seen->op, __ATOMIC_RELAXED));
+    const int kind = __atomic_load_n(&seen->kind, __ATOMIC_RELAXED);
     __atomic_store_n(&seen->state, 0, __ATOMIC_RELAXED);
     // Release: the reads and the cleared state above come before the new generation, which
     // lets the next writer in.
     __atomic_store_n(&seen->generation, seen->generation + 1, __ATOMIC_RELEASE);
-    return index_error_message(value, position, rows, op,
-                               synchronize ? "" : " (seen by an earlier asynchronous CUDA call)");
+    const char* when = synchronize ? "" : " (seen by an earlier asynchronous CUDA call)";
+    if (kind == kBadOffset) return bad_offset_message(value, position, rows, op, when);
+    return index_error_message(value, position, rows, op, when);
   }
   return {};
 }

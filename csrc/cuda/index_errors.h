@@ -35,11 +35,15 @@ struct IndexErrorRecord {
   // The reporting op, as a code into the host's table of op names (never a pointer: the host
   // checks the code before it uses it, so no record can make it read a bad address).
   int op;
-  int unused;
+  int kind;  // kIdOutOfRange or kBadOffset
   long long position;
   long long value;
   long long num_rows;
 };
+
+// What a record describes: an id outside [0, num_rows) at `position`, or (bags) a CSR
+// offset entry `position` = `value` that is not 0 first, non-decreasing and <= num_rows ids.
+constexpr int kIdOutOfRange = 0, kBadOffset = 1;
 
 // Host and device code must agree on this layout (the host reads what kernels write).
 static_assert(sizeof(IndexErrorRecord) == 40 && offsetof(IndexErrorRecord, op) == 8 &&
@@ -77,12 +81,14 @@ __device__ __forceinline__ bool row_in_range(int64_t k, int64_t num_rows) {
 
 // Called by one thread per bad position; the first of the current generation writes.
 __device__ __forceinline__ void report_bad_index(const ErrorSink& sink, int64_t position,
-                                                 int64_t value, int64_t num_rows) {
+                                                 int64_t value, int64_t num_rows,
+                                                 int kind = kIdOutOfRange) {
   volatile IndexErrorRecord* record = sink.record;
   // A host-memory read, on the error path only, for captured launches.
   const int generation = sink.generation >= 0 ? sink.generation : record->generation;
   if (atomicMax(sink.claimed, generation + 1) > generation) return;  // already claimed
   record->op = sink.op;
+  record->kind = kind;
   record->position = position;
   record->value = value;
   record->num_rows = num_rows;

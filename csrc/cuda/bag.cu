@@ -1,0 +1,408 @@
+// CUDA pooled lookup (embedding_bag_*).
+// - Forward: one thread group per bag, a lane per column, rows in position order with an
+//   fp32 (fp64) accumulator: deterministic.
+// - Weight gradients (sum, mean): each position's gradient row, grad_output[bag] times its
+//   coefficient (1, 1/count, per_sample_weights[i], and 1/frequency), is written once and
+//   handed to the lookup's own backward ops (embedding_dense_backward with its sorted and
+//   deterministic paths; the sparse gradient keeps the positions in bags). Max mode adds
+//   grad_output[b, d] into row arg_max[b, d] with atomics (as PyTorch; not deterministic,
+//   so it alerts under torch.use_deterministic_algorithms).
+// - Offsets are checked inside the kernels, without a host synchronisation: a kernel never
+//   reads outside the ids for a bad entry (that bag pools nothing) and records it like a
+//   bad id (kind kBadOffset); a later call raises IndexError naming the entry.
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "launch.cuh"
+
+namespace embedding_ext {
+namespace cuda {
+namespace {
+
+// Bag b's positions [start, end); ok = false for a bad CSR entry (then the range is empty).
+struct BagRange {
+  int64_t start, end;
+  bool ok;
+};
+
+__device__ __forceinline__ BagRange bag_range(const int64_t* __restrict__ off, int64_t b,
+                                              int64_t n, const ErrorSink& sink, bool report) {
+  const int64_t start = off[b], end = off[b + 1];
+  bool ok = true;
+  if (b == 0 && start != 0) {
+    if (report) report_bad_index(sink, 0, start, n, kBadOffset);
+    ok = false;
+  }
+  if (start < 0 || end < start || end > n) {
+    if (report) report_bad_index(sink, b + 1, end, n, kBadOffset);
+    ok = false;
+  }
+  return ok ? BagRange{start, end, true} : BagRange{0, 0, false};
+}
+
+template <typename scalar_t, typename index_t>
+__global__ void pool_bags_kernel(const scalar_t* __restrict__ weight, int64_t row_stride,
+                                 const index_t* __restrict__ idx, const int64_t* __restrict__ off,
+                                 int64_t bags, int64_t n, int64_t num_rows, int64_t dim,
+                                 int64_t mode, const scalar_t* __restrict__ psw,
+                                 int64_t padding_idx, scalar_t* __restrict__ out,
+                                 int64_t* __restrict__ arg_max, ErrorSink sink) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; b < bags; b += step) {
+    const BagRange r = bag_range(off, b, n, sink, threadIdx.x == 0);
+    for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
+      acc_t acc = 0;
+      int64_t arg = -1, count = 0;
+      for (int64_t i = r.start; i < r.end; ++i) {
+        const int64_t k = idx[i];
+        // Bad ids pool nothing (probe_indices reports every id, in bags or not).
+        if (k == padding_idx || !row_in_range(k, num_rows)) continue;
+        const acc_t v = static_cast<acc_t>(weight[k * row_stride + d]);
+        if (mode == kBagMax) {
+          // The first row as is (a NaN too), then strictly greater: ties go to the first
+          // occurrence and a later NaN is never taken (PyTorch's CPU rule, ours everywhere).
+          if (count == 0 || v > acc) {
+            acc = v;
+            arg = k;
+          }
+        } else {
+          acc += psw != nullptr ? v * static_cast<acc_t>(psw[i]) : v;
+        }
+        ++count;
+      }
+      if (mode == kBagMean && count > 1) acc /= static_cast<acc_t>(count);
+      out[b * dim + d] = static_cast<scalar_t>(acc);
+      if (mode == kBagMax) arg_max[b * dim + d] = arg;
+    }
+  }
+}
+
+// bag_of[i] = the bag pooling position i (left at -1 for ids in no bag: the CSR tail), and
+// per bag the count of pooled (non-padding, in-range) ids; with counts, the in-bag
+// occurrences of each row (scale_grad_by_freq's divisor). bag_of and bag_count start at -1
+// and 0.
+template <typename index_t>
+__global__ void bag_layout_kernel(const index_t* __restrict__ idx, const int64_t* __restrict__ off,
+                                  int64_t bags, int64_t n, int64_t num_rows, int64_t padding_idx,
+                                  int64_t* __restrict__ bag_of,
+                                  unsigned long long* __restrict__ bag_count,
+                                  int* __restrict__ counts, ErrorSink sink) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; b < bags; b += step) {
+    const BagRange r = bag_range(off, b, n, sink, threadIdx.x == 0);
+    unsigned long long pooled = 0;
+    for (int64_t i = r.start + threadIdx.x; i < r.end; i += blockDim.x) {
+      bag_of[i] = b;
+      const int64_t k = idx[i];
+      if (k == padding_idx || !row_in_range(k, num_rows)) continue;
+      ++pooled;
+      if (counts != nullptr) atomicAdd(counts + k, 1);
+    }
+    if (pooled > 0) atomicAdd(bag_count + b, pooled);
+  }
+}
+
+// rows[i] = grad_output[bag_of[i]] * coefficient, or 0 for positions in no bag, padding and
+// bad ids (which then add nothing wherever the rows go).
+template <typename scalar_t, typename index_t>
+__global__ void position_gradients_kernel(const scalar_t* __restrict__ grad,
+                                          const index_t* __restrict__ idx,
+                                          const int64_t* __restrict__ bag_of,
+                                          const unsigned long long* __restrict__ bag_count,
+                                          const scalar_t* __restrict__ psw,
+                                          const int* __restrict__ counts, int64_t n,
+                                          int64_t num_rows, int64_t dim, int64_t mode,
+                                          int64_t padding_idx, scalar_t* __restrict__ rows) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; i < n; i += step) {
+    const int64_t b = bag_of[i], k = idx[i];
+    const bool live = b >= 0 && k != padding_idx && row_in_range(k, num_rows);
+    acc_t coef = 0;
+    if (live) {
+      coef = mode == kBagMean ? acc_t(1) / static_cast<acc_t>(bag_count[b]) : acc_t(1);
+      if (psw != nullptr) coef *= static_cast<acc_t>(psw[i]);
+      if (counts != nullptr) coef /= static_cast<acc_t>(counts[k]);
+    }
+    for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
+      rows[i * dim + d] = live ? static_cast<scalar_t>(static_cast<acc_t>(grad[b * dim + d]) * coef)
+                               : scalar_t(0);
+    }
+  }
+}
+
+// Max mode: out[arg_max[b, d], d] += grad_output[b, d]. arg_max comes from our forward, but
+// the op is public: an entry outside [-1, num_rows) is reported as a bad id, not followed.
+template <typename scalar_t, typename acc_t>
+__global__ void max_gradient_kernel(const scalar_t* __restrict__ grad,
+                                    const int64_t* __restrict__ arg_max, int64_t elements,
+                                    int64_t dim, int64_t num_rows, acc_t* __restrict__ out,
+                                    ErrorSink sink) {
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < elements;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t k = arg_max[e];
+    if (k == -1) continue;  // an empty bag
+    if (!row_in_range(k, num_rows)) {
+      report_bad_index(sink, e, k, num_rows);
+      continue;
+    }
+    atomicAdd(out + k * dim + e % dim, static_cast<acc_t>(grad[e]));
+  }
+}
+
+// out[i] = <grad_output[bag_of[i]], weight[idx[i]]>, 0 where position i pools nothing. One
+// warp per position (blockDim.x == 32), so the shuffle reduction has the whole warp.
+template <typename scalar_t, typename index_t>
+__global__ void sample_weight_gradients_kernel(const scalar_t* __restrict__ grad,
+                                               const scalar_t* __restrict__ weight,
+                                               int64_t row_stride, const index_t* __restrict__ idx,
+                                               const int64_t* __restrict__ bag_of, int64_t n,
+                                               int64_t num_rows, int64_t dim,
+                                               int64_t padding_idx, scalar_t* __restrict__ out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; i < n; i += step) {
+    const int64_t b = bag_of[i], k = idx[i];
+    const bool live = b >= 0 && k != padding_idx && row_in_range(k, num_rows);
+    acc_t dot = 0;
+    if (live) {
+      for (int64_t d = threadIdx.x; d < dim; d += 32) {
+        dot += static_cast<acc_t>(grad[b * dim + d]) * static_cast<acc_t>(weight[k * row_stride + d]);
+      }
+    }
+    for (int lane_mask = 16; lane_mask > 0; lane_mask /= 2) {
+      dot += __shfl_xor_sync(0xffffffffu, dot, lane_mask);
+    }
+    if (threadIdx.x == 0) out[i] = static_cast<scalar_t>(dot);
+  }
+}
+
+// The checked inputs of a CUDA bag op: contiguous ids, int64 CSR offsets on the device.
+struct CudaBagInputs {
+  at::Tensor indices, offsets;
+  int64_t n, bags;
+};
+
+CudaBagInputs cuda_bag_inputs(const at::Tensor& table, const char* table_name,
+                              const at::Tensor& indices, const at::Tensor& offsets,
+                              const c10::optional<at::Tensor>& per_sample_weights, const char* op) {
+  check_bag_args(table, table_name, indices, offsets, per_sample_weights, op);
+  return {indices.contiguous(), offsets.to(at::kLong).contiguous(), indices.size(0),
+          offsets.size(0) - 1};
+}
+
+// Where every position pools to, and (with scale_grad_by_freq) the in-bag row counts.
+struct BagLayout {
+  at::Tensor bag_of, bag_count, counts;
+};
+
+template <typename index_t>
+BagLayout bag_layout(const CudaBagInputs& in, int64_t num_rows, int64_t padding_idx,
+                     bool with_counts, const LaunchScope& scope) {
+  const auto opts = in.indices.options();
+  BagLayout l{at::full({in.n}, -1, opts.dtype(at::kLong)), at::zeros({in.bags}, opts.dtype(at::kLong)),
+              with_counts ? at::zeros({num_rows}, opts.dtype(at::kInt)) : at::Tensor()};
+  const RowLaunch launch = row_launch(in.bags, 32);
+  bag_layout_kernel<index_t><<<launch.grid, launch.block, 0, scope.stream>>>(
+      in.indices.const_data_ptr<index_t>(), in.offsets.const_data_ptr<int64_t>(), in.bags, in.n,
+      num_rows, padding_idx, l.bag_of.mutable_data_ptr<int64_t>(),
+      reinterpret_cast<unsigned long long*>(l.bag_count.mutable_data_ptr<int64_t>()),
+      with_counts ? l.counts.mutable_data_ptr<int>() : nullptr, scope.sink);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return l;
+}
+
+// Each position's gradient row (n, D) in grad's dtype: what the lookup's backward ops take.
+at::Tensor position_gradients(const at::Tensor& grad, const CudaBagInputs& in, const BagLayout& l,
+                              int64_t num_rows, int64_t mode, const at::Tensor& psw,
+                              int64_t padding_idx, const LaunchScope& scope) {
+  constexpr const char* op = "embedding_bag position gradients";
+  const int64_t dim = grad.size(1);
+  at::Tensor rows = at::empty({in.n, dim}, grad.options());
+  if (in.n == 0 || dim == 0) return rows;
+  const RowLaunch launch = row_launch(in.n, dim);
+  AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), op, [&] {
+      position_gradients_kernel<scalar_t, index_t><<<launch.grid, launch.block, 0, scope.stream>>>(
+          grad.const_data_ptr<scalar_t>(), in.indices.const_data_ptr<index_t>(),
+          l.bag_of.const_data_ptr<int64_t>(),
+          reinterpret_cast<const unsigned long long*>(l.bag_count.const_data_ptr<int64_t>()),
+          psw.defined() ? psw.const_data_ptr<scalar_t>() : nullptr,
+          l.counts.defined() ? l.counts.const_data_ptr<int>() : nullptr, in.n, num_rows, dim,
+          mode, padding_idx, rows.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return rows;
+}
+
+std::tuple<at::Tensor, at::Tensor> embedding_bag_forward_cuda(
+    const at::Tensor& weight_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
+    int64_t mode, const c10::optional<at::Tensor>& per_sample_weights, int64_t padding_idx) {
+  constexpr const char* op = "embedding_bag_forward";
+  check_weight_2d(weight_in, op);
+  check_bag_mode(mode, op);
+  const CudaBagInputs in = cuda_bag_inputs(weight_in, "weight", indices_in, offsets_in,
+                                           per_sample_weights, op);
+  check_bag_sample_weights(per_sample_weights, weight_in, mode, op);
+  LaunchScope scope(weight_in, op);
+  const at::Tensor weight = weight_in.stride(1) == 1 ? weight_in : weight_in.contiguous();
+  const at::Tensor psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
+  const int64_t num_rows = weight.size(0), dim = weight.size(1);
+  at::Tensor out = at::empty({in.bags, dim}, weight.options());
+  at::Tensor arg_max = at::empty({mode == kBagMax ? in.bags : 0, dim}, weight.options().dtype(at::kLong));
+  AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
+    const index_t* idx = in.indices.const_data_ptr<index_t>();
+    // Every id is range-checked, also those past the last offset (in no bag).
+    probe_indices(idx, in.n, num_rows, scope);
+    if (dim == 0) {  // nothing to pool; the offsets are still checked
+      bag_layout<index_t>(in, num_rows, padding_idx, false, scope);
+      return;
+    }
+    if (in.bags == 0) return;
+    const RowLaunch launch = row_launch(in.bags, dim);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
+      pool_bags_kernel<scalar_t, index_t><<<launch.grid, launch.block, 0, scope.stream>>>(
+          weight.const_data_ptr<scalar_t>(), weight.stride(0), idx,
+          in.offsets.const_data_ptr<int64_t>(), in.bags, in.n, num_rows, dim, mode,
+          psw.defined() ? psw.const_data_ptr<scalar_t>() : nullptr, padding_idx,
+          out.mutable_data_ptr<scalar_t>(),
+          mode == kBagMax ? arg_max.mutable_data_ptr<int64_t>() : nullptr, scope.sink);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  scope.finish();
+  return {out, arg_max};
+}
+
+at::Tensor embedding_bag_dense_backward_cuda(
+    const at::Tensor& grad_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
+    const at::Tensor& arg_max_in, c10::SymInt num_weights, int64_t mode,
+    const c10::optional<at::Tensor>& per_sample_weights, int64_t padding_idx,
+    bool scale_grad_by_freq) {
+  constexpr const char* op = "embedding_bag_dense_backward";
+  check_bag_mode(mode, op);
+  check_weight_2d(grad_in, op, "grad_output");
+  TORCH_CHECK(grad_in.is_cuda(), op, ": 'grad_output' must be a CUDA tensor here, got ", grad_in.device());
+  const CudaBagInputs in = cuda_bag_inputs(grad_in, "grad_output", indices_in, offsets_in,
+                                           per_sample_weights, op);
+  const int64_t num_rows = check_bag_gradient_args(grad_in, in.bags, num_weights, padding_idx, op);
+  const int64_t dim = grad_in.size(1);
+  check_bag_dense_gradient_mode(mode, scale_grad_by_freq, arg_max_in, in.bags, dim, op);
+  LaunchScope scope(grad_in, op);
+  const at::Tensor grad = grad_in.contiguous();
+  if (mode == kBagMax) {
+    at::globalContext().alertNotDeterministic("embedding_ext::embedding_bag_dense_backward (max mode, CUDA)");
+    const at::Tensor arg_max = arg_max_in.contiguous();
+    const bool wide = grad.scalar_type() == at::kHalf || grad.scalar_type() == at::kBFloat16;
+    at::Tensor acc = at::zeros({num_rows, dim}, grad.options().dtype(wide ? at::kFloat : grad.scalar_type()));
+    const int64_t elements = in.bags * dim;
+    if (elements > 0) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), op, [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        max_gradient_kernel<scalar_t, acc_t><<<flat_blocks(elements), kThreadsPerBlock, 0, scope.stream>>>(
+            grad.const_data_ptr<scalar_t>(), arg_max.const_data_ptr<int64_t>(), elements, dim,
+            num_rows, acc.mutable_data_ptr<acc_t>(), scope.sink);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+    scope.finish();
+    return wide ? acc.to(grad.scalar_type()) : acc;
+  }
+  const at::Tensor psw = per_sample_weights.has_value()
+                             ? per_sample_weights->to(grad.scalar_type()).contiguous() : at::Tensor();
+  at::Tensor rows;
+  AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
+    const BagLayout l = bag_layout<index_t>(in, num_rows, padding_idx, scale_grad_by_freq, scope);
+    rows = position_gradients(grad, in, l, num_rows, mode, psw, padding_idx, scope);
+  });
+  scope.finish();
+  // The lookup's own dense backward sums the rows (its frequency scaling is already in them).
+  static auto dense_backward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("embedding_ext::embedding_dense_backward", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt, int64_t, bool)>();
+  return dense_backward.call(rows, in.indices, c10::SymInt(num_rows), padding_idx, false);
+}
+
+std::tuple<at::Tensor, at::Tensor> embedding_bag_sparse_backward_cuda(
+    const at::Tensor& grad_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
+    c10::SymInt num_weights, int64_t mode, const c10::optional<at::Tensor>& per_sample_weights,
+    int64_t padding_idx, bool scale_grad_by_freq) {
+  constexpr const char* op = "embedding_bag_sparse_backward";
+  check_bag_mode(mode, op);
+  TORCH_CHECK(mode != kBagMax, op, ": max mode (2) has no sparse gradient (as in PyTorch)");
+  check_weight_2d(grad_in, op, "grad_output");
+  TORCH_CHECK(grad_in.is_cuda(), op, ": 'grad_output' must be a CUDA tensor here, got ", grad_in.device());
+  const CudaBagInputs in = cuda_bag_inputs(grad_in, "grad_output", indices_in, offsets_in,
+                                           per_sample_weights, op);
+  const int64_t num_rows = check_bag_gradient_args(grad_in, in.bags, num_weights, padding_idx, op);
+  LaunchScope scope(grad_in, op);
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor psw = per_sample_weights.has_value()
+                             ? per_sample_weights->to(grad.scalar_type()).contiguous() : at::Tensor();
+  at::Tensor rows, bag_of;
+  AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
+    const BagLayout l = bag_layout<index_t>(in, num_rows, padding_idx, scale_grad_by_freq, scope);
+    rows = position_gradients(grad, in, l, num_rows, mode, psw, padding_idx, scope);
+    bag_of = l.bag_of;
+  });
+  scope.finish();
+  // The positions in bags, padding left out, in order (nonzero: the one synchronisation, as
+  // the number of values is data-dependent).
+  // Bad ids (reported by the forward) are left out too: no COO row outside the table.
+  at::Tensor keep = bag_of.ge(0).logical_and_(in.indices.ge(0)).logical_and_(in.indices.lt(num_rows));
+  if (padding_idx >= 0) keep.logical_and_(in.indices.ne(padding_idx));
+  const at::Tensor source = keep.nonzero().squeeze(1);
+  return {in.indices.index_select(0, source).to(at::kLong).unsqueeze(0), rows.index_select(0, source)};
+}
+
+at::Tensor embedding_bag_per_sample_weights_backward_cuda(
+    const at::Tensor& grad_in, const at::Tensor& weight_in, const at::Tensor& indices_in,
+    const at::Tensor& offsets_in, int64_t padding_idx) {
+  constexpr const char* op = "embedding_bag_per_sample_weights_backward";
+  check_weight_2d(weight_in, op);
+  check_weight_2d(grad_in, op, "grad_output");
+  const CudaBagInputs in = cuda_bag_inputs(weight_in, "weight", indices_in, offsets_in, c10::nullopt, op);
+  check_same_device(grad_in, "grad_output", weight_in, "weight", op);
+  TORCH_CHECK(grad_in.size(0) == in.bags && grad_in.size(1) == weight_in.size(1), op,
+              ": 'grad_output' must have shape (bags, D) = (", in.bags, ", ", weight_in.size(1),
+              "), got ", grad_in.sizes());
+  LaunchScope scope(weight_in, op);
+  const at::Tensor weight = weight_in.stride(1) == 1 ? weight_in : weight_in.contiguous();
+  const at::Tensor grad = grad_in.to(weight.scalar_type()).contiguous();
+  const int64_t num_rows = weight.size(0), dim = weight.size(1);
+  at::Tensor out = at::empty({in.n}, weight.options());
+  if (in.n == 0) return out;
+  AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
+    const BagLayout l = bag_layout<index_t>(in, num_rows, padding_idx, false, scope);
+    const int64_t blocks = std::min<int64_t>(ceil_div(in.n, kThreadsPerBlock / 32), kMaxBlocks);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
+      sample_weight_gradients_kernel<scalar_t, index_t>
+          <<<dim3(static_cast<unsigned>(blocks)), dim3(32, kThreadsPerBlock / 32), 0, scope.stream>>>(
+              grad.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), weight.stride(0),
+              in.indices.const_data_ptr<index_t>(), l.bag_of.const_data_ptr<int64_t>(), in.n,
+              num_rows, dim, padding_idx, out.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  scope.finish();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(embedding_ext, CUDA, m) {
+  m.impl("embedding_bag_forward", &embedding_bag_forward_cuda);
+  m.impl("embedding_bag_dense_backward", &embedding_bag_dense_backward_cuda);
+  m.impl("embedding_bag_sparse_backward", &embedding_bag_sparse_backward_cuda);
+  m.impl("embedding_bag_per_sample_weights_backward", &embedding_bag_per_sample_weights_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace embedding_ext
