@@ -18,6 +18,13 @@ ALL_OPS = (FORWARD, DENSE, DENSE_PAD_FREQ, SPARSE, FWD_BWD, MAX_NORM)
 FORWARD_SYNC = "forward+sync_index_checks"
 DENSE_DET = "dense_backward_deterministic"
 GPU_OPS = ALL_OPS + (FORWARD_SYNC, DENSE_DET)
+# Pooled lookups (ee.embedding_bag against F.embedding_bag, and FBGEMM's own table-batched
+# kernels where fbgemm_gpu is installed): forward, and forward + backward with dense or sparse
+# weight gradients.
+BAG_FORWARD = "bag_forward"
+BAG_FWD_BWD = "bag_forward+backward"
+BAG_FWD_BWD_SPARSE = "bag_forward+backward_sparse"
+BAG_OPS = (BAG_FORWARD, BAG_FWD_BWD, BAG_FWD_BWD_SPARSE)
 
 
 @dataclass(frozen=True)
@@ -31,14 +38,24 @@ class Case:
     distribution: str = "uniform"  # uniform | zipf1.05 | zipf1.2 | hot
     ops: tuple = field(default=ALL_OPS)
     layout: str = "rows"  # rows: contiguous; columns: stride(1) != 1 (a transposed table)
+    # Pooled lookups only: ids per bag (lookups / bag_size bags), the mode, padding_idx = the
+    # first id, and per_sample_weights (sum mode).
+    bag_size: int = 0
+    mode: str = "sum"
+    padding: bool = False
+    weighted: bool = False
 
     @property
     def label(self) -> str:
         d = str(self.dtype).removeprefix("torch.")
         i = str(self.index_dtype).removeprefix("torch.")
         layout = "" if self.layout == "rows" else f" {self.layout}"
+        bag = ""
+        if self.bag_size:
+            bag = (f" {self.mode} L={self.bag_size}" + (" pad" if self.padding else "")
+                   + (" psw" if self.weighted else ""))
         return (f"{self.name} V={self.num_embeddings} D={self.dim} N={self.lookups} {d} {i} "
-                f"{self.distribution}{layout}")
+                f"{self.distribution}{layout}{bag}")
 
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -83,9 +100,43 @@ GPU = [
     Case("rec-table", 1_000_000, 128, 524288, F32, I64, "uniform", ops=(FORWARD,),
          layout="columns"),
     Case("rec-table", 10_000_000, 64, 65536, F32, I64, "uniform", ops=(MAX_NORM,)),
+    # Pooled lookups (issue 13): bags of 32 over a 1M-row table, every mode.
+    Case("rec-bags", 1_000_000, 128, 524288, F32, bag_size=32, mode="sum", ops=BAG_OPS),
+    Case("rec-bags", 1_000_000, 128, 524288, F32, bag_size=32, mode="mean", padding=True,
+         distribution="zipf1.05", ops=BAG_OPS),
+    Case("rec-bags", 1_000_000, 128, 524288, F32, bag_size=32, mode="sum", weighted=True,
+         ops=(BAG_FORWARD, BAG_FWD_BWD)),
+    Case("rec-bags", 1_000_000, 128, 524288, F32, bag_size=32, mode="max",
+         ops=(BAG_FORWARD, BAG_FWD_BWD)),
+    Case("rec-bags", 1_000_000, 128, 524288, BF16, I32, bag_size=32, mode="sum",
+         ops=(BAG_FORWARD, BAG_FWD_BWD)),
 ]
 
-PRESETS = {"quick": QUICK, "gpu": GPU}
+# Pooled lookups on a 2-core CPU (about 4 minutes at 1 and 2 threads): the issue's shape
+# (V=1e6, D=64, 65,536 ids in bags of 32) in every mode, then wider rows, the other dtypes and
+# a smaller table (where the dense gradient's V x D zero-fill matters less).
+def _bags(dim: int, dtype: torch.dtype, mode: str, ops: tuple = BAG_OPS, name: str = "rec-bags",
+          num_embeddings: int = 1_000_000, **options) -> Case:
+    return Case(name, num_embeddings, dim, 65536, dtype, bag_size=32, mode=mode, ops=ops,
+                **options)
+
+
+FWD = (BAG_FORWARD,)
+BAG = [
+    _bags(64, F32, "sum"),
+    _bags(64, F32, "mean"),
+    _bags(64, F32, "sum", weighted=True, ops=(BAG_FORWARD, BAG_FWD_BWD)),
+    _bags(64, F32, "mean", padding=True),
+    _bags(64, F32, "max", ops=(BAG_FORWARD, BAG_FWD_BWD)),
+    _bags(64, F16, "sum", FWD, index_dtype=I32),
+    _bags(64, BF16, "sum", FWD),
+    _bags(64, torch.float64, "sum", FWD),
+    _bags(128, F32, "sum", distribution="zipf1.05"),
+    _bags(256, F32, "mean", FWD),
+    _bags(64, F32, "sum", name="rec-bags-small", num_embeddings=100_000, padding=True),
+]
+
+PRESETS = {"quick": QUICK, "gpu": GPU, "bag": BAG}
 
 
 def make_indices(case: Case, device, generator: torch.Generator) -> torch.Tensor:

@@ -34,8 +34,10 @@ from tqdm import tqdm
 import embedding_ext as ee
 from embedding_ext import ops, reference
 
-from .cases import (DENSE, DENSE_DET, DENSE_PAD_FREQ, FORWARD, FORWARD_SYNC, FWD_BWD, MAX_NORM,
-                    PRESETS, SPARSE, Case, make_indices)
+from .bags import PEER_NOTES, bag_bytes, fbgemm_version, prepare_bag
+from .cases import (BAG_FORWARD, BAG_FWD_BWD, BAG_FWD_BWD_SPARSE, BAG_OPS, DENSE, DENSE_DET,
+                    DENSE_PAD_FREQ, FORWARD, FORWARD_SYNC, FWD_BWD, MAX_NORM, PRESETS, SPARSE,
+                    Case, make_indices)
 
 BYTES_FORMULAS = {
     FORWARD: "2*N*D*s + N*i   (read N rows, write N rows, read ids)",
@@ -48,6 +50,12 @@ BYTES_FORMULAS = {
     MAX_NORM: "forward + U*D*s   (read the U referenced rows for their norms)",
     FORWARD_SYNC: "same as forward (the extra cost is one stream synchronisation per call)",
     DENSE_DET: "same as dense_backward",
+    BAG_FORWARD: "N*D*s + B*D*s + N*i (+ N*s with per_sample_weights)   (read N rows, write B "
+                 "pooled rows, read ids)",
+    BAG_FWD_BWD: "bag_forward + V*D*s + B*D*s + 2*U*D*s + N*i   (zero-fill the gradient, read "
+                 "grad_output, read-modify-write the U touched rows, read ids)",
+    BAG_FWD_BWD_SPARSE: "bag_forward + B*D*s + N*D*s + N*i + 8*N   (read grad_output, write "
+                        "N gradient rows and their int64 row ids)",
 }
 # Norm-wise relative error allowed against the float64 reference.
 REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -78,14 +86,14 @@ def median_seconds(fn, min_run_time: float) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def interleaved_medians(ours, theirs, min_run_time: float, rounds: int) -> tuple[float, float]:
-    """Alternates the two measurements in `rounds` rounds and takes the median of each side,
-    so that drift on a shared machine hits both alike."""
-    t_ours, t_theirs = [], []
+def interleaved_medians(fns, min_run_time: float, rounds: int) -> list[float]:
+    """Alternates the measurements in `rounds` rounds and takes the median of each, so that
+    drift on a shared machine hits all alike."""
+    times = [[] for _ in fns]
     for _ in range(rounds):
-        t_ours.append(median_seconds(ours, min_run_time / rounds))
-        t_theirs.append(median_seconds(theirs, min_run_time / rounds))
-    return statistics.median(t_ours), statistics.median(t_theirs)
+        for fn, t in zip(fns, times):
+            t.append(median_seconds(fn, min_run_time / rounds))
+    return [statistics.median(t) for t in times]
 
 
 def copy_bandwidth(device: str, min_run_time: float) -> float:
@@ -122,7 +130,10 @@ def op_bytes(op: str, case: Case, unique_rows: int) -> int:
 
 
 def prepare(case: Case, op: str, device: str, gen: torch.Generator, device_gen: torch.Generator):
-    """Verifies ours against PyTorch / the reference, then returns (ours, theirs) callables."""
+    """Verifies ours against PyTorch / the reference, then returns the (ours, theirs)
+    callables, the distinct ids, and a peer's callable (pooled lookups: FBGEMM) or None."""
+    if op in BAG_OPS:
+        return prepare_bag(case, op, device, gen, device_gen, check, Mismatch)
     label = f"{case.label} {op}"
     v, d = case.num_embeddings, case.dim
     # Tables are drawn on the device itself: a 10M-row table is slow to draw on the host.
@@ -213,7 +224,7 @@ def prepare(case: Case, op: str, device: str, gen: torch.Generator, device_gen: 
         check("renormed weight vs PyTorch", w_ours, w_theirs, case.dtype, label)
     else:
         raise ValueError(op)
-    return ours, theirs, torch.unique(idx).numel()
+    return ours, theirs, torch.unique(idx).numel(), None
 
 
 def run(args) -> list[dict]:
@@ -234,9 +245,12 @@ def run(args) -> list[dict]:
             bandwidth[t] = copy_bandwidth(device, args.min_run_time)
             for case, op in tasks:
                 bar.set_postfix_str(f"{case.name} {op} threads={t}")
-                ours, theirs, unique_rows = prepare(case, op, device, gen, device_gen)
-                t_ours, t_theirs = interleaved_medians(ours, theirs, args.min_run_time, args.rounds)
-                nbytes = op_bytes(op, case, unique_rows)
+                ours, theirs, unique_rows, peer = prepare(case, op, device, gen, device_gen)
+                fns = (ours, theirs) if peer is None else (ours, theirs, peer)
+                t_ours, t_theirs, *t_peer = interleaved_medians(fns, args.min_run_time, args.rounds)
+                t_peer = t_peer[0] if t_peer else math.nan
+                nbytes = (bag_bytes(op, case, unique_rows) if op in BAG_OPS
+                          else op_bytes(op, case, unique_rows))
                 floor = nbytes / bandwidth[t]
                 rows.append({
                     "case": case.name, "V": case.num_embeddings, "D": case.dim,
@@ -249,12 +263,17 @@ def run(args) -> list[dict]:
                     "copy_GBps": bandwidth[t] / 1e9,
                     "ours_pct_copy": 100 * nbytes / t_ours / bandwidth[t],
                     "ours_x_floor": t_ours / floor,
+                    "bag": (f"{case.mode} L={case.bag_size}" + (" pad" if case.padding else "")
+                            + (" psw" if case.weighted else "")) if case.bag_size else "",
+                    "peer_ms": t_peer * 1e3, "vs_peer": t_peer / t_ours,
                 })
                 # One line per row as it is measured: a run cut short still shows these.
                 tqdm.write(f"{case.label} {op} threads={t}: ours {t_ours * 1e3:.4f} ms, "
-                           f"PyTorch {t_theirs * 1e3:.4f} ms, {t_theirs / t_ours:.2f}x",
+                           f"PyTorch {t_theirs * 1e3:.4f} ms, {t_theirs / t_ours:.2f}x"
+                           + ("" if peer is None else
+                              f", FBGEMM {t_peer * 1e3:.4f} ms, {t_peer / t_ours:.2f}x"),
                            file=sys.stderr)
-                del ours, theirs
+                del ours, theirs, peer
                 if device == "cuda":
                     torch.cuda.empty_cache()
                 bar.update()
@@ -263,19 +282,30 @@ def run(args) -> list[dict]:
 
 
 def short_label(r: dict) -> str:
+    bag = f" {r['bag']}" if r.get("bag") else ""
     return (f"{r['case']} V={r['V']:.3g} D={r['D']} N={r['N']} {r['dtype']} {r['index_dtype']} "
-            f"{r['distribution']}")
+            f"{r['distribution']}{bag}")
+
+
+def has_peer(rows: list[dict]) -> bool:
+    return any(not math.isnan(r.get("peer_ms", math.nan)) for r in rows)
 
 
 def format_table(rows: list[dict]) -> str:
+    peer = has_peer(rows)
     head = ("| case | op | thr | ours ms | torch ms | speed-up | GB/s ours | GB/s torch "
-            "| % copy BW | x floor |")
-    lines = [head, "|" + "---|" * 10]
+            "| % copy BW | x floor |" + (" FBGEMM ms | vs FBGEMM |" if peer else ""))
+    lines = [head, "|" + "---|" * (12 if peer else 10)]
     for r in rows:
+        extra = ""
+        if peer:
+            extra = (" - | - |" if math.isnan(r["peer_ms"])
+                     else f" {r['peer_ms']:.3f} | {r['vs_peer']:.2f}x |")
         lines.append(
             f"| {short_label(r)} | {r['op']} | {r['threads']} | {r['ours_ms']:.3f} | "
             f"{r['torch_ms']:.3f} | {r['speedup']:.2f}x | {r['ours_GBps']:.1f} | "
-            f"{r['torch_GBps']:.1f} | {r['ours_pct_copy']:.0f}% | {r['ours_x_floor']:.2f} |")
+            f"{r['torch_GBps']:.1f} | {r['ours_pct_copy']:.0f}% | {r['ours_x_floor']:.2f} |"
+            + extra)
     return "\n".join(lines)
 
 
@@ -285,12 +315,22 @@ def geomean(values) -> float:
 
 
 def summary(rows: list[dict]) -> str:
-    lines = ["| op | threads | geomean speed-up | min speed-up | rows |", "|---|---|---|---|---|"]
+    peer = has_peer(rows)
+    lines = ["| op | threads | geomean speed-up | min speed-up | rows |"
+             + (" geomean vs FBGEMM | min vs FBGEMM | rows with FBGEMM |" if peer else ""),
+             "|---|---|---|---|---|" + ("---|---|---|" if peer else "")]
     for t in sorted({r["threads"] for r in rows}):
         for op in dict.fromkeys(r["op"] for r in rows):
-            sel = [r["speedup"] for r in rows if r["op"] == op and r["threads"] == t]
-            if sel:
-                lines.append(f"| {op} | {t} | {geomean(sel):.2f}x | {min(sel):.2f}x | {len(sel)} |")
+            sel = [r for r in rows if r["op"] == op and r["threads"] == t]
+            if not sel:
+                continue
+            speedups = [r["speedup"] for r in sel]
+            line = f"| {op} | {t} | {geomean(speedups):.2f}x | {min(speedups):.2f}x | {len(sel)} |"
+            if peer:
+                vs = [r["vs_peer"] for r in sel if not math.isnan(r["vs_peer"])]
+                line += (f" {geomean(vs):.2f}x | {min(vs):.2f}x | {len(vs)} |" if vs
+                         else " - | - | 0 |")
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -306,6 +346,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     y = range(len(sel))
     ax.barh([i + 0.2 for i in y], [r["ours_GBps"] for r in sel], height=0.4, label="embedding_ext")
     ax.barh([i - 0.2 for i in y], [r["torch_GBps"] for r in sel], height=0.4, label="PyTorch")
+    if has_peer(sel):
+        ax.scatter([r["bytes"] / r["peer_ms"] / 1e6 for r in sel], list(y), marker="D",
+                   color="tab:green", zorder=3, label="FBGEMM")
     ax.axvline(sel[0]["copy_GBps"], color="k", linestyle="--",
                label=f"copy bandwidth {sel[0]['copy_GBps']:.0f} GB/s")
     ax.set_yticks(list(y), labels, fontsize=6)
@@ -320,7 +363,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--preset", default="quick",
+                        help=f"comma-separated presets to run, of {', '.join(sorted(PRESETS))}")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--threads", default=None,
                         help="CPU thread counts to run, comma-separated (default: 1 and all)")
@@ -340,21 +384,38 @@ def main(argv=None) -> int:
     args.threads = ([int(t) for t in args.threads.split(",")] if args.threads
                     else sorted({1, torch.get_num_threads()}))
     args.ops = [o for o in args.ops.split(",") if o]
+    args.command = "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv)
+    presets = [p for p in args.preset.split(",") if p]
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown or not presets:
+        parser.error(f"--preset: unknown preset(s) {unknown}; choose from {sorted(PRESETS)}")
+    for preset in presets:
+        args.preset = preset
+        status = run_preset(args)
+        if status:
+            return status
+    return 0
 
+
+def run_preset(args) -> int:
+    """One preset: verify, time, print the report and write its files."""
     started = datetime.datetime.now(datetime.timezone.utc)
     try:
         rows = run(args)
     except Mismatch as err:
         print(f"ABORTED: result check failed: {err}", file=sys.stderr)
         return 1
+    if not rows:
+        print(f"preset {args.preset}: no rows on {args.device} (filters or device)", file=sys.stderr)
+        return 0
     name = device_name(args.device)
     meta = {
         "device": name, "device_kind": args.device,
         "threads": args.threads if args.device == "cpu" else None,
         "torch": torch.__version__, "embedding_ext": ee.build_info(),
         "date": started.strftime("%Y-%m-%d %H:%M UTC"), "preset": args.preset,
-        "command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv),
-        "bytes_formulas": BYTES_FORMULAS,
+        "command": args.command,
+        "bytes_formulas": BYTES_FORMULAS, "fbgemm_gpu": fbgemm_version(),
         "notes": "s = element size, i = index size, U = distinct ids; x floor = time / "
                  "(bytes / copy bandwidth measured in this run)",
     }
@@ -362,7 +423,12 @@ def main(argv=None) -> int:
              + (f", threads {','.join(map(str, args.threads))}" if args.device == "cpu" else "")
              + f", torch {torch.__version__}, {meta['date']}")
     table, summ = format_table(rows), summary(rows)
-    formulas = "\n".join(f"- {op}: {f}" for op, f in BYTES_FORMULAS.items())
+    ops_run = dict.fromkeys(r["op"] for r in rows)
+    formulas = "\n".join(f"- {op}: {f}" for op, f in BYTES_FORMULAS.items() if op in ops_run)
+    if has_peer(rows):
+        formulas += (f"\n\nThird column: fbgemm_gpu {meta['fbgemm_gpu']}, on rows where it has "
+                     "an equivalent (not padding_idx, max, fp64):\n\n"
+                     + "\n".join(f"- {op}: {PEER_NOTES[op]}" for op in ops_run if op in PEER_NOTES))
     report = (f"### {title}\n\n{table}\n\nSpeed-up over PyTorch (median times):\n\n{summ}\n\n"
               f"Bytes moved per operation ({meta['notes']}):\n\n{formulas}\n\n"
               f"Command: `{meta['command']}`\n")

@@ -60,6 +60,60 @@ def check_bad_ids(dev):
     torch.cuda.synchronize()
 
 
+def check_bad_bags(dev):
+    """The pooled lookup's error paths: a bad id, offsets out of order, offsets past the ids;
+    each reported, nothing read outside the tensors (what the sanitizer checks)."""
+    weight = torch.randn(10, 4, device=dev)
+    ids = torch.tensor([1, 99, 3, 4], device=dev)
+    for offsets in ([0, 2], [0, 3, 1], [0, 9]):
+        try:
+            ee.embedding_bag(ids if offsets == [0, 2] else ids.clamp_max(9), weight,
+                             torch.tensor(offsets, device=dev), mode="max")
+            ee.check_cuda_index_errors()
+        except IndexError as err:
+            print("bad bag input reported:", err, flush=True)
+        else:
+            raise SystemExit(f"the bad bag input (offsets {offsets}) was not reported")
+    torch.cuda.synchronize()
+
+
+def run_bag_case(dev, dtype, index_dtype, dim):
+    """Every bag op and mode (padding, an empty bag, a CSR tail, a hot row): forward and both
+    weight gradients and the per_sample_weights gradient against the float64 reference."""
+    case = f"bags {dtype}, {index_dtype}, dim={dim}"
+    print("case", case, flush=True)
+    idx = torch.randint(0, 50, (40,), device=dev, dtype=index_dtype)
+    idx[::3] = 5
+    idx[1::7] = 3
+    csr = torch.tensor([0, 4, 4, 17, 30, 38], device=dev, dtype=index_dtype)  # ids 38, 39: no bag
+    for mode in ("sum", "mean", "max"):
+        for sparse in ((False, True) if mode != "max" else (False,)):
+            weight = torch.randn(50, dim, device=dev, dtype=dtype, requires_grad=True)
+            psw = (torch.randn(40, device=dev, dtype=dtype, requires_grad=True)
+                   if mode == "sum" else None)
+            out = ee.embedding_bag(idx, weight, csr, mode=mode, padding_idx=3, sparse=sparse,
+                                   per_sample_weights=psw, include_last_offset=True,
+                                   scale_grad_by_freq=mode != "max")
+            w64 = weight.detach().double().requires_grad_()
+            p64 = None if psw is None else psw.detach().double().requires_grad_()
+            expected = reference.bag_forward(w64, idx, csr, mode, p64, 3)
+            check(f"{case} {mode} forward", out, expected, dtype)
+            grad_out = torch.randn_like(out)
+            out.backward(grad_out)
+            (g64,) = torch.autograd.grad(expected, w64, grad_out.double(), retain_graph=True)
+            if mode != "max":  # scale_grad_by_freq: each row over its count among ids in bags
+                in_bags = idx[:38].long()
+                counts = torch.bincount(in_bags[in_bags != 3], minlength=50).clamp_min(1)
+                g64 = g64 / counts[:, None]
+            got = weight.grad.to_dense() if sparse else weight.grad
+            torch.testing.assert_close(got.double(), g64, atol=2e-2, rtol=2e-2,
+                                       msg=lambda m: f"{case} {mode} sparse={sparse} gradient: {m}")
+            if psw is not None:
+                (gp,) = torch.autograd.grad(expected, p64, grad_out.double())
+                torch.testing.assert_close(psw.grad.double(), gp, atol=2e-2, rtol=2e-2,
+                                           msg=lambda m: f"{case} per_sample_weights gradient: {m}")
+
+
 def check_hot_rows(dev):
     """Segments many times longer than the sorted backward's chunks (both of its kernels)."""
     for dtype in (torch.float32, torch.bfloat16):
@@ -133,12 +187,14 @@ def main():
     args = sys.argv[1:]
     quick = "--quick" in args
     dev = next((a for a in args if not a.startswith("--")), "cuda")
-    if dev == "cuda":  # first: the error path, the riskiest host code
+    if dev == "cuda":  # first: the error paths, the riskiest host code
         check_bad_ids(dev)
+        check_bad_bags(dev)
     check_hot_rows(dev)
     for dtype, index_dtype in QUICK if quick else FULL:
         for dim in DIMS:
             run_case(dev, dtype, index_dtype, dim)
+            run_bag_case(dev, dtype, index_dtype, dim)
     if dev == "cuda":
         torch.cuda.synchronize()
     print("sanitize_kernels: all kernels ran and matched the reference on", dev)

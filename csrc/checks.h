@@ -179,10 +179,11 @@ inline int64_t check_bag_gradient_args(const at::Tensor& grad, int64_t bags,
 // The dense gradient's mode rules: no scale_grad_by_freq in max mode (as PyTorch), and max
 // mode's arg_max of shape (bags, D), int64.
 inline void check_bag_dense_gradient_mode(int64_t mode, bool scale_grad_by_freq,
-                                          const at::Tensor& arg_max, int64_t bags, int64_t dim,
-                                          const char* op) {
+                                          const at::Tensor& grad, const at::Tensor& arg_max,
+                                          int64_t bags, int64_t dim, const char* op) {
   TORCH_CHECK(!(mode == kBagMax && scale_grad_by_freq), op,
               ": max mode (2) does not support scale_grad_by_freq");
+  if (mode == kBagMax) check_same_device(arg_max, "arg_max", grad, "grad_output", op);
   TORCH_CHECK(mode != kBagMax || (arg_max.dim() == 2 && arg_max.size(0) == bags &&
                                   arg_max.size(1) == dim && arg_max.scalar_type() == at::kLong),
               op, ": 'arg_max' must be an int64 tensor of shape (bags, D) = (", bags, ", ", dim,

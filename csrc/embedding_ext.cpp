@@ -63,7 +63,9 @@ TORCH_LIBRARY(embedding_ext, m) {
   // Dense gradient w.r.t. weight, (num_weights, D): sum mode adds grad_output[b] *
   // per_sample_weights[i] to row indices[i], mean mode grad_output[b] / count_b, max mode
   // grad_output[b, d] to row arg_max[b, d] only; with scale_grad_by_freq each term is also
-  // divided by its row's count over the whole call. Summed in position order (deterministic).
+  // divided by its row's count over the whole call. CPU: summed in position order
+  // (deterministic); CUDA: as embedding_dense_backward (deterministic under
+  // torch.use_deterministic_algorithms), max mode with atomics (alerts there, as PyTorch).
   m.def(
       "embedding_bag_dense_backward(Tensor grad_output, Tensor indices, Tensor offsets, "
       "Tensor arg_max, SymInt num_weights, int mode, Tensor? per_sample_weights, "

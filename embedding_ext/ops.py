@@ -241,6 +241,8 @@ def _bag_dense_backward_fake(grad_output, indices, offsets, arg_max, num_weights
                          f"{padding_idx}")
     torch._check(not (mode == 2 and scale_grad_by_freq),
                  lambda: f"{op}: max mode (2) does not support scale_grad_by_freq")
+    if mode == 2:
+        _check_devices(arg_max, "arg_max", indices, op)
     torch._check(grad_output.shape[0] == offsets.shape[0] - 1,
                  lambda: f"{op}: 'grad_output' must have one row per bag "
                          f"({offsets.shape[0] - 1}), got shape {tuple(grad_output.shape)}")

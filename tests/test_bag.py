@@ -433,7 +433,7 @@ def test_cuda_bad_ids_and_offsets_raise_index_error_later():
     with pytest.raises(IndexError, match=r"'offsets\[2\]' = 1 breaks the CSR rules"):
         ee.check_cuda_index_errors()
     ee.embedding_bag(ids, weight, torch.tensor([0, 9], device="cuda"), mode="mean")
-    with pytest.raises(IndexError, match=r"'offsets\[2\]' = 9 breaks the CSR rules"):
+    with pytest.raises(IndexError, match=r"'offsets\[1\]' = 9 breaks the CSR rules"):
         ee.check_cuda_index_errors()
     out = ee.embedding_bag(ids, weight, torch.tensor([0, 2], device="cuda"), mode="sum")
     torch.testing.assert_close(out, F.embedding_bag(ids, weight, torch.tensor([0, 2], device="cuda"),

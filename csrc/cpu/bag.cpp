@@ -15,6 +15,9 @@
 #include "common.h"
 #include "row_convert.h"
 
+// Vec32 values returned by always-inlined helpers in the portable copy: never an ABI boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace embedding_ext {
 namespace cpu {
 namespace {
@@ -59,6 +62,9 @@ std::vector<int64_t> bag_of_positions(const int64_t* off, int64_t bags, int64_t 
   return bag_of;
 }
 
+// Rows fetched ahead while pooling (measured on the bag preset: 16 beat 8).
+constexpr int64_t kBagPrefetch = 16;
+
 // One pooling task's inputs: bags [b0, b1) of `off` pool rows of `weight` into `out`.
 template <typename scalar_t, typename index_t>
 struct PoolArgs {
@@ -73,96 +79,131 @@ struct PoolArgs {
   int64_t* arg_max;  // max mode: (bags, dim) row ids, -1 for an empty bag
 };
 
-// wide[e] = float(src[e]) for e < kCols: the stored dtype widened to the accumulator.
-// kVector: the caller is compiled for AVX2/F16C (fp16 converts 8 at a time with F16C instead
-// of a branchy call per element).
+// GCC vector types, 32 bytes of the accumulator type: one AVX2 register (two SSE registers
+// in the portable copy), so a column block's accumulators stay in registers across a bag
+// (arrays of scalars indexed in unrolled loops were left on the stack).
+// (vector_size cannot take a dependent type: one specialisation per accumulator type.)
+template <typename acc_t>
+struct VectorTypes;
+template <>
+struct VectorTypes<float> {
+  using values = float __attribute__((vector_size(32)));
+  using ids = int64_t __attribute__((vector_size(64)));  // the arg-max id of each lane
+};
+template <>
+struct VectorTypes<double> {
+  using values = double __attribute__((vector_size(32)));
+  using ids = int64_t __attribute__((vector_size(32)));
+};
+template <typename acc_t>
+using Vec32 = typename VectorTypes<acc_t>::values;
+template <typename acc_t>
+using ArgVec = typename VectorTypes<acc_t>::ids;
+
 #if defined(__x86_64__)
-__attribute__((target("avx,f16c"))) inline void widen_8_f16c(const c10::Half* src, float* wide) {
-  _mm256_storeu_ps(wide, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+// F16C's 8 conversions at once; inlined into the AVX2 copy only (kVector).
+__attribute__((target("avx,f16c"))) inline __m256 widen_8_f16c(const c10::Half* src) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
 }
 #endif
 
-template <int kCols, bool kVector, typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline void widen(const scalar_t* src, acc_t* wide) {
+// The next 32 / sizeof(acc_t) stored values, widened to the accumulator type.
+template <bool kVector, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+__attribute__((always_inline)) inline Vec32<acc_t> load_vec(const scalar_t* src) {
+  constexpr int kLanes = 32 / sizeof(acc_t);
+  Vec32<acc_t> v;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::memcpy(&v, src, sizeof(v));
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // the top half of an fp32
+    using u16x8 = uint16_t __attribute__((vector_size(16)));
+    using u32x8 = uint32_t __attribute__((vector_size(32)));
+    u16x8 bits;
+    std::memcpy(&bits, src, sizeof(bits));
+    const u32x8 widened = __builtin_convertvector(bits, u32x8) << 16;
+    std::memcpy(&v, &widened, sizeof(v));
 #if defined(__x86_64__)
-  if constexpr (kVector && std::is_same_v<scalar_t, c10::Half>) {
-    static_assert(kCols % 8 == 0);
-    for (int e = 0; e < kCols; e += 8) widen_8_f16c(src + e, wide + e);
-    return;
-  }
+  } else if constexpr (kVector && std::is_same_v<scalar_t, c10::Half>) {
+    v = widen_8_f16c(src);
 #endif
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-#pragma GCC unroll 64
-    for (int e = 0; e < kCols; ++e) {
-      const uint32_t widened = static_cast<uint32_t>(bits[e]) << 16;
-      std::memcpy(&wide[e], &widened, sizeof(float));
-    }
   } else {
-#pragma GCC unroll 64
-    for (int e = 0; e < kCols; ++e) wide[e] = static_cast<acc_t>(src[e]);
+    for (int e = 0; e < kLanes; ++e) v[e] = static_cast<acc_t>(src[e]);
   }
+  return v;
 }
 
-// Columns [d0, d0 + kCols) of bag b, pooled in registers across the whole bag (a runtime-D
-// accumulator in memory costs a load and a store per element per row). Rows in position
-// order, no a*b+c contraction (setup.py: -ffp-contract=off): every instruction set gives the
-// same bits. Sum/mean divide by the count as PyTorch (not a multiply by 1/count); max keeps
-// the first row as is (a NaN included), then takes strictly greater values, so ties go to
-// the first occurrence and a later NaN is never taken (PyTorch's rule).
+// Columns [d0, d0 + kCols) of bag b, pooled in registers across the whole bag. Rows in
+// position order, no a*b+c contraction (setup.py: -ffp-contract=off): every instruction set
+// gives the same bits. Sum/mean divide by the count as PyTorch (not a multiply by 1/count);
+// max keeps the first row as is (a NaN included), then takes strictly greater values, so
+// ties go to the first occurrence and a later NaN is never taken (PyTorch's rule).
+// prefetch_end > 0 (the first block of a bag): while row i is pooled, row i +
+// kBagPrefetch (up to prefetch_end, across bag boundaries) is fetched, one row per row,
+// so the memory system sees a steady stream rather than a burst per bag.
 template <int kCols, bool kVector, typename scalar_t, typename index_t>
 __attribute__((always_inline)) inline void pool_columns(const PoolArgs<scalar_t, index_t>& a,
-                                                        int64_t b, int64_t d0) {
+                                                        int64_t b, int64_t d0,
+                                                        int64_t prefetch_end) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kLanes = 32 / sizeof(acc_t), kVecs = kCols / kLanes;
+  static_assert(kCols % kLanes == 0);
   const int64_t i0 = a.off[b], i1 = a.off[b + 1];
-  acc_t acc[kCols] = {}, wide[kCols];
+  const int64_t row_bytes = a.dim * sizeof(scalar_t);
+  const auto prefetch = [&](int64_t i) {
+    if (i + kBagPrefetch < prefetch_end) {
+      prefetch_row(a.weight + static_cast<int64_t>(a.idx[i + kBagPrefetch]) * a.row_stride, row_bytes);
+    }
+  };
+  Vec32<acc_t> acc[kVecs] = {};
   if (a.mode == kMax) {
-    int64_t arg[kCols];
+    ArgVec<acc_t> arg[kVecs];
     int64_t i = i0;
     while (i < i1 && static_cast<int64_t>(a.idx[i]) == a.padding_idx) ++i;
     const int64_t first = i < i1 ? static_cast<int64_t>(a.idx[i]) : -1;
-    if (first >= 0) widen<kCols, kVector>(a.weight + first * a.row_stride + d0, acc);
-    for (int e = 0; e < kCols; ++e) arg[e] = first;
+    for (int j = 0; j < kVecs; ++j) {
+      arg[j] = ArgVec<acc_t>{} + first;
+      if (first >= 0) acc[j] = load_vec<kVector>(a.weight + first * a.row_stride + d0 + j * kLanes);
+    }
+    for (int64_t p = i0; p <= std::min(i, i1 - 1); ++p) prefetch(p);
     for (++i; i < i1; ++i) {
+      prefetch(i);
       const int64_t k = a.idx[i];
       if (k == a.padding_idx) continue;
-      widen<kCols, kVector>(a.weight + k * a.row_stride + d0, wide);
-#pragma GCC unroll 64
-      for (int e = 0; e < kCols; ++e) {
-        const bool take = wide[e] > acc[e];
-        acc[e] = take ? wide[e] : acc[e];
-        arg[e] = take ? k : arg[e];
+      for (int j = 0; j < kVecs; ++j) {
+        const Vec32<acc_t> v = load_vec<kVector>(a.weight + k * a.row_stride + d0 + j * kLanes);
+        const auto take = v > acc[j];
+        acc[j] = take ? v : acc[j];
+        arg[j] = __builtin_convertvector(take, ArgVec<acc_t>) ? ArgVec<acc_t>{} + k : arg[j];
       }
     }
-    std::copy(arg, arg + kCols, a.arg_max + b * a.dim + d0);
-    store_row(acc, acc_t(1), a.out + b * a.dim + d0, kCols);
-    return;
-  }
-  int64_t count = 0;
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t k = a.idx[i];
-    if (k == a.padding_idx) continue;
-    ++count;
-    widen<kCols, kVector>(a.weight + k * a.row_stride + d0, wide);
-    if (a.psw != nullptr) {
-      const acc_t w = static_cast<acc_t>(a.psw[i]);
-#pragma GCC unroll 64
-      for (int e = 0; e < kCols; ++e) acc[e] += wide[e] * w;
-    } else {
-#pragma GCC unroll 64
-      for (int e = 0; e < kCols; ++e) acc[e] += wide[e];
+    std::memcpy(a.arg_max + b * a.dim + d0, arg, sizeof(arg));
+  } else {
+    int64_t count = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      prefetch(i);
+      const int64_t k = a.idx[i];
+      if (k == a.padding_idx) continue;
+      ++count;
+      const scalar_t* src = a.weight + k * a.row_stride + d0;
+      if (a.psw != nullptr) {
+        const acc_t w = static_cast<acc_t>(a.psw[i]);
+        for (int j = 0; j < kVecs; ++j) acc[j] += load_vec<kVector>(src + j * kLanes) * w;
+      } else {
+        for (int j = 0; j < kVecs; ++j) acc[j] += load_vec<kVector>(src + j * kLanes);
+      }
+    }
+    if (a.mode == kMean && count > 1) {
+      const acc_t c = static_cast<acc_t>(count);
+      for (int j = 0; j < kVecs; ++j) acc[j] /= c;
     }
   }
-  if (a.mode == kMean && count > 1) {
-    const acc_t c = static_cast<acc_t>(count);
-    for (int e = 0; e < kCols; ++e) acc[e] /= c;
-  }
-  store_row(acc, acc_t(1), a.out + b * a.dim + d0, kCols);
+  acc_t pooled[kCols];
+  std::memcpy(pooled, acc, sizeof(pooled));
+  store_row(pooled, acc_t(1), a.out + b * a.dim + d0, kCols);
 }
 
 // Bags [b0, b1), dim a multiple of 16: blocks of 256 bytes of accumulator (8 AVX2 registers)
 // for sum/mean, 16 columns for max (values and int64 arg ids: 6 registers), then 16-column
-// blocks for the rest. Rows are prefetched kPrefetchDistance ids ahead, across bag
+// blocks for the rest. Rows are prefetched kBagPrefetch ids ahead, across bag
 // boundaries within the task (a bag's first rows would otherwise each wait for DRAM).
 template <bool kVector, typename scalar_t, typename index_t>
 __attribute__((always_inline)) inline void pool_register_blocks(
@@ -170,19 +211,15 @@ __attribute__((always_inline)) inline void pool_register_blocks(
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kWide = 256 / sizeof(acc_t);
   const int64_t row_bytes = a.dim * sizeof(scalar_t), task_end = a.off[b1];
-  const auto prefetch = [&](int64_t i) {
+  for (int64_t i = a.off[b0]; i < std::min(a.off[b0] + kBagPrefetch, task_end); ++i) {
     prefetch_row(a.weight + static_cast<int64_t>(a.idx[i]) * a.row_stride, row_bytes);
-  };
-  for (int64_t i = a.off[b0]; i < std::min(a.off[b0] + kPrefetchDistance, task_end); ++i) prefetch(i);
+  }
   for (int64_t b = b0; b < b1; ++b) {
-    for (int64_t i = a.off[b]; i < a.off[b + 1] && i + kPrefetchDistance < task_end; ++i) {
-      prefetch(i + kPrefetchDistance);
-    }
     int64_t d0 = 0;
     if (a.mode != kMax) {
-      for (; d0 + kWide <= a.dim; d0 += kWide) pool_columns<kWide, kVector>(a, b, d0);
+      for (; d0 + kWide <= a.dim; d0 += kWide) pool_columns<kWide, kVector>(a, b, d0, d0 == 0 ? task_end : 0);
     }
-    for (; d0 < a.dim; d0 += 16) pool_columns<16, kVector>(a, b, d0);
+    for (; d0 < a.dim; d0 += 16) pool_columns<16, kVector>(a, b, d0, d0 == 0 ? task_end : 0);
   }
 }
 
@@ -231,12 +268,12 @@ void pool_bags(const scalar_t* weight, int64_t row_stride, const index_t* idx, c
     // otherwise each wait for DRAM.
     const int64_t task_end = off[end];
     const auto prefetch_ahead = [&](int64_t i) {
-      if (i + kPrefetchDistance < task_end) {
-        prefetch_row(weight + static_cast<int64_t>(idx[i + kPrefetchDistance]) * row_stride,
+      if (i + kBagPrefetch < task_end) {
+        prefetch_row(weight + static_cast<int64_t>(idx[i + kBagPrefetch]) * row_stride,
                      dim * sizeof(scalar_t));
       }
     };
-    for (int64_t i = off[begin]; i < std::min(off[begin] + kPrefetchDistance, task_end); ++i) {
+    for (int64_t i = off[begin]; i < std::min(off[begin] + kBagPrefetch, task_end); ++i) {
       prefetch_row(weight + static_cast<int64_t>(idx[i]) * row_stride, dim * sizeof(scalar_t));
     }
     for (int64_t b = begin; b < end; ++b) {
@@ -403,7 +440,7 @@ at::Tensor embedding_bag_dense_backward_cpu(
   const BagInputs in = bag_inputs(grad_in, "grad_output", indices_in, offsets_in, per_sample_weights, op);
   const int64_t num_rows = check_bag_gradient_args(grad_in, in.bags, num_weights, padding_idx, op);
   const int64_t dim = grad_in.size(1);
-  check_bag_dense_gradient_mode(mode, scale_grad_by_freq, arg_max_in, in.bags, dim, op);
+  check_bag_dense_gradient_mode(mode, scale_grad_by_freq, grad_in, arg_max_in, in.bags, dim, op);
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor arg_max = mode == kMax ? arg_max_in.contiguous() : arg_max_in;
   at::Tensor psw;

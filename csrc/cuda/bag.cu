@@ -2,9 +2,11 @@
 // - Forward: one thread group per bag, a lane per column, rows in position order with an
 //   fp32 (fp64) accumulator: deterministic.
 // - Weight gradients (sum, mean): each position's gradient row, grad_output[bag] times its
-//   coefficient (1, 1/count, per_sample_weights[i], and 1/frequency), is written once and
-//   handed to the lookup's own backward ops (embedding_dense_backward with its sorted and
-//   deterministic paths; the sparse gradient keeps the positions in bags). Max mode adds
+//   coefficient (1, 1/count, per_sample_weights[i], and 1/frequency), is written once (in
+//   the gradient's dtype: fp16/bf16 round each term once before the fp32 sum) and handed to
+//   the lookup's own dense backward (so: its atomic scatter for fp32/fp64 by default, its
+//   sorted deterministic path for fp16/bf16 and under torch.use_deterministic_algorithms);
+//   the sparse gradient keeps the positions in bags. Max mode adds
 //   grad_output[b, d] into row arg_max[b, d] with atomics (as PyTorch; not deterministic,
 //   so it alerts under torch.use_deterministic_algorithms).
 // - Offsets are checked inside the kernels, without a host synchronisation: a kernel never
@@ -29,19 +31,22 @@ struct BagRange {
   bool ok;
 };
 
+// Each entry is blamed by one bag only, so one bad entry is always named the same way: entry
+// 0 by bag 0, entry b + 1 by bag b when it is past the ids or below a valid start (a start
+// outside [0, n] was already blamed as the previous bag's end).
 __device__ __forceinline__ BagRange bag_range(const int64_t* __restrict__ off, int64_t b,
                                               int64_t n, const ErrorSink& sink, bool report) {
   const int64_t start = off[b], end = off[b + 1];
-  bool ok = true;
-  if (b == 0 && start != 0) {
-    if (report) report_bad_index(sink, 0, start, n, kBadOffset);
-    ok = false;
-  }
-  if (start < 0 || end < start || end > n) {
-    if (report) report_bad_index(sink, b + 1, end, n, kBadOffset);
-    ok = false;
-  }
+  const bool start_ok = start >= 0 && start <= n;
+  if (b == 0 && start != 0 && report) report_bad_index(sink, 0, start, n, kBadOffset);
+  if (start_ok && (end > n || end < start) && report) report_bad_index(sink, b + 1, end, n, kBadOffset);
+  const bool ok = start_ok && (b != 0 || start == 0) && end >= start && end <= n;
   return ok ? BagRange{start, end, true} : BagRange{0, 0, false};
+}
+
+// No bags: only offsets[0] (which must be 0) to check.
+__global__ void check_first_offset_kernel(const int64_t* __restrict__ off, int64_t n, ErrorSink sink) {
+  if (off[0] != 0) report_bad_index(sink, 0, off[0], n, kBadOffset);
 }
 
 template <typename scalar_t, typename index_t>
@@ -264,7 +269,12 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_forward_cuda(
       bag_layout<index_t>(in, num_rows, padding_idx, false, scope);
       return;
     }
-    if (in.bags == 0) return;
+    if (in.bags == 0) {
+      check_first_offset_kernel<<<1, 1, 0, scope.stream>>>(in.offsets.const_data_ptr<int64_t>(), in.n,
+                                                           scope.sink);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     const RowLaunch launch = row_launch(in.bags, dim);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
       pool_bags_kernel<scalar_t, index_t><<<launch.grid, launch.block, 0, scope.stream>>>(
@@ -293,11 +303,16 @@ at::Tensor embedding_bag_dense_backward_cuda(
                                            per_sample_weights, op);
   const int64_t num_rows = check_bag_gradient_args(grad_in, in.bags, num_weights, padding_idx, op);
   const int64_t dim = grad_in.size(1);
-  check_bag_dense_gradient_mode(mode, scale_grad_by_freq, arg_max_in, in.bags, dim, op);
+  check_bag_dense_gradient_mode(mode, scale_grad_by_freq, grad_in, arg_max_in, in.bags, dim, op);
   LaunchScope scope(grad_in, op);
   const at::Tensor grad = grad_in.contiguous();
   if (mode == kBagMax) {
     at::globalContext().alertNotDeterministic("embedding_ext::embedding_bag_dense_backward (max mode, CUDA)");
+    // The ids are not read here (arg_max names the rows), but a direct call still gets them
+    // checked, as on the CPU.
+    AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
+      probe_indices(in.indices.const_data_ptr<index_t>(), in.n, num_rows, scope);
+    });
     const at::Tensor arg_max = arg_max_in.contiguous();
     const bool wide = grad.scalar_type() == at::kHalf || grad.scalar_type() == at::kBFloat16;
     at::Tensor acc = at::zeros({num_rows, dim}, grad.options().dtype(wide ? at::kFloat : grad.scalar_type()));
@@ -348,6 +363,7 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_sparse_backward_cuda(
                              ? per_sample_weights->to(grad.scalar_type()).contiguous() : at::Tensor();
   at::Tensor rows, bag_of;
   AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
+    probe_indices(in.indices.const_data_ptr<index_t>(), in.n, num_rows, scope);  // bad ids: no value
     const BagLayout l = bag_layout<index_t>(in, num_rows, padding_idx, scale_grad_by_freq, scope);
     rows = position_gradients(grad, in, l, num_rows, mode, psw, padding_idx, scope);
     bag_of = l.bag_of;
@@ -380,6 +396,7 @@ at::Tensor embedding_bag_per_sample_weights_backward_cuda(
   at::Tensor out = at::empty({in.n}, weight.options());
   if (in.n == 0) return out;
   AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
+    probe_indices(in.indices.const_data_ptr<index_t>(), in.n, num_rows, scope);  // bad ids give 0
     const BagLayout l = bag_layout<index_t>(in, num_rows, padding_idx, false, scope);
     const int64_t blocks = std::min<int64_t>(ceil_div(in.n, kThreadsPerBlock / 32), kMaxBlocks);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
