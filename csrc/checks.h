@@ -176,6 +176,15 @@ inline int64_t check_bag_gradient_args(const at::Tensor& grad, int64_t bags,
   return num_rows;
 }
 
+// The per_sample_weights gradient's grad_output: on weight's device, shape (bags, D).
+inline void check_bag_sample_weight_gradient_args(const at::Tensor& grad, const at::Tensor& weight,
+                                                  int64_t bags, const char* op) {
+  check_same_device(grad, "grad_output", weight, "weight", op);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == bags && grad.size(1) == weight.size(1), op,
+              ": 'grad_output' must have shape (bags, D) = (", bags, ", ", weight.size(1),
+              "), got ", grad.sizes());
+}
+
 // The dense gradient's mode rules: no scale_grad_by_freq in max mode (as PyTorch), and max
 // mode's arg_max of shape (bags, D), int64.
 inline void check_bag_dense_gradient_mode(int64_t mode, bool scale_grad_by_freq,

@@ -177,19 +177,41 @@ __attribute__((always_inline)) inline void pool_columns(const PoolArgs<scalar_t,
     }
     std::memcpy(a.arg_max + b * a.dim + d0, arg, sizeof(arg));
   } else {
+    // Loop invariants in locals and one loop per case: the per-row work is a few
+    // instructions, so every reload and branch shows (cache-resident rows: 4.4 ns a row
+    // before this, PyTorch's FBGEMM loop 2.3 ns).
+    const scalar_t* const weight = a.weight + d0;
+    const index_t* const idx = a.idx;
+    const scalar_t* const psw = a.psw;
+    const int64_t stride = a.row_stride, pad = a.padding_idx;
+    // Rows below prefetch_until fetch row i + kBagPrefetch without a bounds check.
+    const int64_t prefetch_until = std::max(i0, std::min(i1, prefetch_end - kBagPrefetch));
     int64_t count = 0;
-    for (int64_t i = i0; i < i1; ++i) {
-      prefetch(i);
-      const int64_t k = a.idx[i];
-      if (k == a.padding_idx) continue;
-      ++count;
-      const scalar_t* src = a.weight + k * a.row_stride + d0;
-      if (a.psw != nullptr) {
-        const acc_t w = static_cast<acc_t>(a.psw[i]);
-        for (int j = 0; j < kVecs; ++j) acc[j] += load_vec<kVector>(src + j * kLanes) * w;
-      } else {
-        for (int j = 0; j < kVecs; ++j) acc[j] += load_vec<kVector>(src + j * kLanes);
+    const auto pool_rows = [&](int64_t from, int64_t to, auto weighted, auto prefetching) {
+      for (int64_t i = from; i < to; ++i) {
+        if constexpr (decltype(prefetching)::value) {
+          prefetch_row(a.weight + static_cast<int64_t>(idx[i + kBagPrefetch]) * stride, row_bytes);
+        }
+        const int64_t k = idx[i];
+        if (k == pad) continue;
+        ++count;
+        const scalar_t* src = weight + k * stride;
+        if constexpr (decltype(weighted)::value) {
+          const acc_t w = static_cast<acc_t>(psw[i]);
+          for (int j = 0; j < kVecs; ++j) acc[j] += load_vec<kVector>(src + j * kLanes) * w;
+        } else {
+          for (int j = 0; j < kVecs; ++j) acc[j] += load_vec<kVector>(src + j * kLanes);
+        }
       }
+    };
+    using yes = std::true_type;
+    using no = std::false_type;
+    if (psw != nullptr) {
+      pool_rows(i0, prefetch_until, yes{}, yes{});
+      pool_rows(prefetch_until, i1, yes{}, no{});
+    } else {
+      pool_rows(i0, prefetch_until, no{}, yes{});
+      pool_rows(prefetch_until, i1, no{}, no{});
     }
     if (a.mode == kMean && count > 1) {
       const acc_t c = static_cast<acc_t>(count);
@@ -532,10 +554,7 @@ at::Tensor embedding_bag_per_sample_weights_backward_cpu(
   check_weight_2d(weight_in, op);
   check_weight_2d(grad_in, op, "grad_output");
   const BagInputs in = bag_inputs(weight_in, "weight", indices_in, offsets_in, c10::nullopt, op);
-  check_same_device(grad_in, "grad_output", weight_in, "weight", op);
-  TORCH_CHECK(grad_in.size(0) == in.bags && grad_in.size(1) == weight_in.size(1), op,
-              ": 'grad_output' must have shape (bags, D) = (", in.bags, ", ", weight_in.size(1),
-              "), got ", grad_in.sizes());
+  check_bag_sample_weight_gradient_args(grad_in, weight_in, in.bags, op);
   const at::Tensor weight = weight_in.stride(1) == 1 ? weight_in : weight_in.contiguous();
   const at::Tensor grad = grad_in.to(weight.scalar_type()).contiguous();
   const int64_t dim = weight.size(1);

@@ -112,6 +112,11 @@ __global__ void bag_layout_kernel(const index_t* __restrict__ idx, const int64_t
   }
 }
 
+// Whether a position (in bag b, id k) pools a row: in a bag, not padding, a valid id.
+__device__ __forceinline__ bool pools(int64_t b, int64_t k, int64_t padding_idx, int64_t num_rows) {
+  return b >= 0 && k != padding_idx && row_in_range(k, num_rows);
+}
+
 // rows[i] = grad_output[bag_of[i]] * coefficient, or 0 for positions in no bag, padding and
 // bad ids (which then add nothing wherever the rows go).
 template <typename scalar_t, typename index_t>
@@ -127,7 +132,7 @@ __global__ void position_gradients_kernel(const scalar_t* __restrict__ grad,
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; i < n; i += step) {
     const int64_t b = bag_of[i], k = idx[i];
-    const bool live = b >= 0 && k != padding_idx && row_in_range(k, num_rows);
+    const bool live = pools(b, k, padding_idx, num_rows);
     acc_t coef = 0;
     if (live) {
       coef = mode == kBagMean ? acc_t(1) / static_cast<acc_t>(bag_count[b]) : acc_t(1);
@@ -173,7 +178,7 @@ __global__ void sample_weight_gradients_kernel(const scalar_t* __restrict__ grad
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; i < n; i += step) {
     const int64_t b = bag_of[i], k = idx[i];
-    const bool live = b >= 0 && k != padding_idx && row_in_range(k, num_rows);
+    const bool live = pools(b, k, padding_idx, num_rows);
     acc_t dot = 0;
     if (live) {
       for (int64_t d = threadIdx.x; d < dim; d += 32) {
@@ -385,10 +390,7 @@ at::Tensor embedding_bag_per_sample_weights_backward_cuda(
   check_weight_2d(weight_in, op);
   check_weight_2d(grad_in, op, "grad_output");
   const CudaBagInputs in = cuda_bag_inputs(weight_in, "weight", indices_in, offsets_in, c10::nullopt, op);
-  check_same_device(grad_in, "grad_output", weight_in, "weight", op);
-  TORCH_CHECK(grad_in.size(0) == in.bags && grad_in.size(1) == weight_in.size(1), op,
-              ": 'grad_output' must have shape (bags, D) = (", in.bags, ", ", weight_in.size(1),
-              "), got ", grad_in.sizes());
+  check_bag_sample_weight_gradient_args(grad_in, weight_in, in.bags, op);
   LaunchScope scope(weight_in, op);
   const at::Tensor weight = weight_in.stride(1) == 1 ? weight_in : weight_in.contiguous();
   const at::Tensor grad = grad_in.to(weight.scalar_type()).contiguous();
