@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common.h"
+#include "output_allocator.h"
 #include "row_convert.h"
 
 // Vec32 values returned by always-inlined helpers in the portable copy: never an ABI boundary.
@@ -362,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_forward_cpu(
   if (per_sample_weights.has_value()) psw = per_sample_weights->contiguous();
   const at::Tensor weight = weight_in.stride(1) == 1 ? weight_in : weight_in.contiguous();
   const int64_t num_rows = weight.size(0), dim = weight.size(1);
-  at::Tensor out = at::empty({in.bags, dim}, weight.options());
+  at::Tensor out = empty_output({in.bags, dim}, weight.options());
   at::Tensor arg_max = at::empty({mode == kMax ? in.bags : 0, dim},
                                  weight.options().dtype(at::kLong));
   AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
@@ -467,7 +468,14 @@ at::Tensor embedding_bag_dense_backward_cpu(
   const at::Tensor arg_max = mode == kMax ? arg_max_in.contiguous() : arg_max_in;
   at::Tensor psw;
   if (per_sample_weights.has_value()) psw = per_sample_weights->to(grad.scalar_type()).contiguous();
-  at::Tensor out = at::zeros({num_rows, dim}, grad.options());
+  // A V x D output: from the output cache (no page faults on a reused buffer, unlike
+  // at::zeros' fresh pages: bench/NOTES-cpu.md section 8), zeroed by row ranges in parallel.
+  at::Tensor out = empty_output({num_rows, dim}, grad.options());
+  const int64_t row_bytes = dim * grad.element_size();
+  char* zero_from = static_cast<char*>(out.mutable_data_ptr());
+  at::parallel_for(0, num_rows, grain_for(row_bytes), [&](int64_t r0, int64_t r1) {
+    std::memset(zero_from + r0 * row_bytes, 0, (r1 - r0) * row_bytes);
+  });
   AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
     const index_t* idx = in.indices.const_data_ptr<index_t>();
     check_index_range(idx, in.n, num_rows, op);
