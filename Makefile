@@ -50,7 +50,7 @@ test: build
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 $(VENV)/.fbgemm: $(VENV)/.installed
-	$(PY) -m pip install -q "$(FBGEMM_SPEC)"
+	$(PY) -m pip install -q "$(FBGEMM_SPEC)" || echo "$(FBGEMM_SPEC) not installed: the bag preset runs without its FBGEMM column"
 	touch $@
 
 bench: build $(VENV)/.fbgemm

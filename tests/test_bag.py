@@ -534,10 +534,13 @@ def test_reused_gradient_buffer_is_zeroed(mode):
     previous step, full of its values, must come back zero outside this step's rows."""
     weight = make_weight(5000, 64, torch.float32).requires_grad_()
     offsets = torch.tensor([0, 3])
+    pointers = []
     for ids in (torch.arange(0, 4000, 7), torch.tensor([1, 2, 2, 9, 4999])):
-        weight.grad = None
+        weight.grad = None  # frees the previous step's gradient into the cache
         ee.embedding_bag(ids, weight, offsets, mode=mode).sum().backward()
-        ours = weight.grad
+        pointers.append(weight.grad.data_ptr())
         w = weight.detach().clone().requires_grad_()
         F.embedding_bag(ids, w, offsets, mode=mode).sum().backward()
-        torch.testing.assert_close(ours, w.grad)
+        torch.testing.assert_close(weight.grad, w.grad)
+        del w
+    assert pointers[0] == pointers[1], "the second gradient did not reuse the first's buffer"

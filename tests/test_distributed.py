@@ -11,7 +11,7 @@ import datetime
 import faulthandler
 import os
 import signal
-import socket
+import threading
 import time
 import warnings
 
@@ -42,10 +42,20 @@ def _batch(step: int, rank: int):
     return ids, torch.randn(6, 1, generator=g)
 
 
-def _worker(rank: int, port: int, sparse: bool, out_dir: str):
+def _guard_rank(rank: int, out_dir: str) -> None:
+    """Stacks to a file on SIGUSR1; and the rank ends itself if the parent is gone before it
+    could kill it (no orphan outlives the test run by more than a minute)."""
     stacks = open(os.path.join(out_dir, f"stacks{rank}.txt"), "w")
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    timer = threading.Timer(DEADLINE_S + 60, os._exit, (3,))
+    timer.daemon = True  # never what keeps a finished rank alive
+    timer.start()
+
+
+def _worker(rank: int, sparse: bool, out_dir: str):
+    _guard_rank(rank, out_dir)
+    # A file store in this attempt's own folder: a fresh rendezvous, no port to race for.
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank,
                             world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
     model = _model(sparse)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -60,12 +70,6 @@ def _worker(rank: int, port: int, sparse: bool, out_dir: str):
     # the group down ("terminate called without an active exception", seen in CI).
     dist.barrier()
     dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_ranks(worker, args: tuple, out_dir, deadline_s: float = DEADLINE_S) -> str | None:
@@ -95,19 +99,19 @@ def _stacks(out_dir, rank: int) -> str:
 def _ddp_attempt(tmp_path, attempt: int, sparse: bool):
     out = tmp_path / f"try{attempt}"
     out.mkdir()
-    return out, _run_ranks(_worker, (_free_port(), sparse, str(out)), out)
+    return out, _run_ranks(_worker, (sparse, str(out)), out)
 
 
 def _sleeping_worker(rank: int, out_dir: str):
-    stacks = open(os.path.join(out_dir, f"stacks{rank}.txt"), "w")
-    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
-    time.sleep(3600)
+    _guard_rank(rank, out_dir)
+    time.sleep(DEADLINE_S)
 
 
 def test_a_rank_past_the_deadline_is_killed_with_its_stacks(tmp_path):
     """The guard itself: a hung rank ends the wait with its stack, not CI's time limit."""
     started = time.monotonic()
-    hung = _run_ranks(_sleeping_worker, (str(tmp_path),), tmp_path, deadline_s=20)
+    # 30 s: both ranks have started Python and registered their stack handler by then.
+    hung = _run_ranks(_sleeping_worker, (str(tmp_path),), tmp_path, deadline_s=30)
     assert hung is not None and "_sleeping_worker" in hung and "rank 1 still running" in hung
     assert time.monotonic() - started < 90
 

@@ -149,10 +149,13 @@ __attribute__((always_inline)) inline void pool_columns(const PoolArgs<scalar_t,
   static_assert(kCols % kLanes == 0);
   const int64_t i0 = a.off[b], i1 = a.off[b + 1];
   const int64_t row_bytes = a.dim * sizeof(scalar_t);
-  const auto prefetch = [&](int64_t i) {
-    if (i + kBagPrefetch < prefetch_end) {
-      prefetch_row(a.weight + static_cast<int64_t>(a.idx[i + kBagPrefetch]) * a.row_stride, row_bytes);
-    }
+  // The whole row (the first block prefetches for the later ones too).
+  const auto fetch_row = [&](int64_t k) __attribute__((always_inline)) {
+    const char* row = reinterpret_cast<const char*>(a.weight + k * a.row_stride);
+    for (int64_t byte = 0; byte < row_bytes; byte += 64) __builtin_prefetch(row + byte);
+  };
+  const auto prefetch = [&](int64_t i) __attribute__((always_inline)) {
+    if (i + kBagPrefetch < prefetch_end) fetch_row(static_cast<int64_t>(a.idx[i + kBagPrefetch]));
   };
   Vec32<acc_t> acc[kVecs] = {};
   if (a.mode == kMax) {
@@ -188,11 +191,10 @@ __attribute__((always_inline)) inline void pool_columns(const PoolArgs<scalar_t,
     // Rows below prefetch_until fetch row i + kBagPrefetch without a bounds check.
     const int64_t prefetch_until = std::max(i0, std::min(i1, prefetch_end - kBagPrefetch));
     int64_t count = 0;
-    const auto pool_rows = [&](int64_t from, int64_t to, auto weighted, auto prefetching) {
+    const auto pool_rows = [&](int64_t from, int64_t to, auto weighted, auto prefetching)
+                               __attribute__((always_inline)) {
       for (int64_t i = from; i < to; ++i) {
-        if constexpr (decltype(prefetching)::value) {
-          prefetch_row(a.weight + static_cast<int64_t>(idx[i + kBagPrefetch]) * stride, row_bytes);
-        }
+        if constexpr (decltype(prefetching)::value) fetch_row(static_cast<int64_t>(idx[i + kBagPrefetch]));
         const int64_t k = idx[i];
         if (k == pad) continue;
         ++count;
@@ -255,14 +257,13 @@ void pool_register_blocks_portable(const PoolArgs<scalar_t, index_t>& a, int64_t
 // The same loops compiled for AVX2 (PyTorch's and FBGEMM's CPU kernels pick their
 // instruction set at run time too; the extension is built for baseline x86-64).
 template <typename scalar_t, typename index_t>
-__attribute__((target("avx2,fma,f16c"))) void pool_register_blocks_avx2(
+__attribute__((target("avx2,f16c"))) void pool_register_blocks_avx2(
     const PoolArgs<scalar_t, index_t>& a, int64_t b0, int64_t b1) {
   pool_register_blocks<true>(a, b0, b1);
 }
 
 inline bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
   return yes;
 }
 #endif
