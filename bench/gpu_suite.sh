@@ -110,6 +110,8 @@ else
   run tests-cuda-collect 120 "$PY" -m pytest -q -p no:cacheprovider -m cuda --collect-only tests
   run benchmark-cpu-tiny 120 "$PY" -m bench.run --preset gpu --device cpu --filter tiny \
     --min-run-time 0.05 --rounds 1 --threads 1 --out "$SCRATCH/dry-bench"
+  run benchmark-cpu-bags 120 "$PY" -m bench.run --preset bag --device cpu --filter rec-bags-small \
+    --min-run-time 0.01 --rounds 1 --threads 1 --out "$SCRATCH/dry-bench"
   run selfcheck-cpu 60 "$PY" -m embedding_ext
   run sanitize-driver-cpu 120 "$PY" -m bench.sanitize_kernels cpu --quick
   run sanitizer-found 30 bash -c 'if [ -x "$1" ]; then "$1" --version | head -2; else echo "compute-sanitizer not here ($1): checked on the GPU machine only"; fi' _ "$SANITIZER"
