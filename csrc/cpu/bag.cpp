@@ -86,20 +86,32 @@ struct PoolArgs {
 // (vector_size cannot take a dependent type: one specialisation per accumulator type.)
 template <typename acc_t>
 struct VectorTypes;
+// positions: max mode's arg-max as a position in the bag, an integer of the values' width,
+// so that a comparison's mask selects it directly (int64 lanes beside fp32 values made GCC
+// split a 64-byte vector into scalar code: max pooled 48x slower than sum).
 template <>
 struct VectorTypes<float> {
   using values = float __attribute__((vector_size(32)));
-  using ids = int64_t __attribute__((vector_size(64)));  // the arg-max id of each lane
+  using positions = int32_t __attribute__((vector_size(32)));
 };
 template <>
 struct VectorTypes<double> {
   using values = double __attribute__((vector_size(32)));
-  using ids = int64_t __attribute__((vector_size(32)));
+  using positions = int64_t __attribute__((vector_size(32)));
 };
 template <typename acc_t>
 using Vec32 = typename VectorTypes<acc_t>::values;
 template <typename acc_t>
-using ArgVec = typename VectorTypes<acc_t>::ids;
+using PosVec = typename VectorTypes<acc_t>::positions;
+
+// Every lane = value (spelled per lane: `PosVec{} + value` draws a false "may be used
+// uninitialized" from GCC 12).
+template <typename acc_t>
+__attribute__((always_inline)) inline PosVec<acc_t> broadcast_position(int64_t value) {
+  PosVec<acc_t> v;
+  for (int e = 0; e < static_cast<int>(sizeof(v) / sizeof(v[0])); ++e) v[e] = value;
+  return v;
+}
 
 #if defined(__x86_64__)
 // F16C's 8 conversions at once; inlined into the AVX2 copy only (kVector).
@@ -159,27 +171,34 @@ __attribute__((always_inline)) inline void pool_columns(const PoolArgs<scalar_t,
   };
   Vec32<acc_t> acc[kVecs] = {};
   if (a.mode == kMax) {
-    ArgVec<acc_t> arg[kVecs];
+    // Positions relative to the bag's start (pool_bags keeps bags below 2^31 ids here).
+    PosVec<acc_t> pos[kVecs] = {};
     int64_t i = i0;
     while (i < i1 && static_cast<int64_t>(a.idx[i]) == a.padding_idx) ++i;
-    const int64_t first = i < i1 ? static_cast<int64_t>(a.idx[i]) : -1;
+    const bool any = i < i1;
     for (int j = 0; j < kVecs; ++j) {
-      arg[j] = ArgVec<acc_t>{} + first;
-      if (first >= 0) acc[j] = load_vec<kVector>(a.weight + first * a.row_stride + d0 + j * kLanes);
+      pos[j] = broadcast_position<acc_t>(i - i0);
+      if (any) acc[j] = load_vec<kVector>(a.weight + static_cast<int64_t>(a.idx[i]) * a.row_stride + d0 + j * kLanes);
     }
     for (int64_t p = i0; p <= std::min(i, i1 - 1); ++p) prefetch(p);
     for (++i; i < i1; ++i) {
       prefetch(i);
       const int64_t k = a.idx[i];
       if (k == a.padding_idx) continue;
+      const PosVec<acc_t> here = broadcast_position<acc_t>(i - i0);
       for (int j = 0; j < kVecs; ++j) {
         const Vec32<acc_t> v = load_vec<kVector>(a.weight + k * a.row_stride + d0 + j * kLanes);
         const auto take = v > acc[j];
         acc[j] = take ? v : acc[j];
-        arg[j] = __builtin_convertvector(take, ArgVec<acc_t>) ? ArgVec<acc_t>{} + k : arg[j];
+        pos[j] = take ? here : pos[j];
       }
     }
-    std::memcpy(a.arg_max + b * a.dim + d0, arg, sizeof(arg));
+    int64_t* arg = a.arg_max + b * a.dim + d0;
+    for (int j = 0; j < kVecs; ++j) {
+      for (int e = 0; e < kLanes; ++e) {
+        arg[j * kLanes + e] = any ? static_cast<int64_t>(a.idx[i0 + pos[j][e]]) : int64_t(-1);
+      }
+    }
   } else {
     // Loop invariants in locals and one loop per case: the per-row work is a few
     // instructions, so every reload and branch shows (cache-resident rows: 4.4 ns a row
@@ -275,7 +294,8 @@ void pool_bags(const scalar_t* weight, int64_t row_stride, const index_t* idx, c
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t avg_ids = bags ? std::max<int64_t>(1, off[bags] / bags) : 1;
   const int64_t grain = grain_for(avg_ids * dim * sizeof(scalar_t));
-  if (dim % 16 == 0) {
+  // Max mode keeps arg-max positions as int32 lanes: bags of fewer than 2^31 ids.
+  if (dim % 16 == 0 && (mode != kMax || off[bags] <= std::numeric_limits<int32_t>::max())) {
     const PoolArgs<scalar_t, index_t> args{weight, row_stride, idx, off, dim, mode, psw,
                                             padding_idx, out, arg_max};
     at::parallel_for(0, bags, grain, [&](int64_t begin, int64_t end) {
