@@ -118,6 +118,13 @@ __attribute__((always_inline)) inline PosVec<acc_t> broadcast_position(int64_t v
 __attribute__((target("avx,f16c"))) inline __m256 widen_8_f16c(const c10::Half* src) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
 }
+// bf16 -> fp32 is a shift into the top half; one vpmovzxwd from memory (GCC's generic
+// __builtin_convertvector gave two 128-bit ones and an insert: bf16 pooled at half fp16's
+// speed).
+__attribute__((target("avx2"))) inline __m256 widen_8_bf16_avx2(const c10::BFloat16* src) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
 #endif
 
 // The next 32 / sizeof(acc_t) stored values, widened to the accumulator type.
@@ -127,6 +134,10 @@ __attribute__((always_inline)) inline Vec32<acc_t> load_vec(const scalar_t* src)
   Vec32<acc_t> v;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     std::memcpy(&v, src, sizeof(v));
+#if defined(__x86_64__)
+  } else if constexpr (kVector && std::is_same_v<scalar_t, c10::BFloat16>) {
+    v = widen_8_bf16_avx2(src);
+#endif
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // the top half of an fp32
     using u16x8 = uint16_t __attribute__((vector_size(16)));
     using u32x8 = uint32_t __attribute__((vector_size(32)));
@@ -144,112 +155,176 @@ __attribute__((always_inline)) inline Vec32<acc_t> load_vec(const scalar_t* src)
   return v;
 }
 
-// Columns [d0, d0 + kCols) of bag b, pooled in registers across the whole bag. Rows in
+// Columns [d0, d0 + kCols) of bag b are pooled in registers across the whole bag. Rows in
 // position order, no a*b+c contraction (setup.py: -ffp-contract=off): every instruction set
-// gives the same bits. Sum/mean divide by the count as PyTorch (not a multiply by 1/count);
-// max keeps the first row as is (a NaN included), then takes strictly greater values, so
+// gives the same bits. prefetch_end > 0 (the first block of a bag): while row i is pooled,
+// row i + kBagPrefetch (up to prefetch_end, across bag boundaries) is fetched, one row per
+// row, so the memory system sees a steady stream rather than a burst per bag.
+
+// Every cache line of row k (the first column block prefetches for the later ones too).
+// kRowLines > 0: the row is that many lines (the block is the whole row), unrolled: a loop
+// here cost a compare and a branch per line, a fifth of the time of a cache-resident row.
+template <int kRowLines, typename scalar_t, typename index_t>
+__attribute__((always_inline)) inline void fetch_row(const PoolArgs<scalar_t, index_t>& a,
+                                                     int64_t k) {
+  const char* row = reinterpret_cast<const char*>(a.weight + k * a.row_stride);
+  if constexpr (kRowLines > 0) {
+    for (int line = 0; line < kRowLines; ++line) __builtin_prefetch(row + 64 * line);
+  } else {
+    const int64_t row_bytes = a.dim * static_cast<int64_t>(sizeof(scalar_t));
+    for (int64_t byte = 0; byte < row_bytes; byte += 64) __builtin_prefetch(row + byte);
+  }
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx,f16c"))) inline void narrow_8_f16c(__m256 v, c10::Half* dst) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
+                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#endif
+
+// One accumulator vector to dst, rounded to the stored type as store_row rounds (nearest
+// even; a NaN stays a NaN), in vector registers: through an array of lanes GCC kept the
+// whole accumulator block in memory (zeroed with rep stos per bag, stored, reloaded in
+// halves), a fifth of a cache-resident bag's time.
+template <bool kVector, typename acc_t, typename scalar_t>
+__attribute__((always_inline)) inline void store_vec(Vec32<acc_t> v, scalar_t* dst) {
+  constexpr int kLanes = 32 / sizeof(acc_t);
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::memcpy(dst, &v, sizeof(v));
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    using u32x8 = uint32_t __attribute__((vector_size(32)));
+    using i32x8 = int32_t __attribute__((vector_size(32)));
+    using u16x8 = uint16_t __attribute__((vector_size(16)));
+    u32x8 bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    const u32x8 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    const i32x8 nan = v != v;
+    const u32x8 kept = nan ? u32x8{} + 0x7FC0u : rounded;
+    const u16x8 narrow = __builtin_convertvector(kept, u16x8);
+    std::memcpy(dst, &narrow, sizeof(narrow));
+#if defined(__x86_64__)
+  } else if constexpr (kVector && std::is_same_v<scalar_t, c10::Half>) {
+    narrow_8_f16c(v, dst);
+#endif
+  } else {
+    for (int e = 0; e < kLanes; ++e) dst[e] = static_cast<scalar_t>(v[e]);
+  }
+}
+
+// Max: the first non-padding row as is (a NaN included), then strictly greater values, so
 // ties go to the first occurrence and a later NaN is never taken (PyTorch's rule).
-// prefetch_end > 0 (the first block of a bag): while row i is pooled, row i +
-// kBagPrefetch (up to prefetch_end, across bag boundaries) is fetched, one row per row,
-// so the memory system sees a steady stream rather than a burst per bag.
 template <int kCols, bool kVector, typename scalar_t, typename index_t>
-__attribute__((always_inline)) inline void pool_columns(const PoolArgs<scalar_t, index_t>& a,
-                                                        int64_t b, int64_t d0,
-                                                        int64_t prefetch_end) {
+__attribute__((always_inline)) inline void pool_max_columns(const PoolArgs<scalar_t, index_t>& a,
+                                                            int64_t b, int64_t d0,
+                                                            int64_t prefetch_end) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kLanes = 32 / sizeof(acc_t), kVecs = kCols / kLanes;
   static_assert(kCols % kLanes == 0);
   const int64_t i0 = a.off[b], i1 = a.off[b + 1];
-  const int64_t row_bytes = a.dim * sizeof(scalar_t);
-  // The whole row (the first block prefetches for the later ones too).
-  const auto fetch_row = [&](int64_t k) __attribute__((always_inline)) {
-    const char* row = reinterpret_cast<const char*>(a.weight + k * a.row_stride);
-    for (int64_t byte = 0; byte < row_bytes; byte += 64) __builtin_prefetch(row + byte);
-  };
   const auto prefetch = [&](int64_t i) __attribute__((always_inline)) {
-    if (i + kBagPrefetch < prefetch_end) fetch_row(static_cast<int64_t>(a.idx[i + kBagPrefetch]));
+    if (i + kBagPrefetch < prefetch_end) fetch_row<0>(a, static_cast<int64_t>(a.idx[i + kBagPrefetch]));
   };
   Vec32<acc_t> acc[kVecs] = {};
-  if (a.mode == kMax) {
-    // Positions relative to the bag's start (pool_bags keeps bags below 2^31 ids here).
-    PosVec<acc_t> pos[kVecs] = {};
-    int64_t i = i0;
-    while (i < i1 && static_cast<int64_t>(a.idx[i]) == a.padding_idx) ++i;
-    const bool any = i < i1;
+  // Positions relative to the bag's start (pool_bags keeps bags below 2^31 ids here).
+  PosVec<acc_t> pos[kVecs] = {};
+  int64_t i = i0;
+  while (i < i1 && static_cast<int64_t>(a.idx[i]) == a.padding_idx) ++i;
+  const bool any = i < i1;
+  #pragma GCC unroll 16
+  for (int j = 0; j < kVecs; ++j) {
+    pos[j] = broadcast_position<acc_t>(i - i0);
+    if (any) acc[j] = load_vec<kVector>(a.weight + static_cast<int64_t>(a.idx[i]) * a.row_stride + d0 + j * kLanes);
+  }
+  for (int64_t p = i0; p <= std::min(i, i1 - 1); ++p) prefetch(p);
+  for (++i; i < i1; ++i) {
+    prefetch(i);
+    const int64_t k = a.idx[i];
+    if (k == a.padding_idx) continue;
+    const PosVec<acc_t> here = broadcast_position<acc_t>(i - i0);
+    #pragma GCC unroll 16
     for (int j = 0; j < kVecs; ++j) {
-      pos[j] = broadcast_position<acc_t>(i - i0);
-      if (any) acc[j] = load_vec<kVector>(a.weight + static_cast<int64_t>(a.idx[i]) * a.row_stride + d0 + j * kLanes);
-    }
-    for (int64_t p = i0; p <= std::min(i, i1 - 1); ++p) prefetch(p);
-    for (++i; i < i1; ++i) {
-      prefetch(i);
-      const int64_t k = a.idx[i];
-      if (k == a.padding_idx) continue;
-      const PosVec<acc_t> here = broadcast_position<acc_t>(i - i0);
-      for (int j = 0; j < kVecs; ++j) {
-        const Vec32<acc_t> v = load_vec<kVector>(a.weight + k * a.row_stride + d0 + j * kLanes);
-        const auto take = v > acc[j];
-        acc[j] = take ? v : acc[j];
-        pos[j] = take ? here : pos[j];
-      }
-    }
-    int64_t* arg = a.arg_max + b * a.dim + d0;
-    for (int j = 0; j < kVecs; ++j) {
-      for (int e = 0; e < kLanes; ++e) {
-        arg[j * kLanes + e] = any ? static_cast<int64_t>(a.idx[i0 + pos[j][e]]) : int64_t(-1);
-      }
-    }
-  } else {
-    // Loop invariants in locals and one loop per case: the per-row work is a few
-    // instructions, so every reload and branch shows (cache-resident rows: 4.4 ns a row
-    // before this, PyTorch's FBGEMM loop 2.3 ns).
-    const scalar_t* const weight = a.weight + d0;
-    const index_t* const idx = a.idx;
-    const scalar_t* const psw = a.psw;
-    const int64_t stride = a.row_stride, pad = a.padding_idx;
-    // Rows below prefetch_until fetch row i + kBagPrefetch without a bounds check.
-    const int64_t prefetch_until = std::max(i0, std::min(i1, prefetch_end - kBagPrefetch));
-    int64_t count = 0;
-    const auto pool_rows = [&](int64_t from, int64_t to, auto weighted, auto prefetching)
-                               __attribute__((always_inline)) {
-      for (int64_t i = from; i < to; ++i) {
-        if constexpr (decltype(prefetching)::value) fetch_row(static_cast<int64_t>(idx[i + kBagPrefetch]));
-        const int64_t k = idx[i];
-        if (k == pad) continue;
-        ++count;
-        const scalar_t* src = weight + k * stride;
-        if constexpr (decltype(weighted)::value) {
-          const acc_t w = static_cast<acc_t>(psw[i]);
-          for (int j = 0; j < kVecs; ++j) acc[j] += load_vec<kVector>(src + j * kLanes) * w;
-        } else {
-          for (int j = 0; j < kVecs; ++j) acc[j] += load_vec<kVector>(src + j * kLanes);
-        }
-      }
-    };
-    using yes = std::true_type;
-    using no = std::false_type;
-    if (psw != nullptr) {
-      pool_rows(i0, prefetch_until, yes{}, yes{});
-      pool_rows(prefetch_until, i1, yes{}, no{});
-    } else {
-      pool_rows(i0, prefetch_until, no{}, yes{});
-      pool_rows(prefetch_until, i1, no{}, no{});
-    }
-    if (a.mode == kMean && count > 1) {
-      const acc_t c = static_cast<acc_t>(count);
-      for (int j = 0; j < kVecs; ++j) acc[j] /= c;
+      const Vec32<acc_t> v = load_vec<kVector>(a.weight + k * a.row_stride + d0 + j * kLanes);
+      const auto take = v > acc[j];
+      acc[j] = take ? v : acc[j];
+      pos[j] = take ? here : pos[j];
     }
   }
-  acc_t pooled[kCols];
-  std::memcpy(pooled, acc, sizeof(pooled));
-  store_row(pooled, acc_t(1), a.out + b * a.dim + d0, kCols);
+  int64_t* arg = a.arg_max + b * a.dim + d0;
+  #pragma GCC unroll 16
+  for (int j = 0; j < kVecs; ++j) {
+    for (int e = 0; e < kLanes; ++e) {
+      arg[j * kLanes + e] = any ? static_cast<int64_t>(a.idx[i0 + pos[j][e]]) : int64_t(-1);
+    }
+  }
+  #pragma GCC unroll 16
+  for (int j = 0; j < kVecs; ++j) store_vec<kVector, acc_t>(acc[j], a.out + b * a.dim + d0 + j * kLanes);
+}
+
+// Sum, mean (a division by the count, as PyTorch, not a multiply by 1/count) and
+// per_sample_weights. Loop invariants in locals and one loop per case: the per-row work is a
+// few instructions, so every reload and branch shows (cache-resident rows: 4.4 ns a row
+// before this, PyTorch's FBGEMM loop 2.3 ns).
+template <int kCols, int kRowLines, bool kVector, typename scalar_t, typename index_t>
+__attribute__((always_inline)) inline void pool_sum_columns(const PoolArgs<scalar_t, index_t>& a,
+                                                            int64_t b, int64_t d0,
+                                                            int64_t prefetch_end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kLanes = 32 / sizeof(acc_t), kVecs = kCols / kLanes;
+  static_assert(kCols % kLanes == 0);
+  const int64_t i0 = a.off[b], i1 = a.off[b + 1];
+  Vec32<acc_t> acc[kVecs] = {};
+  const scalar_t* const weight = a.weight + d0;
+  const index_t* const idx = a.idx;
+  const scalar_t* const psw = a.psw;
+  const int64_t stride = a.row_stride, pad = a.padding_idx;
+  // Rows below prefetch_until fetch row i + kBagPrefetch without a bounds check.
+  const int64_t prefetch_until = std::max(i0, std::min(i1, prefetch_end - kBagPrefetch));
+  int64_t count = 0;
+  const auto pool_rows = [&](int64_t from, int64_t to, auto weighted, auto prefetching)
+                             __attribute__((always_inline)) {
+    for (int64_t i = from; i < to; ++i) {
+      if constexpr (decltype(prefetching)::value) fetch_row<kRowLines>(a, static_cast<int64_t>(idx[i + kBagPrefetch]));
+      const int64_t k = idx[i];
+      if (k == pad) continue;
+      ++count;
+      const scalar_t* src = weight + k * stride;
+      if constexpr (decltype(weighted)::value) {
+        const acc_t w = static_cast<acc_t>(psw[i]);
+        #pragma GCC unroll 16
+        for (int j = 0; j < kVecs; ++j) acc[j] += load_vec<kVector>(src + j * kLanes) * w;
+      } else {
+        #pragma GCC unroll 16
+        for (int j = 0; j < kVecs; ++j) acc[j] += load_vec<kVector>(src + j * kLanes);
+      }
+    }
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (psw != nullptr) {
+    pool_rows(i0, prefetch_until, yes{}, yes{});
+    pool_rows(prefetch_until, i1, yes{}, no{});
+  } else {
+    pool_rows(i0, prefetch_until, no{}, yes{});
+    pool_rows(prefetch_until, i1, no{}, no{});
+  }
+  if (a.mode == kMean && count > 1) {
+    const acc_t c = static_cast<acc_t>(count);
+    #pragma GCC unroll 16
+    for (int j = 0; j < kVecs; ++j) acc[j] /= c;
+  }
+  #pragma GCC unroll 16
+  for (int j = 0; j < kVecs; ++j) store_vec<kVector, acc_t>(acc[j], a.out + b * a.dim + d0 + j * kLanes);
 }
 
 // Bags [b0, b1), dim a multiple of 16: blocks of 256 bytes of accumulator (8 AVX2 registers)
 // for sum/mean, 16 columns for max (values and their int32 arg-max positions), then 16-column
 // blocks for the rest. Rows are prefetched kBagPrefetch ids ahead, across bag
 // boundaries within the task (a bag's first rows would otherwise each wait for DRAM).
-template <bool kVector, typename scalar_t, typename index_t>
+// kMaxMode is a template parameter, and each (kMaxMode, instruction set) a function of its
+// own: with both loop nests in one function GCC's register allocator spilled one of sum's
+// eight accumulators to the stack (a store and a reload per row: bench/NOTES-cpu.md 8).
+template <bool kMaxMode, bool kVector, typename scalar_t, typename index_t>
 __attribute__((always_inline)) inline void pool_register_blocks(
     const PoolArgs<scalar_t, index_t>& a, int64_t b0, int64_t b1) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -260,25 +335,35 @@ __attribute__((always_inline)) inline void pool_register_blocks(
   }
   for (int64_t b = b0; b < b1; ++b) {
     int64_t d0 = 0;
-    if (a.mode != kMax) {
-      for (; d0 + kWide <= a.dim; d0 += kWide) pool_columns<kWide, kVector>(a, b, d0, d0 == 0 ? task_end : 0);
+    if constexpr (kMaxMode) {
+      for (; d0 < a.dim; d0 += 16) pool_max_columns<16, kVector>(a, b, d0, d0 == 0 ? task_end : 0);
+    } else {
+      // One block that is the whole row (D = 64 fp32, 32 fp64, 64 fp16/bf16) prefetches it
+      // with unrolled lines.
+      constexpr int kWideLines = kWide * sizeof(scalar_t) / 64;
+      if (a.dim == kWide) {
+        pool_sum_columns<kWide, kWideLines, kVector>(a, b, 0, task_end);
+        continue;
+      }
+      for (; d0 + kWide <= a.dim; d0 += kWide) pool_sum_columns<kWide, 0, kVector>(a, b, d0, d0 == 0 ? task_end : 0);
+      for (; d0 < a.dim; d0 += 16) pool_sum_columns<16, 0, kVector>(a, b, d0, d0 == 0 ? task_end : 0);
     }
-    for (; d0 < a.dim; d0 += 16) pool_columns<16, kVector>(a, b, d0, d0 == 0 ? task_end : 0);
   }
 }
 
-template <typename scalar_t, typename index_t>
-void pool_register_blocks_portable(const PoolArgs<scalar_t, index_t>& a, int64_t b0, int64_t b1) {
-  pool_register_blocks<false>(a, b0, b1);
+template <bool kMaxMode, typename scalar_t, typename index_t>
+__attribute__((noinline)) void pool_register_blocks_portable(const PoolArgs<scalar_t, index_t>& a,
+                                                             int64_t b0, int64_t b1) {
+  pool_register_blocks<kMaxMode, false>(a, b0, b1);
 }
 
 #if defined(__x86_64__)
 // The same loops compiled for AVX2 (PyTorch's and FBGEMM's CPU kernels pick their
 // instruction set at run time too; the extension is built for baseline x86-64).
-template <typename scalar_t, typename index_t>
-__attribute__((target("avx2,f16c"))) void pool_register_blocks_avx2(
+template <bool kMaxMode, typename scalar_t, typename index_t>
+__attribute__((target("avx2,f16c"), noinline)) void pool_register_blocks_avx2(
     const PoolArgs<scalar_t, index_t>& a, int64_t b0, int64_t b1) {
-  pool_register_blocks<true>(a, b0, b1);
+  pool_register_blocks<kMaxMode, true>(a, b0, b1);
 }
 
 inline bool has_avx2() {
@@ -286,6 +371,14 @@ inline bool has_avx2() {
   return yes;
 }
 #endif
+
+template <bool kMaxMode, typename scalar_t, typename index_t>
+void pool_register_blocks_any(const PoolArgs<scalar_t, index_t>& a, int64_t b0, int64_t b1) {
+#if defined(__x86_64__)
+  if (has_avx2()) return pool_register_blocks_avx2<kMaxMode>(a, b0, b1);
+#endif
+  pool_register_blocks_portable<kMaxMode>(a, b0, b1);
+}
 
 template <typename scalar_t, typename index_t>
 void pool_bags(const scalar_t* weight, int64_t row_stride, const index_t* idx, const int64_t* off,
@@ -299,10 +392,8 @@ void pool_bags(const scalar_t* weight, int64_t row_stride, const index_t* idx, c
     const PoolArgs<scalar_t, index_t> args{weight, row_stride, idx, off, dim, mode, psw,
                                             padding_idx, out, arg_max};
     at::parallel_for(0, bags, grain, [&](int64_t begin, int64_t end) {
-#if defined(__x86_64__)
-      if (has_avx2()) return pool_register_blocks_avx2(args, begin, end);
-#endif
-      pool_register_blocks_portable(args, begin, end);
+      if (mode == kMax) return pool_register_blocks_any<true>(args, begin, end);
+      pool_register_blocks_any<false>(args, begin, end);
     });
     return;
   }
