@@ -119,3 +119,21 @@ class EmbeddingBagFunction(torch.autograd.Function):
             grad_psw = ops.embedding_bag_per_sample_weights_backward(
                 grad_output, weight, indices, offsets, ctx.padding_idx)
         return grad_weight, None, None, None, grad_psw, None, None, None
+
+
+class _EmbeddingBagEagerFunction(EmbeddingBagFunction):
+    """EmbeddingBagFunction in the form without ``setup_context`` (``forward(ctx, ...)``),
+    for eager calls from :func:`embedding_ext.embedding_bag`: when a Function defines
+    ``setup_context``, ``Function.apply`` binds the arguments to ``forward``'s signature with
+    ``inspect`` on every call (PyTorch 2.11-2.14), 30 us, eight times the op on a small bag
+    (bench/NOTES-cpu.md section 8). torch.func transforms need ``setup_context``: under
+    them the caller uses EmbeddingBagFunction itself. Same forward, context and backward."""
+
+    setup_context = torch.autograd.Function.setup_context  # "not defined" to apply()
+
+    @staticmethod
+    def forward(ctx, *args):  # noqa: D102 (see EmbeddingBagFunction.forward)
+        output = EmbeddingBagFunction.forward(*args)
+        EmbeddingBagFunction.setup_context(ctx, args, output)
+        return output
+

@@ -6,7 +6,7 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import ops
-from .autograd import EmbeddingBagFunction
+from .autograd import EmbeddingBagFunction, _EmbeddingBagEagerFunction
 from ._torch_private import direct_call
 
 # The lookup op; its autograd, forward-mode AD and torch.func support are in C++
@@ -134,6 +134,8 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None,
         with torch.no_grad():
             ops.embedding_renorm_(weight, ids, max_norm, norm_type)
         torch.autograd.graph.increment_version(weight)
-    output, _ = EmbeddingBagFunction.apply(weight, ids, csr, ops.BAG_MODES[mode], psw, padding,
-                                           bool(scale_grad_by_freq), bool(sparse))
+    function = (EmbeddingBagFunction if torch._C._are_functorch_transforms_active()
+                else _EmbeddingBagEagerFunction)
+    output, _ = function.apply(weight, ids, csr, ops.BAG_MODES[mode], psw, padding,
+                               bool(scale_grad_by_freq), bool(sparse))
     return output
