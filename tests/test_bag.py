@@ -310,6 +310,26 @@ def test_bag_errors_name_the_argument(call, error, message):
     assert torch.equal(weight, before)
 
 
+@pytest.mark.parametrize("dim", [16, 64, 5])  # register blocks, one whole-row block, generic
+@pytest.mark.parametrize("mode", ["sum", "mean", "max", "sum+weights"])
+@pytest.mark.parametrize("bad, where", [(-1, 37), (10, 0), (10**12, 59), (11, "trailing")])
+@pytest.mark.parametrize("padding_idx", [None, 3])
+def test_bad_ids_raise_index_error_in_every_path(dim, mode, bad, where, padding_idx):
+    """Sum/mean check ids while pooling, max and the generic loop before: the same
+    IndexError naming the first bad position either way; -1 is an id, not "no padding"."""
+    weight = make_weight(10, dim, torch.float32)
+    ids, offsets = _bags(10, padding_idx=padding_idx)  # 60 ids, the last bag 31..60
+    include_last = where == "trailing"
+    if include_last:  # CSR: ids 50.. in no bag, still checked (as PyTorch)
+        offsets = torch.cat([offsets, torch.tensor([50])])
+        where = 55
+    ids[where] = bad
+    psw = torch.rand(60) if mode == "sum+weights" else None
+    with pytest.raises(IndexError, match=rf"index {bad} at position {where} .* 10 rows"):
+        ee.embedding_bag(ids, weight, offsets, mode=mode.split("+")[0], per_sample_weights=psw,
+                         include_last_offset=include_last, padding_idx=padding_idx)
+
+
 @settings(max_examples=60, deadline=None)
 @given(data=st.data(), mode=st.sampled_from(MODES), num_weights=st.integers(1, 12),
        dim=st.integers(0, 9), padding=st.booleans())

@@ -7,6 +7,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -78,6 +79,7 @@ struct PoolArgs {
   int64_t padding_idx;
   scalar_t* out;
   int64_t* arg_max;  // max mode: (bags, dim) row ids, -1 for an empty bag
+  uint64_t num_rows;  // sum/mean check each id against it while pooling
 };
 
 // GCC vector types, 32 bytes of the accumulator type: one AVX2 register (two SSE registers
@@ -167,7 +169,10 @@ __attribute__((always_inline)) inline Vec32<acc_t> load_vec(const scalar_t* src)
 template <int kRowLines, typename scalar_t, typename index_t>
 __attribute__((always_inline)) inline void fetch_row(const PoolArgs<scalar_t, index_t>& a,
                                                      int64_t k) {
-  const char* row = reinterpret_cast<const char*>(a.weight + k * a.row_stride);
+  // Integer arithmetic: k may be an id not yet checked (sum/mean check while pooling), and a
+  // prefetch of any address is harmless.
+  const char* row = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(a.weight) +
+                                                  static_cast<uint64_t>(k) * a.row_stride * sizeof(scalar_t));
   if constexpr (kRowLines > 0) {
     for (int line = 0; line < kRowLines; ++line) __builtin_prefetch(row + 64 * line);
   } else {
@@ -264,9 +269,11 @@ __attribute__((always_inline)) inline void pool_max_columns(const PoolArgs<scala
 // Sum, mean (a division by the count, as PyTorch, not a multiply by 1/count) and
 // per_sample_weights. Loop invariants in locals and one loop per case: the per-row work is a
 // few instructions, so every reload and branch shows (cache-resident rows: 4.4 ns a row
-// before this, PyTorch's FBGEMM loop 2.3 ns).
+// before this, PyTorch's FBGEMM loop 2.3 ns). Ids are checked here, not in a pass of their
+// own (as FBGEMM's kernels do): an id outside the table is skipped and reported (returns
+// true), and the caller raises.
 template <int kCols, int kRowLines, bool kVector, typename scalar_t, typename index_t>
-__attribute__((always_inline)) inline void pool_sum_columns(const PoolArgs<scalar_t, index_t>& a,
+__attribute__((always_inline)) inline bool pool_sum_columns(const PoolArgs<scalar_t, index_t>& a,
                                                             int64_t b, int64_t d0,
                                                             int64_t prefetch_end) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -278,6 +285,8 @@ __attribute__((always_inline)) inline void pool_sum_columns(const PoolArgs<scala
   const index_t* const idx = a.idx;
   const scalar_t* const psw = a.psw;
   const int64_t stride = a.row_stride, pad = a.padding_idx;
+  const uint64_t num_rows = a.num_rows;
+  bool bad = false;
   // Rows below prefetch_until fetch row i + kBagPrefetch without a bounds check.
   const int64_t prefetch_until = std::max(i0, std::min(i1, prefetch_end - kBagPrefetch));
   int64_t count = 0;
@@ -286,6 +295,10 @@ __attribute__((always_inline)) inline void pool_sum_columns(const PoolArgs<scala
     for (int64_t i = from; i < to; ++i) {
       if constexpr (decltype(prefetching)::value) fetch_row<kRowLines>(a, static_cast<int64_t>(idx[i + kBagPrefetch]));
       const int64_t k = idx[i];
+      if (static_cast<uint64_t>(k) >= num_rows) {  // before the padding test: pad = -1 is "none"
+        bad = true;
+        continue;
+      }
       if (k == pad) continue;
       ++count;
       const scalar_t* src = weight + k * stride;
@@ -315,6 +328,7 @@ __attribute__((always_inline)) inline void pool_sum_columns(const PoolArgs<scala
   }
   #pragma GCC unroll 16
   for (int j = 0; j < kVecs; ++j) store_vec<kVector, acc_t>(acc[j], a.out + b * a.dim + d0 + j * kLanes);
+  return bad;
 }
 
 // Bags [b0, b1), dim a multiple of 16: blocks of 256 bytes of accumulator (8 AVX2 registers)
@@ -324,46 +338,63 @@ __attribute__((always_inline)) inline void pool_sum_columns(const PoolArgs<scala
 // kMaxMode is a template parameter, and each (kMaxMode, instruction set) a function of its
 // own: with both loop nests in one function GCC's register allocator spilled one of sum's
 // eight accumulators to the stack (a store and a reload per row: bench/NOTES-cpu.md 8).
+// Returns true when sum/mean met an id outside the table (max mode's ids are checked first).
 template <bool kMaxMode, bool kVector, typename scalar_t, typename index_t>
-__attribute__((always_inline)) inline void pool_register_blocks(
+__attribute__((always_inline)) inline bool pool_register_blocks(
     const PoolArgs<scalar_t, index_t>& a, int64_t b0, int64_t b1) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kWide = 256 / sizeof(acc_t);
-  const int64_t row_bytes = a.dim * sizeof(scalar_t), task_end = a.off[b1];
+  const int64_t task_end = a.off[b1];
   for (int64_t i = a.off[b0]; i < std::min(a.off[b0] + kBagPrefetch, task_end); ++i) {
-    prefetch_row(a.weight + static_cast<int64_t>(a.idx[i]) * a.row_stride, row_bytes);
+    fetch_row<0>(a, static_cast<int64_t>(a.idx[i]));
   }
+  bool bad = false;
   for (int64_t b = b0; b < b1; ++b) {
     int64_t d0 = 0;
     if constexpr (kMaxMode) {
       for (; d0 < a.dim; d0 += 16) pool_max_columns<16, kVector>(a, b, d0, d0 == 0 ? task_end : 0);
     } else {
-      // One block that is the whole row (D = 64 fp32, 32 fp64, 64 fp16/bf16) prefetches it
-      // with unrolled lines.
+      // Rows of 1, 2 or 4 wide blocks (fp32: D = 64, 128, 256): the first block prefetches
+      // the whole row with unrolled lines (a prefetch loop per row cost D = 128 half its
+      // speed on cache-resident rows).
       constexpr int kWideLines = kWide * sizeof(scalar_t) / 64;
+      const auto whole_rows = [&](auto blocks) __attribute__((always_inline)) {
+        constexpr int kBlocks = decltype(blocks)::value;
+        bad |= pool_sum_columns<kWide, kBlocks * kWideLines, kVector>(a, b, 0, task_end);
+        for (int blk = 1; blk < kBlocks; ++blk) bad |= pool_sum_columns<kWide, 0, kVector>(a, b, blk * kWide, 0);
+      };
       if (a.dim == kWide) {
-        pool_sum_columns<kWide, kWideLines, kVector>(a, b, 0, task_end);
+        whole_rows(std::integral_constant<int, 1>{});
         continue;
       }
-      for (; d0 + kWide <= a.dim; d0 += kWide) pool_sum_columns<kWide, 0, kVector>(a, b, d0, d0 == 0 ? task_end : 0);
-      for (; d0 < a.dim; d0 += 16) pool_sum_columns<16, 0, kVector>(a, b, d0, d0 == 0 ? task_end : 0);
+      if (a.dim == 2 * kWide) {
+        whole_rows(std::integral_constant<int, 2>{});
+        continue;
+      }
+      if (a.dim == 4 * kWide) {
+        whole_rows(std::integral_constant<int, 4>{});
+        continue;
+      }
+      for (; d0 + kWide <= a.dim; d0 += kWide) bad |= pool_sum_columns<kWide, 0, kVector>(a, b, d0, d0 == 0 ? task_end : 0);
+      for (; d0 < a.dim; d0 += 16) bad |= pool_sum_columns<16, 0, kVector>(a, b, d0, d0 == 0 ? task_end : 0);
     }
   }
+  return bad;
 }
 
 template <bool kMaxMode, typename scalar_t, typename index_t>
-__attribute__((noinline)) void pool_register_blocks_portable(const PoolArgs<scalar_t, index_t>& a,
+__attribute__((noinline)) bool pool_register_blocks_portable(const PoolArgs<scalar_t, index_t>& a,
                                                              int64_t b0, int64_t b1) {
-  pool_register_blocks<kMaxMode, false>(a, b0, b1);
+  return pool_register_blocks<kMaxMode, false>(a, b0, b1);
 }
 
 #if defined(__x86_64__)
 // The same loops compiled for AVX2 (PyTorch's and FBGEMM's CPU kernels pick their
 // instruction set at run time too; the extension is built for baseline x86-64).
 template <bool kMaxMode, typename scalar_t, typename index_t>
-__attribute__((target("avx2,f16c"), noinline)) void pool_register_blocks_avx2(
+__attribute__((target("avx2,f16c"), noinline)) bool pool_register_blocks_avx2(
     const PoolArgs<scalar_t, index_t>& a, int64_t b0, int64_t b1) {
-  pool_register_blocks<kMaxMode, true>(a, b0, b1);
+  return pool_register_blocks<kMaxMode, true>(a, b0, b1);
 }
 
 inline bool has_avx2() {
@@ -373,30 +404,47 @@ inline bool has_avx2() {
 #endif
 
 template <bool kMaxMode, typename scalar_t, typename index_t>
-void pool_register_blocks_any(const PoolArgs<scalar_t, index_t>& a, int64_t b0, int64_t b1) {
+bool pool_register_blocks_any(const PoolArgs<scalar_t, index_t>& a, int64_t b0, int64_t b1) {
 #if defined(__x86_64__)
   if (has_avx2()) return pool_register_blocks_avx2<kMaxMode>(a, b0, b1);
 #endif
-  pool_register_blocks_portable<kMaxMode>(a, b0, b1);
+  return pool_register_blocks_portable<kMaxMode>(a, b0, b1);
 }
 
+// Pools bags [0, bags) of the n ids into out; raises IndexError (check_index_range's
+// message: the first bad position) for an id outside the num_rows-row table.
 template <typename scalar_t, typename index_t>
-void pool_bags(const scalar_t* weight, int64_t row_stride, const index_t* idx, const int64_t* off,
-               int64_t bags, int64_t dim, int64_t mode, const scalar_t* psw, int64_t padding_idx,
-               scalar_t* out, int64_t* arg_max) {
+void pool_bags(const scalar_t* weight, int64_t row_stride, int64_t num_rows, const index_t* idx,
+               int64_t n, const int64_t* off, int64_t bags, int64_t dim, int64_t mode,
+               const scalar_t* psw, int64_t padding_idx, scalar_t* out, int64_t* arg_max,
+               const char* op) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t avg_ids = bags ? std::max<int64_t>(1, off[bags] / bags) : 1;
   const int64_t grain = grain_for(avg_ids * dim * sizeof(scalar_t));
   // Max mode keeps arg-max positions as int32 lanes: bags of fewer than 2^31 ids.
   if (dim % 16 == 0 && (mode != kMax || off[bags] <= std::numeric_limits<int32_t>::max())) {
     const PoolArgs<scalar_t, index_t> args{weight, row_stride, idx, off, dim, mode, psw,
-                                            padding_idx, out, arg_max};
+                                            padding_idx, out, arg_max, static_cast<uint64_t>(num_rows)};
+    std::atomic<bool> bad{false};
+    if (mode == kMax) {
+      check_index_range(idx, n, num_rows, op);
+    } else {
+      // Sum/mean check the ids they pool; the ids after the last bag (CSR) are checked here.
+      for (int64_t i = off[bags]; i < n; ++i) {
+        if (static_cast<uint64_t>(static_cast<int64_t>(idx[i])) >= static_cast<uint64_t>(num_rows)) bad = true;
+      }
+    }
     at::parallel_for(0, bags, grain, [&](int64_t begin, int64_t end) {
-      if (mode == kMax) return pool_register_blocks_any<true>(args, begin, end);
-      pool_register_blocks_any<false>(args, begin, end);
+      const bool task_bad = mode == kMax ? pool_register_blocks_any<true>(args, begin, end)
+                                         : pool_register_blocks_any<false>(args, begin, end);
+      if (task_bad) bad = true;
     });
+    if (bad) check_index_range(idx, n, num_rows, op);  // raises for the first bad position
+    TORCH_INTERNAL_ASSERT(!bad, op, ": an id outside the table was met while pooling, but "
+                          "not found again");
     return;
   }
+  check_index_range(idx, n, num_rows, op);
   at::parallel_for(0, bags, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(dim), row(dim);
     // Prefetch across bag boundaries (within this task's ids): a bag's first rows would
@@ -480,13 +528,13 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_forward_cpu(
                                  weight.options().dtype(at::kLong));
   AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
     const index_t* idx = in.indices.const_data_ptr<index_t>();
-    check_index_range(idx, in.n, num_rows, op);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
       pool_bags<scalar_t, index_t>(
-          weight.const_data_ptr<scalar_t>(), weight.stride(0), idx,
+          weight.const_data_ptr<scalar_t>(), weight.stride(0), num_rows, idx, in.n,
           in.offsets.const_data_ptr<int64_t>(), in.bags, dim, mode,
           psw.defined() ? psw.const_data_ptr<scalar_t>() : nullptr, padding_idx,
-          out.mutable_data_ptr<scalar_t>(), mode == kMax ? arg_max.mutable_data_ptr<int64_t>() : nullptr);
+          out.mutable_data_ptr<scalar_t>(), mode == kMax ? arg_max.mutable_data_ptr<int64_t>() : nullptr,
+          op);
     });
   });
   return {out, arg_max};
