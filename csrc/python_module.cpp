@@ -3,6 +3,7 @@
 // documented functions. Kernels are not reached from here but through torch.ops.
 #include <torch/csrc/utils/pybind.h>
 
+#include "cpu/bag.h"
 #include "cpu/dense_backward.h"
 #include "cpu/output_allocator.h"
 #ifdef EMBEDDING_EXT_WITH_CUDA
@@ -56,6 +57,8 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("set_cpu_output_cache_limit", &ee::cpu::set_output_cache_limit);
   mod.def("release_cpu_output_cache", &ee::cpu::release_cached_outputs);
   mod.def("_cpu_dense_backward", &ee::cpu_dense_backward);
+  mod.def("_set_bag_pooling_isa", &ee::cpu::set_bag_pooling_isa);
+  mod.def("_bag_pooling_isa", &ee::cpu::bag_pooling_isa);
 
 #ifdef EMBEDDING_EXT_WITH_CUDA
   mod.attr("with_cuda") = true;

@@ -123,13 +123,14 @@ def test_bag_low_precision_pools_in_fp32(dtype, mode):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("dim", [16, 48, 80, 144])
+@pytest.mark.parametrize("dim", [16, 32, 48, 64, 80, 128, 144, 256])
 @pytest.mark.parametrize("mode", MODES + ["sum+weights"])
 @pytest.mark.parametrize("padding_idx", [None, 3])
 def test_bag_register_blocks(dtype, dim, mode, padding_idx):
-    """Widths that are multiples of 16 take the register-blocked loops (256-byte blocks for
-    sum/mean, then 16 columns; 16-column blocks for max), compiled for AVX2 where the CPU
-    has it: against the float64 reference, and PyTorch for fp32/fp64, ties included."""
+    """Widths that are multiples of 16 take the register-blocked loops (blocks of 8 vector
+    registers for sum/mean, rows of half, 1, 2 or 4 such blocks as a special case, then
+    16 columns; 16-column blocks for max), compiled for the best instruction set the CPU has:
+    against the float64 reference, and PyTorch for fp32/fp64, ties included."""
     weight = make_weight(40, dim, dtype)
     weight[5] = weight[6]  # a tie between two rows for max
     ids, offsets = _bags(40, padding_idx=padding_idx)
@@ -150,6 +151,64 @@ def test_bag_register_blocks(dtype, dim, mode, padding_idx):
         torch.testing.assert_close(ours, theirs, **TOL[dtype])
         for a, b in zip(our_grads, their_grads):  # max: the arg-max rows match PyTorch's
             torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+def _pooling_isas():
+    """The instruction sets of the CPU pooling loops this CPU can run."""
+    from embedding_ext import _C
+    isas = []
+    for isa in ("portable", "avx2", "avx512"):
+        try:
+            _C._set_bag_pooling_isa(isa)
+        except RuntimeError:
+            continue
+        isas.append(isa)
+    _C._set_bag_pooling_isa("auto")
+    return isas
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", MODES + ["sum+weights"])
+def test_every_pooling_instruction_set_gives_the_same_bits(dtype, mode):
+    """The portable, AVX2 and AVX-512 copies of the pooling loops (whichever this CPU runs)
+    give bitwise the same outputs and arg-max rows, for every register-block shape, with
+    NaN, infinities and padding."""
+    from embedding_ext import _C
+    isas = _pooling_isas()
+    assert isas[0] == "portable"
+    if len(isas) == 1:
+        pytest.skip("this CPU runs only the portable copy")
+    m = mode.split("+")[0]
+    for dim in (16, 32, 64, 80, 128, 256, 272):
+        weight = make_weight(40, dim, dtype) * 1e3  # fp16 / bf16 rounding of large sums
+        weight[7, 1] = float("nan")
+        weight[8, 2] = float("inf")
+        ids, offsets = _bags(40, padding_idx=3)
+        psw = torch.randn(ids.shape, dtype=dtype) if mode == "sum+weights" else None
+        outputs = {}
+        try:
+            for isa in isas:
+                _C._set_bag_pooling_isa(isa)
+                out, arg_max = torch.ops.embedding_ext.embedding_bag_forward(
+                    weight, ids, torch.cat([offsets, torch.tensor([ids.numel()])]),
+                    ee.ops.BAG_MODES[m], psw, 3)
+                outputs[isa] = (out, arg_max)
+        finally:
+            _C._set_bag_pooling_isa("auto")
+        base_out, base_arg = outputs["portable"]
+        for isa in isas[1:]:
+            out, arg = outputs[isa]
+            as_bits = torch.int64 if dtype == torch.float64 else (
+                torch.int32 if dtype == torch.float32 else torch.int16)
+            assert torch.equal(out.view(as_bits), base_out.view(as_bits)), (isa, dim)
+            assert torch.equal(arg, base_arg), (isa, dim)
+
+
+def test_pooling_instruction_set_switch_refuses_bad_names():
+    from embedding_ext import _C
+    with pytest.raises(RuntimeError, match="'name' must be 'auto', 'portable', 'avx2' or 'avx512'"):
+        _C._set_bag_pooling_isa("sse9")
+    assert _C._bag_pooling_isa() in ("portable", "avx2", "avx512")
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -13,12 +13,16 @@
 #include <type_traits>
 #include <vector>
 
+#include "bag.h"
 #include "common.h"
 #include "output_allocator.h"
 #include "row_convert.h"
 
-// Vec32 values returned by always-inlined helpers in the portable copy: never an ABI boundary.
+// Vector values returned by always-inlined helpers in the portable copy: never an ABI boundary.
 #pragma GCC diagnostic ignored "-Wpsabi"
+// GCC 12's AVX-512 conversion intrinsics start from _mm512_undefined_*(): a false "may be
+// used uninitialized" inside its own header at every inlined use (GCC bug 105593).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace embedding_ext {
 namespace cpu {
@@ -82,79 +86,186 @@ struct PoolArgs {
   uint64_t num_rows;  // sum/mean check each id against it while pooling
 };
 
-// GCC vector types, 32 bytes of the accumulator type: one AVX2 register (two SSE registers
-// in the portable copy), so a column block's accumulators stay in registers across a bag
-// (arrays of scalars indexed in unrolled loops were left on the stack).
-// (vector_size cannot take a dependent type: one specialisation per accumulator type.)
-template <typename acc_t>
-struct VectorTypes;
+// Instruction sets of the pooling loops, chosen at run time (PyTorch's and FBGEMM's CPU
+// kernels pick theirs at run time too; the extension is built for baseline x86-64). Every
+// copy gives the same bits: the same operations in the same order, no a*b+c contraction
+// (setup.py: -ffp-contract=off).
+constexpr int kPortable = 0, kAvx2 = 1, kAvx512 = 2;
+// Vector width: 64 bytes with AVX-512 (32 registers: D = 128 fp32 pools in one pass over a
+// bag, not two), 32 otherwise (one AVX2 register, two SSE registers in the portable copy).
+constexpr int vector_bytes(int isa) { return isa == kAvx512 ? 64 : 32; }
+
+// The best the CPU has; tests may pin a lower one (set_bag_pooling_isa).
+int best_isa() {
+#if defined(__x86_64__)
+  static const int best = [] {
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512dq");
+    return avx512 ? kAvx512 : avx2 ? kAvx2 : kPortable;
+  }();
+  return best;
+#else
+  return kPortable;
+#endif
+}
+std::atomic<int> pinned_isa{-1};
+int pooling_isa() {
+  const int pinned = pinned_isa.load(std::memory_order_relaxed);
+  return pinned >= 0 ? pinned : best_isa();
+}
+const char* const kIsaNames[] = {"portable", "avx2", "avx512"};
+
+// GCC vector types of the accumulator type, so a column block's accumulators stay in
+// registers across a bag (arrays of scalars indexed in unrolled loops were left on the
+// stack). (vector_size cannot take a dependent size: one specialisation per case.)
 // positions: max mode's arg-max as a position in the bag, an integer of the values' width,
 // so that a comparison's mask selects it directly (int64 lanes beside fp32 values made GCC
 // split a 64-byte vector into scalar code: max pooled 48x slower than sum).
+template <typename acc_t, int kBytes>
+struct VectorTypes;
 template <>
-struct VectorTypes<float> {
+struct VectorTypes<float, 32> {
   using values = float __attribute__((vector_size(32)));
   using positions = int32_t __attribute__((vector_size(32)));
 };
 template <>
-struct VectorTypes<double> {
+struct VectorTypes<double, 32> {
   using values = double __attribute__((vector_size(32)));
   using positions = int64_t __attribute__((vector_size(32)));
 };
-template <typename acc_t>
-using Vec32 = typename VectorTypes<acc_t>::values;
-template <typename acc_t>
-using PosVec = typename VectorTypes<acc_t>::positions;
+template <>
+struct VectorTypes<float, 64> {
+  using values = float __attribute__((vector_size(64)));
+  using positions = int32_t __attribute__((vector_size(64)));
+};
+template <>
+struct VectorTypes<double, 64> {
+  using values = double __attribute__((vector_size(64)));
+  using positions = int64_t __attribute__((vector_size(64)));
+};
+template <typename acc_t, int kIsa>
+using Vec = typename VectorTypes<acc_t, vector_bytes(kIsa)>::values;
+template <typename acc_t, int kIsa>
+using PosVec = typename VectorTypes<acc_t, vector_bytes(kIsa)>::positions;
+template <typename acc_t, int kIsa>
+constexpr int kLanesOf = vector_bytes(kIsa) / sizeof(acc_t);
 
 // Every lane = value (spelled per lane: `PosVec{} + value` draws a false "may be used
 // uninitialized" from GCC 12).
-template <typename acc_t>
-__attribute__((always_inline)) inline PosVec<acc_t> broadcast_position(int64_t value) {
-  PosVec<acc_t> v;
+template <typename acc_t, int kIsa>
+__attribute__((always_inline)) inline PosVec<acc_t, kIsa> broadcast_position(int64_t value) {
+  PosVec<acc_t, kIsa> v;
   for (int e = 0; e < static_cast<int>(sizeof(v) / sizeof(v[0])); ++e) v[e] = value;
   return v;
 }
 
 #if defined(__x86_64__)
-// F16C's 8 conversions at once; inlined into the AVX2 copy only (kVector).
+// fp16/bf16 <-> fp32 a vector at a time, inlined into the copy of their instruction set.
+// bf16 -> fp32 is a shift into the top half: one vpmovzxwd from memory (GCC's generic
+// __builtin_convertvector gave two 128-bit ones and an insert: bf16 pooled at half fp16's
+// speed).
 __attribute__((target("avx,f16c"))) inline __m256 widen_8_f16c(const c10::Half* src) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
 }
-// bf16 -> fp32 is a shift into the top half; one vpmovzxwd from memory (GCC's generic
-// __builtin_convertvector gave two 128-bit ones and an insert: bf16 pooled at half fp16's
-// speed).
 __attribute__((target("avx2"))) inline __m256 widen_8_bf16_avx2(const c10::BFloat16* src) {
   const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
+__attribute__((target("avx,f16c"))) inline void narrow_8_f16c(__m256 v, c10::Half* dst) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
+                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+__attribute__((target("avx512f"))) inline __m512 widen_16_f16_avx512(const c10::Half* src) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+}
+__attribute__((target("avx512f"))) inline __m512 widen_16_bf16_avx512(const c10::BFloat16* src) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+__attribute__((target("avx512f"))) inline void narrow_16_f16_avx512(__m512 v, c10::Half* dst) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                      _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
 #endif
 
-// The next 32 / sizeof(acc_t) stored values, widened to the accumulator type.
-template <bool kVector, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-__attribute__((always_inline)) inline Vec32<acc_t> load_vec(const scalar_t* src) {
-  constexpr int kLanes = 32 / sizeof(acc_t);
-  Vec32<acc_t> v;
+// bf16 bits of kLanes fp32 lanes, and those lanes as integers.
+template <int kLanes>
+struct HalfWords;
+template <>
+struct HalfWords<8> {
+  using u16s = uint16_t __attribute__((vector_size(16)));
+  using u32s = uint32_t __attribute__((vector_size(32)));
+  using i32s = int32_t __attribute__((vector_size(32)));
+};
+template <>
+struct HalfWords<16> {
+  using u16s = uint16_t __attribute__((vector_size(32)));
+  using u32s = uint32_t __attribute__((vector_size(64)));
+  using i32s = int32_t __attribute__((vector_size(64)));
+};
+
+// The next kLanesOf<acc_t, kIsa> stored values, widened to the accumulator type.
+template <int kIsa, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+__attribute__((always_inline)) inline Vec<acc_t, kIsa> load_vec(const scalar_t* src) {
+  constexpr int kLanes = kLanesOf<acc_t, kIsa>;
+  Vec<acc_t, kIsa> v;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     std::memcpy(&v, src, sizeof(v));
 #if defined(__x86_64__)
-  } else if constexpr (kVector && std::is_same_v<scalar_t, c10::BFloat16>) {
+  } else if constexpr (kIsa == kAvx2 && std::is_same_v<scalar_t, c10::BFloat16>) {
     v = widen_8_bf16_avx2(src);
+  } else if constexpr (kIsa == kAvx512 && std::is_same_v<scalar_t, c10::BFloat16>) {
+    v = widen_16_bf16_avx512(src);
+  } else if constexpr (kIsa == kAvx2 && std::is_same_v<scalar_t, c10::Half>) {
+    v = widen_8_f16c(src);
+  } else if constexpr (kIsa == kAvx512 && std::is_same_v<scalar_t, c10::Half>) {
+    v = widen_16_f16_avx512(src);
 #endif
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // the top half of an fp32
-    using u16x8 = uint16_t __attribute__((vector_size(16)));
-    using u32x8 = uint32_t __attribute__((vector_size(32)));
-    u16x8 bits;
+    using u16s = typename HalfWords<kLanes>::u16s;
+    using u32s = typename HalfWords<kLanes>::u32s;
+    u16s bits;
     std::memcpy(&bits, src, sizeof(bits));
-    const u32x8 widened = __builtin_convertvector(bits, u32x8) << 16;
+    const u32s widened = __builtin_convertvector(bits, u32s) << 16;
     std::memcpy(&v, &widened, sizeof(v));
-#if defined(__x86_64__)
-  } else if constexpr (kVector && std::is_same_v<scalar_t, c10::Half>) {
-    v = widen_8_f16c(src);
-#endif
   } else {
     for (int e = 0; e < kLanes; ++e) v[e] = static_cast<acc_t>(src[e]);
   }
   return v;
+}
+
+// One accumulator vector to dst, rounded to the stored type as store_row rounds (nearest
+// even; a NaN stays a NaN), in vector registers: through an array of lanes GCC kept the
+// whole accumulator block in memory (zeroed with rep stos per bag, stored, reloaded in
+// halves), a fifth of a cache-resident bag's time.
+template <int kIsa, typename acc_t, typename scalar_t>
+__attribute__((always_inline)) inline void store_vec(Vec<acc_t, kIsa> v, scalar_t* dst) {
+  constexpr int kLanes = kLanesOf<acc_t, kIsa>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::memcpy(dst, &v, sizeof(v));
+#if defined(__x86_64__)
+  } else if constexpr (kIsa == kAvx2 && std::is_same_v<scalar_t, c10::Half>) {
+    narrow_8_f16c(v, dst);
+  } else if constexpr (kIsa == kAvx512 && std::is_same_v<scalar_t, c10::Half>) {
+    narrow_16_f16_avx512(v, dst);
+#endif
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    using u32s = typename HalfWords<kLanes>::u32s;
+    using i32s = typename HalfWords<kLanes>::i32s;
+    using u16s = typename HalfWords<kLanes>::u16s;
+    u32s bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    const u32s rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    const i32s nan = v != v;
+    const u32s kept = nan ? u32s{} + 0x7FC0u : rounded;
+    const u16s narrow = __builtin_convertvector(kept, u16s);
+    std::memcpy(dst, &narrow, sizeof(narrow));
+  } else {
+    for (int e = 0; e < kLanes; ++e) dst[e] = static_cast<scalar_t>(v[e]);
+  }
 }
 
 // Columns [d0, d0 + kCols) of bag b are pooled in registers across the whole bag. Rows in
@@ -181,75 +292,39 @@ __attribute__((always_inline)) inline void fetch_row(const PoolArgs<scalar_t, in
   }
 }
 
-#if defined(__x86_64__)
-__attribute__((target("avx,f16c"))) inline void narrow_8_f16c(__m256 v, c10::Half* dst) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
-                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-#endif
-
-// One accumulator vector to dst, rounded to the stored type as store_row rounds (nearest
-// even; a NaN stays a NaN), in vector registers: through an array of lanes GCC kept the
-// whole accumulator block in memory (zeroed with rep stos per bag, stored, reloaded in
-// halves), a fifth of a cache-resident bag's time.
-template <bool kVector, typename acc_t, typename scalar_t>
-__attribute__((always_inline)) inline void store_vec(Vec32<acc_t> v, scalar_t* dst) {
-  constexpr int kLanes = 32 / sizeof(acc_t);
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    std::memcpy(dst, &v, sizeof(v));
-  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    using u32x8 = uint32_t __attribute__((vector_size(32)));
-    using i32x8 = int32_t __attribute__((vector_size(32)));
-    using u16x8 = uint16_t __attribute__((vector_size(16)));
-    u32x8 bits;
-    std::memcpy(&bits, &v, sizeof(bits));
-    const u32x8 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    const i32x8 nan = v != v;
-    const u32x8 kept = nan ? u32x8{} + 0x7FC0u : rounded;
-    const u16x8 narrow = __builtin_convertvector(kept, u16x8);
-    std::memcpy(dst, &narrow, sizeof(narrow));
-#if defined(__x86_64__)
-  } else if constexpr (kVector && std::is_same_v<scalar_t, c10::Half>) {
-    narrow_8_f16c(v, dst);
-#endif
-  } else {
-    for (int e = 0; e < kLanes; ++e) dst[e] = static_cast<scalar_t>(v[e]);
-  }
-}
-
 // Max: the first non-padding row as is (a NaN included), then strictly greater values, so
 // ties go to the first occurrence and a later NaN is never taken (PyTorch's rule).
-template <int kCols, bool kVector, typename scalar_t, typename index_t>
+template <int kCols, int kIsa, typename scalar_t, typename index_t>
 __attribute__((always_inline)) inline void pool_max_columns(const PoolArgs<scalar_t, index_t>& a,
                                                             int64_t b, int64_t d0,
                                                             int64_t prefetch_end) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kLanes = 32 / sizeof(acc_t), kVecs = kCols / kLanes;
+  constexpr int kLanes = kLanesOf<acc_t, kIsa>, kVecs = kCols / kLanes;
   static_assert(kCols % kLanes == 0);
   const int64_t i0 = a.off[b], i1 = a.off[b + 1];
   const auto prefetch = [&](int64_t i) __attribute__((always_inline)) {
     if (i + kBagPrefetch < prefetch_end) fetch_row<0>(a, static_cast<int64_t>(a.idx[i + kBagPrefetch]));
   };
-  Vec32<acc_t> acc[kVecs] = {};
+  Vec<acc_t, kIsa> acc[kVecs] = {};
   // Positions relative to the bag's start (pool_bags keeps bags below 2^31 ids here).
-  PosVec<acc_t> pos[kVecs] = {};
+  PosVec<acc_t, kIsa> pos[kVecs] = {};
   int64_t i = i0;
   while (i < i1 && static_cast<int64_t>(a.idx[i]) == a.padding_idx) ++i;
   const bool any = i < i1;
   #pragma GCC unroll 16
   for (int j = 0; j < kVecs; ++j) {
-    pos[j] = broadcast_position<acc_t>(i - i0);
-    if (any) acc[j] = load_vec<kVector>(a.weight + static_cast<int64_t>(a.idx[i]) * a.row_stride + d0 + j * kLanes);
+    pos[j] = broadcast_position<acc_t, kIsa>(i - i0);
+    if (any) acc[j] = load_vec<kIsa>(a.weight + static_cast<int64_t>(a.idx[i]) * a.row_stride + d0 + j * kLanes);
   }
   for (int64_t p = i0; p <= std::min(i, i1 - 1); ++p) prefetch(p);
   for (++i; i < i1; ++i) {
     prefetch(i);
     const int64_t k = a.idx[i];
     if (k == a.padding_idx) continue;
-    const PosVec<acc_t> here = broadcast_position<acc_t>(i - i0);
+    const PosVec<acc_t, kIsa> here = broadcast_position<acc_t, kIsa>(i - i0);
     #pragma GCC unroll 16
     for (int j = 0; j < kVecs; ++j) {
-      const Vec32<acc_t> v = load_vec<kVector>(a.weight + k * a.row_stride + d0 + j * kLanes);
+      const Vec<acc_t, kIsa> v = load_vec<kIsa>(a.weight + k * a.row_stride + d0 + j * kLanes);
       const auto take = v > acc[j];
       acc[j] = take ? v : acc[j];
       pos[j] = take ? here : pos[j];
@@ -263,7 +338,7 @@ __attribute__((always_inline)) inline void pool_max_columns(const PoolArgs<scala
     }
   }
   #pragma GCC unroll 16
-  for (int j = 0; j < kVecs; ++j) store_vec<kVector, acc_t>(acc[j], a.out + b * a.dim + d0 + j * kLanes);
+  for (int j = 0; j < kVecs; ++j) store_vec<kIsa, acc_t>(acc[j], a.out + b * a.dim + d0 + j * kLanes);
 }
 
 // Sum, mean (a division by the count, as PyTorch, not a multiply by 1/count) and
@@ -272,15 +347,15 @@ __attribute__((always_inline)) inline void pool_max_columns(const PoolArgs<scala
 // before this, PyTorch's FBGEMM loop 2.3 ns). Ids are checked here, not in a pass of their
 // own (as FBGEMM's kernels do): an id outside the table is skipped and reported (returns
 // true), and the caller raises.
-template <int kCols, int kRowLines, bool kVector, typename scalar_t, typename index_t>
+template <int kCols, int kRowLines, int kIsa, typename scalar_t, typename index_t>
 __attribute__((always_inline)) inline bool pool_sum_columns(const PoolArgs<scalar_t, index_t>& a,
                                                             int64_t b, int64_t d0,
                                                             int64_t prefetch_end) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kLanes = 32 / sizeof(acc_t), kVecs = kCols / kLanes;
+  constexpr int kLanes = kLanesOf<acc_t, kIsa>, kVecs = kCols / kLanes;
   static_assert(kCols % kLanes == 0);
   const int64_t i0 = a.off[b], i1 = a.off[b + 1];
-  Vec32<acc_t> acc[kVecs] = {};
+  Vec<acc_t, kIsa> acc[kVecs] = {};
   const scalar_t* const weight = a.weight + d0;
   const index_t* const idx = a.idx;
   const scalar_t* const psw = a.psw;
@@ -305,10 +380,10 @@ __attribute__((always_inline)) inline bool pool_sum_columns(const PoolArgs<scala
       if constexpr (decltype(weighted)::value) {
         const acc_t w = static_cast<acc_t>(psw[i]);
         #pragma GCC unroll 16
-        for (int j = 0; j < kVecs; ++j) acc[j] += load_vec<kVector>(src + j * kLanes) * w;
+        for (int j = 0; j < kVecs; ++j) acc[j] += load_vec<kIsa>(src + j * kLanes) * w;
       } else {
         #pragma GCC unroll 16
-        for (int j = 0; j < kVecs; ++j) acc[j] += load_vec<kVector>(src + j * kLanes);
+        for (int j = 0; j < kVecs; ++j) acc[j] += load_vec<kIsa>(src + j * kLanes);
       }
     }
   };
@@ -327,23 +402,24 @@ __attribute__((always_inline)) inline bool pool_sum_columns(const PoolArgs<scala
     for (int j = 0; j < kVecs; ++j) acc[j] /= c;
   }
   #pragma GCC unroll 16
-  for (int j = 0; j < kVecs; ++j) store_vec<kVector, acc_t>(acc[j], a.out + b * a.dim + d0 + j * kLanes);
+  for (int j = 0; j < kVecs; ++j) store_vec<kIsa, acc_t>(acc[j], a.out + b * a.dim + d0 + j * kLanes);
   return bad;
 }
 
-// Bags [b0, b1), dim a multiple of 16: blocks of 256 bytes of accumulator (8 AVX2 registers)
-// for sum/mean, 16 columns for max (values and their int32 arg-max positions), then 16-column
-// blocks for the rest. Rows are prefetched kBagPrefetch ids ahead, across bag
-// boundaries within the task (a bag's first rows would otherwise each wait for DRAM).
-// kMaxMode is a template parameter, and each (kMaxMode, instruction set) a function of its
-// own: with both loop nests in one function GCC's register allocator spilled one of sum's
-// eight accumulators to the stack (a store and a reload per row: bench/NOTES-cpu.md 8).
-// Returns true when sum/mean met an id outside the table (max mode's ids are checked first).
-template <bool kMaxMode, bool kVector, typename scalar_t, typename index_t>
+// Bags [b0, b1), dim a multiple of 16: blocks of 8 vector registers of accumulator
+// (AVX2 fp32: 64 columns; AVX-512 fp32: 128) for sum/mean, 16 columns for max (values and
+// their int32 arg-max positions), then 16-column blocks for the rest. Rows are prefetched
+// kBagPrefetch ids ahead, across bag boundaries within the task (a bag's first rows would
+// otherwise each wait for DRAM). kMaxMode is a template parameter, and each (kMaxMode,
+// instruction set) a function of its own: with both loop nests in one function GCC's
+// register allocator spilled one of sum's eight accumulators to the stack (a store and a
+// reload per row: bench/NOTES-cpu.md 8). Returns true when sum/mean met an id outside the
+// table (max mode's ids are checked first).
+template <bool kMaxMode, int kIsa, typename scalar_t, typename index_t>
 __attribute__((always_inline)) inline bool pool_register_blocks(
     const PoolArgs<scalar_t, index_t>& a, int64_t b0, int64_t b1) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kWide = 256 / sizeof(acc_t);
+  constexpr int kWide = 8 * kLanesOf<acc_t, kIsa>;
   const int64_t task_end = a.off[b1];
   for (int64_t i = a.off[b0]; i < std::min(a.off[b0] + kBagPrefetch, task_end); ++i) {
     fetch_row<0>(a, static_cast<int64_t>(a.idx[i]));
@@ -352,17 +428,21 @@ __attribute__((always_inline)) inline bool pool_register_blocks(
   for (int64_t b = b0; b < b1; ++b) {
     int64_t d0 = 0;
     if constexpr (kMaxMode) {
-      for (; d0 < a.dim; d0 += 16) pool_max_columns<16, kVector>(a, b, d0, d0 == 0 ? task_end : 0);
+      for (; d0 < a.dim; d0 += 16) pool_max_columns<16, kIsa>(a, b, d0, d0 == 0 ? task_end : 0);
     } else {
-      // Rows of 1, 2 or 4 wide blocks (fp32: D = 64, 128, 256): the first block prefetches
-      // the whole row with unrolled lines (a prefetch loop per row cost D = 128 half its
-      // speed on cache-resident rows).
+      // Rows of half, 1, 2 or 4 wide blocks (AVX2 fp32: D = 32, 64, 128, 256): the first
+      // block prefetches the whole row with unrolled lines (a prefetch loop per row cost
+      // D = 128 half its speed on cache-resident rows).
       constexpr int kWideLines = kWide * sizeof(scalar_t) / 64;
       const auto whole_rows = [&](auto blocks) __attribute__((always_inline)) {
         constexpr int kBlocks = decltype(blocks)::value;
-        bad |= pool_sum_columns<kWide, kBlocks * kWideLines, kVector>(a, b, 0, task_end);
-        for (int blk = 1; blk < kBlocks; ++blk) bad |= pool_sum_columns<kWide, 0, kVector>(a, b, blk * kWide, 0);
+        bad |= pool_sum_columns<kWide, kBlocks * kWideLines, kIsa>(a, b, 0, task_end);
+        for (int blk = 1; blk < kBlocks; ++blk) bad |= pool_sum_columns<kWide, 0, kIsa>(a, b, blk * kWide, 0);
       };
+      if (a.dim == kWide / 2) {
+        bad |= pool_sum_columns<kWide / 2, kWideLines / 2, kIsa>(a, b, 0, task_end);
+        continue;
+      }
       if (a.dim == kWide) {
         whole_rows(std::integral_constant<int, 1>{});
         continue;
@@ -375,8 +455,8 @@ __attribute__((always_inline)) inline bool pool_register_blocks(
         whole_rows(std::integral_constant<int, 4>{});
         continue;
       }
-      for (; d0 + kWide <= a.dim; d0 += kWide) bad |= pool_sum_columns<kWide, 0, kVector>(a, b, d0, d0 == 0 ? task_end : 0);
-      for (; d0 < a.dim; d0 += 16) bad |= pool_sum_columns<16, 0, kVector>(a, b, d0, d0 == 0 ? task_end : 0);
+      for (; d0 + kWide <= a.dim; d0 += kWide) bad |= pool_sum_columns<kWide, 0, kIsa>(a, b, d0, d0 == 0 ? task_end : 0);
+      for (; d0 < a.dim; d0 += 16) bad |= pool_sum_columns<16, 0, kIsa>(a, b, d0, d0 == 0 ? task_end : 0);
     }
   }
   return bad;
@@ -385,28 +465,31 @@ __attribute__((always_inline)) inline bool pool_register_blocks(
 template <bool kMaxMode, typename scalar_t, typename index_t>
 __attribute__((noinline)) bool pool_register_blocks_portable(const PoolArgs<scalar_t, index_t>& a,
                                                              int64_t b0, int64_t b1) {
-  return pool_register_blocks<kMaxMode, false>(a, b0, b1);
+  return pool_register_blocks<kMaxMode, kPortable>(a, b0, b1);
 }
 
 #if defined(__x86_64__)
-// The same loops compiled for AVX2 (PyTorch's and FBGEMM's CPU kernels pick their
-// instruction set at run time too; the extension is built for baseline x86-64).
 template <bool kMaxMode, typename scalar_t, typename index_t>
 __attribute__((target("avx2,f16c"), noinline)) bool pool_register_blocks_avx2(
     const PoolArgs<scalar_t, index_t>& a, int64_t b0, int64_t b1) {
-  return pool_register_blocks<kMaxMode, true>(a, b0, b1);
+  return pool_register_blocks<kMaxMode, kAvx2>(a, b0, b1);
 }
 
-inline bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  return yes;
+template <bool kMaxMode, typename scalar_t, typename index_t>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c"), noinline)) bool
+pool_register_blocks_avx512(const PoolArgs<scalar_t, index_t>& a, int64_t b0, int64_t b1) {
+  return pool_register_blocks<kMaxMode, kAvx512>(a, b0, b1);
 }
 #endif
 
 template <bool kMaxMode, typename scalar_t, typename index_t>
 bool pool_register_blocks_any(const PoolArgs<scalar_t, index_t>& a, int64_t b0, int64_t b1) {
 #if defined(__x86_64__)
-  if (has_avx2()) return pool_register_blocks_avx2<kMaxMode>(a, b0, b1);
+  switch (pooling_isa()) {
+    case kAvx512: return pool_register_blocks_avx512<kMaxMode>(a, b0, b1);
+    case kAvx2: return pool_register_blocks_avx2<kMaxMode>(a, b0, b1);
+    default: break;
+  }
 #endif
   return pool_register_blocks_portable<kMaxMode>(a, b0, b1);
 }
@@ -778,6 +861,24 @@ at::Tensor embedding_bag_per_sample_weights_backward_cpu(
 }
 
 }  // namespace
+
+void set_bag_pooling_isa(const std::string& name) {
+  if (name == "auto") {
+    pinned_isa = -1;
+    return;
+  }
+  for (int isa = kPortable; isa <= kAvx512; ++isa) {
+    if (name != kIsaNames[isa]) continue;
+    TORCH_CHECK(isa <= best_isa(), "set_bag_pooling_isa: this CPU has no ", name, " (best: ",
+                kIsaNames[best_isa()], ")");
+    pinned_isa = isa;
+    return;
+  }
+  TORCH_CHECK(false, "set_bag_pooling_isa: 'name' must be 'auto', 'portable', 'avx2' or "
+              "'avx512', got '", name, "'");
+}
+
+std::string bag_pooling_isa() { return kIsaNames[pooling_isa()]; }
 
 TORCH_LIBRARY_IMPL(embedding_ext, CPU, m) {
   m.impl("embedding_bag_forward", &embedding_bag_forward_cpu);
