@@ -389,24 +389,46 @@ def test_bad_ids_raise_index_error_in_every_path(dim, mode, bad, where, padding_
                          include_last_offset=include_last, padding_idx=padding_idx)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(data=st.data(), mode=st.sampled_from(MODES), num_weights=st.integers(1, 12),
-       dim=st.integers(0, 9), padding=st.booleans())
-def test_bag_hypothesis_against_reference(data, mode, num_weights, dim, padding):
+       dim=st.sampled_from([0, 1, 3, 5, 9, 16, 32, 48, 64]), padding=st.booleans(),
+       index_dtype=st.sampled_from([torch.int32, torch.int64]), weighted=st.booleans(),
+       freq=st.booleans(), sparse=st.booleans(), trailing=st.integers(0, 3))
+def test_bag_hypothesis_against_reference(data, mode, num_weights, dim, padding, index_dtype,
+                                          weighted, freq, sparse, trailing):
+    """Any bag lengths (empty bags included), duplicates, padding, CSR offsets with ids after
+    the last bag, int32/int64 ids, per_sample_weights, scale_grad_by_freq and sparse
+    gradients, register-block widths: output, weight gradient and per_sample_weights
+    gradient against the float64 reference."""
+    weighted = weighted and mode == "sum"
+    freq = freq and mode != "max"
+    sparse = sparse and mode != "max"
     lengths = data.draw(st.lists(st.integers(0, 6), min_size=1, max_size=8))
-    n = sum(lengths)
+    n = sum(lengths) + trailing
     ids = torch.tensor(data.draw(st.lists(st.integers(0, num_weights - 1), min_size=n,
-                                          max_size=n)), dtype=torch.int64)
-    csr = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)))
+                                          max_size=n)), dtype=index_dtype)
+    csr = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=index_dtype)
     pad = data.draw(st.integers(0, num_weights - 1)) if padding else None
     weight = torch.randn(num_weights, dim, dtype=torch.float64, requires_grad=True)
-    out = ee.embedding_bag(ids, weight, csr, mode=mode, padding_idx=pad, include_last_offset=True)
-    expected = reference.bag_forward(weight, ids, csr, mode, None, pad)
+    psw = torch.randn(n, dtype=torch.float64, requires_grad=True) if weighted else None
+    out = ee.embedding_bag(ids, weight, csr, mode=mode, padding_idx=pad, include_last_offset=True,
+                           per_sample_weights=psw, scale_grad_by_freq=freq, sparse=sparse)
+    expected = reference.bag_forward(weight, ids, csr, mode, psw, pad)
     torch.testing.assert_close(out, expected.detach())
     grad_out = torch.randn_like(out)
-    (ours,) = torch.autograd.grad(out, weight, grad_out)
-    (ref,) = torch.autograd.grad(expected, weight, grad_out)
-    torch.testing.assert_close(ours, ref)
+    inputs = (weight,) if psw is None else (weight, psw)
+    ours = torch.autograd.grad(out, inputs, grad_out)
+    ref = list(torch.autograd.grad(expected, inputs, grad_out, allow_unused=True))
+    ref = [torch.zeros_like(x) if g is None else g for g, x in zip(ref, inputs)]
+    if freq:  # each row's gradient over its count among the pooled, non-padding ids
+        pooled = ids[:int(csr[-1])].long()
+        pooled = pooled[pooled != (-1 if pad is None else pad)]
+        counts = torch.bincount(pooled, minlength=num_weights).clamp(min=1)
+        ref[0] = ref[0] / counts[:, None]
+    assert ours[0].is_sparse == sparse
+    torch.testing.assert_close(ours[0].to_dense() if sparse else ours[0], ref[0])
+    if psw is not None:
+        torch.testing.assert_close(ours[1], ref[1])
 
 
 def test_no_bags():
