@@ -28,6 +28,7 @@ if _C.torch_version != torch.__version__:
     )
 
 from . import ops  # noqa: E402  (registers fake kernels)
+from . import optim  # noqa: E402
 from .autograd import EmbeddingBagFunction, EmbeddingFunction  # noqa: E402
 from .functional import embedding, embedding_bag  # noqa: E402
 from .module import Embedding, EmbeddingBag  # noqa: E402
@@ -107,6 +108,7 @@ __all__ = [
     "EmbeddingBagFunction",
     "embedding",
     "embedding_bag",
+    "optim",
     "replace_embeddings",
     "restore_embeddings",
     "build_info",
