@@ -204,6 +204,30 @@ def test_every_pooling_instruction_set_gives_the_same_bits(dtype, mode):
             assert torch.equal(arg, base_arg), (isa, dim)
 
 
+@pytest.mark.parametrize("dim", [5, 8, 64])
+def test_sparse_gradient_rows_are_copied_alike_with_streaming_stores(dim):
+    """The unscaled sparse gradient copies each bag's gradient row with AVX2 streaming stores
+    where rows are 32-byte multiples: the same values and rows as the plain copy."""
+    from embedding_ext import _C
+    isas = _pooling_isas()
+    ids, offsets = _bags(40, padding_idx=3)
+    csr = torch.cat([offsets, torch.tensor([ids.numel()])])
+    grad = torch.randn(csr.numel() - 1, dim)
+    results = []
+    try:
+        for isa in isas:
+            _C._set_bag_pooling_isa(isa)
+            results.append(torch.ops.embedding_ext.embedding_bag_sparse_backward(
+                grad, ids, csr, 40, 0, None, 3, False))
+    finally:
+        _C._set_bag_pooling_isa("auto")
+    keep = ids != 3
+    bag_of = torch.repeat_interleave(torch.arange(csr.numel() - 1), csr.diff())
+    for rows, values in results:
+        assert torch.equal(rows[0], ids[keep])
+        assert torch.equal(values, grad[bag_of[keep]])
+
+
 def test_pooling_instruction_set_switch_refuses_bad_names():
     from embedding_ext import _C
     with pytest.raises(RuntimeError, match="'name' must be 'auto', 'portable', 'avx2' or 'avx512'"):
