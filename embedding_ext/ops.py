@@ -243,6 +243,12 @@ def _bag_dense_backward_fake(grad_output, indices, offsets, arg_max, num_weights
                  lambda: f"{op}: max mode (2) does not support scale_grad_by_freq")
     if mode == 2:
         _check_devices(arg_max, "arg_max", indices, op)
+        bags, dim = offsets.shape[0] - 1, grad_output.shape[1]
+        torch._check(arg_max.dim() == 2 and arg_max.shape[0] == bags and arg_max.shape[1] == dim
+                     and arg_max.dtype == torch.int64,
+                     lambda: f"{op}: 'arg_max' must be an int64 tensor of shape (bags, D) = "
+                             f"({bags}, {dim}) in max mode, got {arg_max.dtype} of shape "
+                             f"{tuple(arg_max.shape)}")
     torch._check(grad_output.shape[0] == offsets.shape[0] - 1,
                  lambda: f"{op}: 'grad_output' must have one row per bag "
                          f"({offsets.shape[0] - 1}), got shape {tuple(grad_output.shape)}")

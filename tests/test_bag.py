@@ -695,3 +695,25 @@ def test_reused_gradient_buffer_is_zeroed(mode):
         torch.testing.assert_close(weight.grad, w.grad)
         del w
     assert pointers[0] == pointers[1], "the second gradient did not reuse the first's buffer"
+
+
+@pytest.mark.parametrize("fake", [False, True], ids=["kernel", "fake"])
+@pytest.mark.parametrize("arg_max", [torch.zeros(2, 3, dtype=torch.int64),
+                                     torch.zeros(3, 4, dtype=torch.int32),
+                                     torch.zeros(12, dtype=torch.int64)],
+                         ids=["shape", "dtype", "1-D"])
+def test_max_gradient_refuses_a_bad_arg_max(fake, arg_max):
+    """The max-mode gradient reads arg_max as (bags, D) int64 row ids: a wrong shape or dtype
+    is refused with the same message by the kernel and the fake kernel (torch.compile)."""
+    grad = torch.randn(3, 4)
+    ids, csr = torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 3, 4])
+    args = (grad, ids, csr, arg_max, 10, 2, None, -1, False)
+    match = r"'arg_max' must be an int64 tensor of shape \(bags, D\) = \(3, 4\) in max mode"
+    with pytest.raises(RuntimeError, match=match):
+        if fake:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+            with FakeTensorMode() as mode:
+                torch.ops.embedding_ext.embedding_bag_dense_backward(
+                    *[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+        else:
+            torch.ops.embedding_ext.embedding_bag_dense_backward(*args)
