@@ -129,7 +129,8 @@ def test_bag_low_precision_pools_in_fp32(dtype, mode):
 def test_bag_register_blocks(dtype, dim, mode, padding_idx):
     """Widths that are multiples of 16 take the register-blocked loops (blocks of 8 vector
     registers for sum/mean, rows of half, 1, 2 or 4 such blocks as a special case, then
-    16 columns; 16-column blocks for max), compiled for the best instruction set the CPU has:
+    16 columns; blocks of 4 vectors, then 16 columns, for max), compiled for the best
+    instruction set the CPU has:
     against the float64 reference, and PyTorch for fp32/fp64, ties included."""
     weight = make_weight(40, dim, dtype)
     weight[5] = weight[6]  # a tie between two rows for max
@@ -179,27 +180,31 @@ def test_every_pooling_instruction_set_gives_the_same_bits(dtype, mode):
     if len(isas) == 1:
         pytest.skip("this CPU runs only the portable copy")
     m = mode.split("+")[0]
-    for dim in (16, 32, 64, 80, 128, 256, 272):
+    as_bits = {torch.float64: torch.int64, torch.float32: torch.int32}.get(dtype, torch.int16)
+    for dim, index_dtype in [(16, torch.int64), (32, torch.int32), (48, torch.int64),
+                             (64, torch.int32), (80, torch.int64), (128, torch.int64),
+                             (256, torch.int32), (272, torch.int64)]:
         weight = make_weight(40, dim, dtype) * 1e3  # fp16 / bf16 rounding of large sums
         weight[7, 1] = float("nan")
         weight[8, 2] = float("inf")
+        if dtype == torch.float16:  # NaNs with payloads, one negative: kept alike by every copy
+            weight.view(torch.int16)[9, 3] = 0x7E01
+            weight.view(torch.int16)[10, 4] = -0x1FF  # 0xFE01
         ids, offsets = _bags(40, padding_idx=3)
+        ids, csr = ids.to(index_dtype), torch.cat([offsets, torch.tensor([55])]).to(index_dtype)
         psw = torch.randn(ids.shape, dtype=dtype) if mode == "sum+weights" else None
         outputs = {}
         try:
             for isa in isas:
                 _C._set_bag_pooling_isa(isa)
                 out, arg_max = torch.ops.embedding_ext.embedding_bag_forward(
-                    weight, ids, torch.cat([offsets, torch.tensor([ids.numel()])]),
-                    ee.ops.BAG_MODES[m], psw, 3)
+                    weight, ids, csr, ee.ops.BAG_MODES[m], psw, 3)  # ids 55.. in no bag
                 outputs[isa] = (out, arg_max)
         finally:
             _C._set_bag_pooling_isa("auto")
         base_out, base_arg = outputs["portable"]
         for isa in isas[1:]:
             out, arg = outputs[isa]
-            as_bits = torch.int64 if dtype == torch.float64 else (
-                torch.int32 if dtype == torch.float32 else torch.int16)
             assert torch.equal(out.view(as_bits), base_out.view(as_bits)), (isa, dim)
             assert torch.equal(arg, base_arg), (isa, dim)
 
@@ -393,13 +398,18 @@ def test_bag_errors_name_the_argument(call, error, message):
     assert torch.equal(weight, before)
 
 
-@pytest.mark.parametrize("dim", [16, 64, 5])  # register blocks, one whole-row block, generic
+# Register blocks, rows of half / 1 / 2 / 4 wide blocks, wide + 16-column blocks, the generic
+# loop, and no columns at all.
+@pytest.mark.parametrize("dim", [0, 5, 16, 64, 144, 256])
 @pytest.mark.parametrize("mode", ["sum", "mean", "max", "sum+weights"])
-@pytest.mark.parametrize("bad, where", [(-1, 37), (10, 0), (10**12, 59), (11, "trailing")])
+@pytest.mark.parametrize("bad, where", [(-1, 37), (10, 0), (2**31 - 1, 59), (11, "trailing")])
 @pytest.mark.parametrize("padding_idx", [None, 3])
-def test_bad_ids_raise_index_error_in_every_path(dim, mode, bad, where, padding_idx):
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_bad_ids_raise_index_error_in_every_path(dim, mode, bad, where, padding_idx, index_dtype):
     """Sum/mean check ids while pooling, max and the generic loop before: the same
-    IndexError naming the first bad position either way; -1 is an id, not "no padding"."""
+    IndexError naming the first bad position either way, with every instruction set this CPU
+    runs; -1 is an id, not "no padding"."""
+    from embedding_ext import _C
     weight = make_weight(10, dim, torch.float32)
     ids, offsets = _bags(10, padding_idx=padding_idx)  # 60 ids, the last bag 31..60
     include_last = where == "trailing"
@@ -407,10 +417,17 @@ def test_bad_ids_raise_index_error_in_every_path(dim, mode, bad, where, padding_
         offsets = torch.cat([offsets, torch.tensor([50])])
         where = 55
     ids[where] = bad
+    ids, offsets = ids.to(index_dtype), offsets.to(index_dtype)
     psw = torch.rand(60) if mode == "sum+weights" else None
-    with pytest.raises(IndexError, match=rf"index {bad} at position {where} .* 10 rows"):
-        ee.embedding_bag(ids, weight, offsets, mode=mode.split("+")[0], per_sample_weights=psw,
-                         include_last_offset=include_last, padding_idx=padding_idx)
+    try:
+        for isa in _pooling_isas():
+            _C._set_bag_pooling_isa(isa)
+            with pytest.raises(IndexError, match=rf"index {bad} at position {where} .* 10 rows"):
+                ee.embedding_bag(ids, weight, offsets, mode=mode.split("+")[0],
+                                 per_sample_weights=psw, include_last_offset=include_last,
+                                 padding_idx=padding_idx)
+    finally:
+        _C._set_bag_pooling_isa("auto")
 
 
 @settings(max_examples=120, deadline=None)
@@ -717,3 +734,33 @@ def test_max_gradient_refuses_a_bad_arg_max(fake, arg_max):
                     *[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
         else:
             torch.ops.embedding_ext.embedding_bag_dense_backward(*args)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_sparse_gradient_values_from_the_output_cache_are_all_written(mode):
+    """The sparse gradient's values (here 4 MiB) come from the cache of freed outputs: a
+    reused buffer left full of NaN by the previous step must be overwritten everywhere."""
+    num_weights, dim, n = 1000, 64, 16384
+    weight = make_weight(num_weights, dim, torch.float32)
+    ids = torch.randint(0, num_weights, (n,))
+    ids[::5] = 7  # padding, left out of the values
+    offsets = torch.arange(0, n, 8)
+    grad_out = torch.randn(n // 8, dim)
+
+    def sparse_grad():
+        w = weight.clone().requires_grad_()
+        ee.embedding_bag(ids, w, offsets, mode=mode, sparse=True, padding_idx=7).backward(grad_out)
+        return w.grad
+
+    first = sparse_grad()
+    pointer = first._values().data_ptr()
+    first._values().fill_(float("nan"))
+    del first
+    second = sparse_grad()
+    assert second._values().data_ptr() == pointer  # the same buffer, reused
+    w = weight.clone().requires_grad_()
+    F.embedding_bag(ids, w, offsets, mode=mode, sparse=True, padding_idx=7).backward(grad_out)
+    theirs = w.grad
+    assert not second._values().isnan().any()
+    assert torch.equal(second._indices(), theirs._indices())
+    torch.testing.assert_close(second._values(), theirs._values())

@@ -298,6 +298,13 @@ __attribute__((always_inline)) inline void store_vec(Vec<acc_t, kIsa> v, scalar_
     const u32s kept = nan ? u32s{} + 0x7FC0u : rounded;
     const u16s narrow = __builtin_convertvector(kept, u16s);
     std::memcpy(dst, &narrow, sizeof(narrow));
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    // The portable copy: store_row picks F16C at run time, as the other copies' vcvtps2ph
+    // (c10::Half's software conversion, compiled here for baseline x86-64, turns every NaN
+    // into 0x7E00: a NaN payload would differ between copies).
+    acc_t lanes[kLanes];
+    std::memcpy(lanes, &v, sizeof(lanes));
+    store_row(lanes, acc_t(1), dst, kLanes);
   } else {
     for (int e = 0; e < kLanes; ++e) dst[e] = static_cast<scalar_t>(v[e]);
   }
@@ -443,7 +450,7 @@ __attribute__((always_inline)) inline bool pool_sum_columns(const PoolArgs<scala
 
 // Bags [b0, b1), dim a multiple of 16: blocks of 8 vector registers of accumulator
 // (AVX2 fp32: 64 columns; AVX-512 fp32: 128) for sum/mean, 4 vectors then 16 columns for max (values and
-// their int32 arg-max positions), then 16-column blocks for the rest. Rows are prefetched
+// their arg-max positions: int32 lanes for fp32, int64 for fp64), then 16-column blocks for the rest. Rows are prefetched
 // kBagPrefetch ids ahead, across bag boundaries within the task (a bag's first rows would
 // otherwise each wait for DRAM). kMaxMode is a template parameter, and each (kMaxMode,
 // instruction set) a function of its own: with both loop nests in one function GCC's
@@ -474,6 +481,7 @@ __attribute__((always_inline)) inline bool pool_register_blocks(
       // block prefetches the whole row with unrolled lines (a prefetch loop per row cost
       // D = 128 half its speed on cache-resident rows).
       constexpr int kWideLines = kWide * sizeof(scalar_t) / 64;
+      static_assert(kWideLines >= 2, "a half-wide block must be at least one cache line");
       const auto whole_rows = [&](auto blocks) __attribute__((always_inline)) {
         constexpr int kBlocks = decltype(blocks)::value;
         bad |= pool_sum_columns<kWide, kBlocks * kWideLines, kIsa>(a, b, 0, task_end);
@@ -545,7 +553,9 @@ void pool_bags(const scalar_t* weight, int64_t row_stride, int64_t num_rows, con
   const int64_t avg_ids = bags ? std::max<int64_t>(1, off[bags] / bags) : 1;
   const int64_t grain = grain_for(avg_ids * dim * sizeof(scalar_t));
   // Max mode keeps arg-max positions as int32 lanes: bags of fewer than 2^31 ids.
-  if (dim % 16 == 0 && (mode != kMax || off[bags] <= std::numeric_limits<int32_t>::max())) {
+  // (dim 0 takes the generic loop: the register blocks would pool no column, so check no id.)
+  // Max mode's int32 positions are relative to a bag; the test on the total is conservative.
+  if (dim > 0 && dim % 16 == 0 && (mode != kMax || off[bags] <= std::numeric_limits<int32_t>::max())) {
     const PoolArgs<scalar_t, index_t> args{weight, row_stride, idx, off, dim, mode, psw,
                                             padding_idx, out, arg_max, static_cast<uint64_t>(num_rows)};
     std::atomic<bool> bad{false};
@@ -793,9 +803,13 @@ __attribute__((target("avx2"))) inline void stream_copy_avx2(void* dst, const vo
 }
 #endif
 
-inline void copy_row_streaming(void* dst, const void* src, int64_t bytes) {
+// Outputs below this stay in cache for the optimizer that reads them next: plain stores.
+constexpr int64_t kStreamingMinBytes = int64_t(8) << 20;
+
+inline void copy_row_streaming(void* dst, const void* src, int64_t bytes, int64_t total_bytes) {
 #if defined(__x86_64__)
-  if (bytes % 32 == 0 && reinterpret_cast<uintptr_t>(dst) % 32 == 0 && pooling_isa() >= kAvx2) {
+  if (total_bytes >= kStreamingMinBytes && bytes % 32 == 0 &&
+      reinterpret_cast<uintptr_t>(dst) % 32 == 0 && pooling_isa() >= kAvx2) {
     return stream_copy_avx2(dst, src, bytes);
   }
 #endif
@@ -873,8 +887,8 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_sparse_backward_cpu(
             const int64_t k = idx[i];
             if (k == padding_idx) continue;
             r[j] = k;
-            if (!scaled) {  // the row itself (x 1 would round-trip to the same bits)
-              copy_row_streaming(v + j * dim, g + b * dim, row_bytes);
+            if (!scaled) {  // the row itself, bit for bit (as PyTorch's index_select)
+              copy_row_streaming(v + j * dim, g + b * dim, row_bytes, nnz * row_bytes);
             } else {
               acc_t coef = bag_coef;
               if (w != nullptr) coef *= static_cast<acc_t>(w[i]);
