@@ -764,3 +764,13 @@ def test_sparse_gradient_values_from_the_output_cache_are_all_written(mode):
     assert not second._values().isnan().any()
     assert torch.equal(second._indices(), theirs._indices())
     torch.testing.assert_close(second._values(), theirs._values())
+
+
+def test_double_backward_is_refused_clearly():
+    """The bag gradients are once-differentiable (eager calls and EmbeddingBagFunction alike):
+    differentiating the gradient again raises instead of returning a wrong zero."""
+    weight = make_weight(9, 3, torch.float64).requires_grad_()
+    out = ee.embedding_bag(torch.tensor([1, 2, 2, 5]), weight, torch.tensor([0, 2]), mode="sum")
+    (grad,) = torch.autograd.grad(out.pow(2).sum(), weight, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
