@@ -47,6 +47,20 @@ TORCH_LIBRARY(embedding_ext, m) {
       "embedding_renorm_(Tensor(a!) weight, Tensor indices, float max_norm, "
       "float norm_type) -> ()");
 
+  // --- The optimizer step fused into the lookup's backward (ee.fuse_optimizer). In place on
+  // weight (and the state): each distinct non-padding row k of `indices` gets
+  // g = sum of grad_output[i] over the positions i with indices[i] == k (in fp32, fp64 for
+  // fp64; divided by the count with scale_grad_by_freq), then one update by `rule`:
+  // 0 SGD (w -= lr g), 1 Adagrad (state1 += g^2; w -= lr / (1 + (step - 1) lr_decay) *
+  // g / (sqrt(state1) + eps)), 2 SparseAdam (state1, state2 = first and second moments of
+  // the touched rows; bias correction by `step`), 3 RowWiseAdagrad (state1 (V,) += mean(g^2);
+  // w -= lr g / (sqrt(state1) + eps)). States: the weight's dtype for fp32/fp64, fp32 for
+  // fp16/bf16. No gradient tensor is built.
+  m.def(
+      "embedding_fused_update_(Tensor(a!) weight, Tensor grad_output, Tensor indices, "
+      "int padding_idx, bool scale_grad_by_freq, int rule, Tensor(b!)? state1, Tensor(c!)? "
+      "state2, float lr, float eps, float beta1, float beta2, float lr_decay, int step) -> ()");
+
   // --- The pooled lookup (ee.embedding_bag). `indices` is 1-D; `offsets` has B + 1
   // non-decreasing entries starting at 0 (CSR): bag b pools indices[offsets[b]:offsets[b+1]],
   // ids past offsets[B] belong to no bag (but are still range-checked). mode: 0 sum, 1 mean,

@@ -31,6 +31,7 @@ from . import ops  # noqa: E402  (registers fake kernels)
 from . import optim  # noqa: E402
 from .autograd import EmbeddingBagFunction, EmbeddingFunction  # noqa: E402
 from .functional import embedding, embedding_bag  # noqa: E402
+from .fused import FusedOptimizer, fuse_optimizer  # noqa: E402
 from .module import Embedding, EmbeddingBag  # noqa: E402
 from .swap import replace_embeddings, restore_embeddings  # noqa: E402
 
@@ -109,6 +110,8 @@ __all__ = [
     "embedding",
     "embedding_bag",
     "optim",
+    "fuse_optimizer",
+    "FusedOptimizer",
     "replace_embeddings",
     "restore_embeddings",
     "build_info",

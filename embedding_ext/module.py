@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .functional import embedding, embedding_bag
+from . import fused
 
 
 class Embedding(torch.nn.Embedding):
@@ -27,9 +28,24 @@ class Embedding(torch.nn.Embedding):
         super().__init__(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type,
                          scale_grad_by_freq, sparse, _weight, _freeze, device, dtype)
 
+    # ee.fuse_optimizer's weak reference to the optimizer fused into this module's backward.
+    _ee_fused_ref = None
+
     def forward(self, input: Tensor) -> Tensor:
+        if (self._ee_fused_ref is not None and torch.is_grad_enabled()
+                and self.weight.requires_grad):
+            optimizer = fused.fused_optimizer_of(self)
+            if optimizer is not None:
+                return fused.fused_lookup(input, self.weight, optimizer, self.padding_idx,
+                                          self.max_norm, self.norm_type, self.scale_grad_by_freq)
         return embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type,
                          self.scale_grad_by_freq, self.sparse)
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles are not fused (and a weak reference cannot be pickled).
+        state = self.__dict__.copy()
+        state.pop("_ee_fused_ref", None)
+        return state
 
 
 class EmbeddingBag(torch.nn.EmbeddingBag):

@@ -51,6 +51,16 @@ def embedding_renorm_(weight: Tensor, indices: Tensor, max_norm: float, norm_typ
     _ops.embedding_renorm_(weight, indices, float(max_norm), float(norm_type))
 
 
+def embedding_fused_update_(weight: Tensor, grad_output: Tensor, indices: Tensor,
+                            padding_idx: int, scale_grad_by_freq: bool, rule: int,
+                            state1: Tensor | None, state2: Tensor | None, lr: float, eps: float,
+                            beta1: float, beta2: float, lr_decay: float, step: int) -> None:
+    """One optimizer step, in place, on the rows ``indices`` touched (csrc/embedding_ext.cpp:
+    the rules and states)."""
+    _ops.embedding_fused_update_(weight, grad_output, indices, padding_idx, scale_grad_by_freq,
+                                 rule, state1, state2, lr, eps, beta1, beta2, lr_decay, step)
+
+
 # The pooled lookup (csrc/embedding_ext.cpp documents the contract). mode: 0 sum, 1 mean,
 # 2 max; offsets: CSR, bags + 1 entries.
 BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
@@ -177,6 +187,17 @@ def _sparse_backward_fake(grad_output, indices, num_weights, padding_idx, scale_
 @torch.library.register_fake("embedding_ext::embedding_renorm_")
 def _renorm_fake(weight, indices, max_norm, norm_type):
     _check_renorm(weight, indices, max_norm, norm_type)
+    return None
+
+
+@torch.library.register_fake("embedding_ext::embedding_fused_update_")
+def _fused_update_fake(weight, grad_output, indices, padding_idx, scale_grad_by_freq, rule,
+                       state1, state2, lr, eps, beta1, beta2, lr_decay, step):
+    op = "embedding_fused_update_"
+    _check_weight(weight, op)
+    torch._check(0 <= rule <= 3, lambda: f"{op}: 'rule' must be 0 (SGD), 1 (Adagrad), 2 "
+                                         f"(SparseAdam) or 3 (RowWiseAdagrad), got {rule}")
+    torch._check(step >= 1, lambda: f"{op}: 'step' must be >= 1, got {step}")
     return None
 
 

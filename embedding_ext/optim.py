@@ -91,7 +91,8 @@ def rowwise_adagrad_update_(weight: Tensor, grad: Tensor, accumulator: Tensor, l
         return
     compute = accumulator.dtype
     g = values.to(compute).reshape(rows.numel(), -1)
-    acc = accumulator.index_select(0, rows) + g.square().mean(dim=1)
+    mean_square = g.square().mean(dim=1) if g.shape[1] else g.new_zeros(rows.numel())
+    acc = accumulator.index_select(0, rows) + mean_square
     accumulator.index_copy_(0, rows, acc)
     scale = lr / (acc.sqrt() + eps)
     updated = weight.index_select(0, rows).to(compute).reshape(rows.numel(), -1)

@@ -95,7 +95,27 @@ def _opcheck_cases(device):
         (ops.embedding_sparse_backward.default, (g, idx, 9, -1, True)),
         (ops.embedding_sparse_backward.default, (g, idx, 9, int(idx[0, 0]), False)),
         (ops.embedding_renorm_.default, (w.clone(), idx, 1.0, 2.0)),
-    ] + _bag_opcheck_cases(device)
+    ] + _bag_opcheck_cases(device) + _fused_update_opcheck_cases(device)
+
+
+def _fused_update_opcheck_cases(device):
+    """The fused optimizer step, one case per rule (in place on the weight and its state)."""
+    ops = torch.ops.embedding_ext
+    w = make_weight(9, 5, torch.float32, device)
+    idx = make_indices((3, 4), 9, device, padding_idx=2)
+    g = torch.randn(3, 4, 5, device=device)
+    state = lambda *shape: torch.rand(*shape, device=device)  # noqa: E731
+    return [
+        (ops.embedding_fused_update_.default,
+         (w.clone(), g, idx, 2, False, 0, None, None, 0.1, 0.0, 0.0, 0.0, 0.0, 1)),
+        (ops.embedding_fused_update_.default,
+         (w.clone(), g, idx.int(), -1, True, 1, state(9, 5), None, 0.1, 1e-10, 0.0, 0.0, 0.01, 3)),
+        (ops.embedding_fused_update_.default,
+         (w.clone(), g, idx, 2, False, 2, state(9, 5), state(9, 5), 0.1, 1e-8, 0.9, 0.999, 0.0, 2)),
+        (ops.embedding_fused_update_.default,
+         (w.double(), g.double(), idx, 2, True, 3, state(9).double(), None, 0.1, 1e-8, 0.0, 0.0,
+          0.0, 1)),
+    ]
 
 
 def _bag_opcheck_cases(device):

@@ -1,0 +1,242 @@
+"""``fuse_optimizer``: the optimizer step inside the lookup's backward (issue 14).
+
+    emb = ee.Embedding(V, D, padding_idx=0)
+    opt = ee.fuse_optimizer(emb, torch.optim.SparseAdam, lr=1e-3)
+    loss.backward()          # the touched rows of emb.weight are updated here
+    opt.step(); opt.zero_grad()   # harmless: training loops need no change
+
+The backward runs ``embedding_fused_update_``: positions grouped by row, each row's gradient
+summed once, the rule applied once per row; no gradient tensor is built and
+``emb.weight.grad`` stays ``None``. The returned object is a ``torch.optim.Optimizer`` with the
+``param_groups`` and ``state_dict()`` format of the optimizer it stands for, so a run can
+move between fused and unfused training.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .optim import RowWiseAdagrad
+
+_SGD, _ADAGRAD, _SPARSE_ADAM, _ROWWISE_ADAGRAD = 0, 1, 2, 3
+_RULES = {torch.optim.SGD: _SGD, torch.optim.Adagrad: _ADAGRAD,
+          torch.optim.SparseAdam: _SPARSE_ADAM, RowWiseAdagrad: _ROWWISE_ADAGRAD}
+
+
+def _state_dtype(weight: Tensor) -> torch.dtype:
+    """The optimizer state's dtype: the weight's for fp32/fp64, fp32 for fp16/bf16."""
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def fuse_optimizer(module: torch.nn.Module, optimizer_class: type,
+                   **kwargs: object) -> "FusedOptimizer":
+    """Fuses ``optimizer_class(module.parameters(), **kwargs)`` into the backward of
+    ``module`` (an ``ee.Embedding``); returns the optimizer (see :class:`FusedOptimizer`)."""
+    return FusedOptimizer(module, optimizer_class, **kwargs)
+
+
+def fused_optimizer_of(module: torch.nn.Module) -> "FusedOptimizer | None":
+    """The live fused optimizer of ``module``'s weight, or None. The module holds a weak
+    reference (``_ee_fused_ref``, None on the class: torch.compile sees a constant for every
+    unfused module); a copy (deepcopy, pickle: ee.Embedding drops the reference) or a
+    replaced weight is not fused, and dropping the optimizer unfuses."""
+    ref = module._ee_fused_ref
+    optimizer = None if ref is None else ref()
+    if optimizer is None or optimizer.param_groups[0]["params"][0] is not module.weight:
+        return None
+    return optimizer
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """The optimizer of one ``ee.Embedding``'s weight, applied inside its backward.
+
+    Accepted: ``torch.optim.SGD`` (no momentum, weight decay, nesterov or maximize),
+    ``torch.optim.Adagrad`` (its sparse-gradient rule: no weight decay or maximize),
+    ``torch.optim.SparseAdam`` (no maximize) and ``ee.optim.RowWiseAdagrad``. Duplicates are
+    summed before the update, ``padding_idx`` rows are never touched, ``scale_grad_by_freq``
+    and ``max_norm`` behave as without fusion. Each backward is one optimizer step; changes to
+    ``param_groups`` (``lr``) take effect at the next backward. State: the weight's dtype for
+    fp32/fp64 weights, fp32 for fp16/bf16 (also after ``load_state_dict``).
+
+    The fusion belongs to the module's weight Parameter and lasts while this object lives: a
+    copy of the module (deepcopy, pickle) or a replaced weight is not fused.
+
+    Refused with an error: a second backward through the lookup before ``step()`` (two
+    lookups in one step, or gradient accumulation), ``create_graph=True``, more parameter
+    groups, and a gradient for the weight from anywhere else (tied weights; raised after this
+    step's update, with the other gradient dropped).
+    """
+
+    def __init__(self, module: torch.nn.Module, optimizer_class: type, **kwargs: object):
+        from .module import Embedding  # the module imports nothing from here
+        if not isinstance(module, Embedding):
+            raise TypeError(f"fuse_optimizer: 'module' must be an ee.Embedding, got "
+                            f"{type(module).__name__}")
+        if optimizer_class not in _RULES:
+            names = ", ".join(f"{c.__module__}.{c.__name__}" for c in _RULES)
+            raise TypeError(f"fuse_optimizer: 'optimizer_class' must be one of {names}, got "
+                            f"{getattr(optimizer_class, '__name__', optimizer_class)}")
+        weight = module.weight
+        if fused_optimizer_of(module) is not None:
+            raise RuntimeError("fuse_optimizer: this module already has a fused optimizer")
+        # The torch optimizer validates the arguments and gives the defaults (and so the
+        # param_groups and state_dict format) of the optimizer this one stands for; built on
+        # a 1 x 1 stand-in, so that no table-sized state is made for it.
+        stand_in = torch.nn.Parameter(torch.zeros(1, 1, dtype=weight.dtype))
+        defaults = optimizer_class([stand_in], **kwargs).defaults
+        self._refuse_unsupported(optimizer_class, defaults)
+        self._rule = _RULES[optimizer_class]
+        self._optimizer_class = optimizer_class
+        self._updated = False  # since the last step()
+        super().__init__([weight], defaults)
+        if self._rule == _ADAGRAD:  # torch's Adagrad makes its state at construction
+            self.state[weight] = {
+                "step": torch.tensor(0.0),
+                "sum": torch.full_like(weight, defaults["initial_accumulator_value"],
+                                       dtype=_state_dtype(weight)),
+            }
+        this = weakref.ref(self)
+
+        def refuse_outside_gradient(param: Tensor) -> None:
+            # Autograd also runs this after the fused lookup's own (None) gradient.
+            if param.grad is None or this() is None:
+                return
+            param.grad = None
+            raise RuntimeError(
+                "fuse_optimizer: the fused weight received a gradient from outside its lookup "
+                "(tied weights?); a fused optimizer must be the only consumer of the weight's "
+                "gradient (this step's fused update was applied, the other gradient dropped)")
+        self._hook = weight.register_post_accumulate_grad_hook(refuse_outside_gradient)
+        module._ee_fused_ref = this
+
+    @staticmethod
+    def _refuse_unsupported(optimizer_class: type, defaults: dict) -> None:
+        refused = []
+        if optimizer_class is torch.optim.SGD:
+            refused = [k for k in ("momentum", "weight_decay", "nesterov") if defaults.get(k)]
+        elif optimizer_class is torch.optim.Adagrad:
+            refused = [k for k in ("weight_decay",) if defaults.get(k)]
+        refused += [k for k in ("maximize", "differentiable") if defaults.get(k)]
+        if refused:
+            raise ValueError(f"fuse_optimizer: {optimizer_class.__name__} with "
+                             f"{', '.join(f'{k}={defaults[k]}' for k in refused)} cannot be "
+                             "fused (use the optimizer unfused)")
+
+    def __del__(self):
+        hook = getattr(self, "_hook", None)
+        if hook is not None:
+            hook.remove()
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "param_groups", None):
+            raise RuntimeError("fuse_optimizer: a fused optimizer has one parameter (its "
+                               "module's weight); use another optimizer for other parameters")
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict`` (the format of the optimizer this one
+        stands for), then the state back to its dtype (torch casts it to the weight's)."""
+        # The loaded tensors as given (torch's load rounds fp32 state to an fp16/bf16 weight's
+        # dtype, which would lose precision on the way back to fp32).
+        given = dict(state_dict.get("state", {}).get(0, {}))
+        super().load_state_dict(state_dict)
+        self._updated = False
+        weight = self.param_groups[0]["params"][0]
+        for name, value in given.items():
+            if name != "step" and torch.is_tensor(value):
+                self.state[weight][name] = value.to(weight.device, _state_dtype(weight), copy=True)
+
+    def _update(self, grad_output: Tensor, indices: Tensor, padding_idx: int,
+                scale_grad_by_freq: bool) -> None:
+        """The backward: one optimizer step on the rows ``indices`` touched. The step count
+        and the flags change only once the update has run."""
+        if torch.is_grad_enabled():
+            raise RuntimeError("fuse_optimizer: backward(create_graph=True) is not supported "
+                               "with a fused optimizer (the update has no graph)")
+        if self._updated:
+            raise RuntimeError("fuse_optimizer: a second backward through the fused lookup "
+                               "before step(): two lookups in one step, or gradient "
+                               "accumulation, are not supported with a fused optimizer "
+                               "(concatenate the ids into one lookup)")
+        group = self.param_groups[0]
+        weight = group["params"][0]
+        # (SGD keeps no state, as torch's without momentum: no entry made.)
+        state = self.state[weight] if self._rule != _SGD else {}
+        if self._rule in (_SPARSE_ADAM, _ROWWISE_ADAGRAD) and not state:  # lazy, as torch's
+            shape = weight.shape if self._rule == _SPARSE_ADAM else weight.shape[:1]
+            if self._rule == _SPARSE_ADAM:
+                state["step"] = 0
+                state["exp_avg"] = weight.new_zeros(shape, dtype=_state_dtype(weight))
+                state["exp_avg_sq"] = weight.new_zeros(shape, dtype=_state_dtype(weight))
+            else:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["sum"] = torch.full(shape, group["initial_accumulator_value"],
+                                          dtype=_state_dtype(weight), device=weight.device)
+        for name, value in state.items():  # follow the weight (module.to() after fusing)
+            if name != "step" and (value.device != weight.device
+                                   or value.dtype != _state_dtype(weight)):
+                state[name] = value.to(weight.device, _state_dtype(weight))
+        names = {_ADAGRAD: ("sum", None), _SPARSE_ADAM: ("exp_avg", "exp_avg_sq"),
+                 _ROWWISE_ADAGRAD: ("sum", None)}.get(self._rule, (None, None))
+        state1, state2 = (state[n] if n else None for n in names)
+        step = int(state["step"]) + 1 if state else 1
+        betas = group.get("betas", (0.0, 0.0))
+        with torch.no_grad():
+            ops.embedding_fused_update_(
+                weight, grad_output.to(weight.dtype), indices, padding_idx,
+                bool(scale_grad_by_freq), self._rule, state1, state2, float(group["lr"]),
+                float(group.get("eps", 0.0)), float(betas[0]), float(betas[1]),
+                float(group.get("lr_decay", 0.0)), step)
+        # The weight changed in place: autograd's saved-tensor checks must see it (the op
+        # has no ADInplaceOrView kernel to do this).
+        torch.autograd.graph.increment_version(weight)
+        if state:
+            state["step"] += 1
+        self._updated = True
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """The update already happened in the backward: only runs ``closure`` and re-arms."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._updated = False
+        return loss
+
+
+class FusedLookupFunction(torch.autograd.Function):
+    """``weight[indices]`` whose backward is the fused optimizer's update (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, indices: Tensor, padding_idx: int,
+                scale_grad_by_freq: bool, optimizer: FusedOptimizer) -> Tensor:
+        ctx.save_for_backward(indices)
+        ctx.padding_idx, ctx.scale = padding_idx, scale_grad_by_freq
+        ctx.optimizer = optimizer
+        return ops.embedding_forward(weight, indices)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (indices,) = ctx.saved_tensors
+        ctx.optimizer._update(grad_output, indices, ctx.padding_idx, ctx.scale)
+        return None, None, None, None, None
+
+
+def fused_lookup(input: Tensor, weight: Tensor, optimizer: FusedOptimizer,
+                 padding_idx: int | None, max_norm: float | None, norm_type: float,
+                 scale_grad_by_freq: bool) -> Tensor:
+    """ee.Embedding's forward with a fused optimizer: the lookup (after the max_norm renorm,
+    as without fusion) whose backward is the optimizer's update."""
+    from .functional import normalize_padding_idx
+    padding = normalize_padding_idx(padding_idx, weight.shape[0])
+    if max_norm is not None:
+        input = input.contiguous()
+        with torch.no_grad():
+            ops.embedding_renorm_(weight, input, max_norm, norm_type)
+        torch.autograd.graph.increment_version(weight)
+    return FusedLookupFunction.apply(weight, input, padding, bool(scale_grad_by_freq), optimizer)

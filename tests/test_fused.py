@@ -1,0 +1,363 @@
+"""ee.fuse_optimizer (issue 14): the optimizer step inside ee.Embedding's backward, against the
+same torch optimizer on the sparse gradient over many steps (duplicates, padding,
+scale_grad_by_freq, max_norm), lr changes, state_dict moves both ways, and every refusal."""
+import copy
+
+import pytest
+import torch
+
+import embedding_ext as ee
+
+CASES = [
+    (torch.optim.SGD, dict(lr=0.3)),
+    (torch.optim.Adagrad, dict(lr=0.2, lr_decay=0.01, initial_accumulator_value=0.1, eps=1e-9)),
+    (torch.optim.SparseAdam, dict(lr=0.05, betas=(0.8, 0.95), eps=1e-7)),
+    (ee.optim.RowWiseAdagrad, dict(lr=0.2, eps=1e-8)),
+]
+IDS = ["SGD", "Adagrad", "SparseAdam", "RowWiseAdagrad"]
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
+
+
+def _batch(num_weights, n, padding_idx, dim, dtype):
+    ids = torch.randint(0, num_weights, (n,))
+    ids[::3] = 4  # a hot row: its duplicates are summed before one update
+    if padding_idx is not None:
+        ids[1::5] = padding_idx
+    return ids.reshape(2, n // 2), torch.randn(2, n // 2, dim, dtype=dtype)
+
+
+def _pair(num_weights, dim, dtype, padding_idx, scale, max_norm=None):
+    fused = ee.Embedding(num_weights, dim, padding_idx=padding_idx, scale_grad_by_freq=scale,
+                         max_norm=max_norm, dtype=dtype)
+    # The unfused reference: nn.Embedding's sparse gradient (ours where PyTorch lacks the
+    # option combination), the same initial weights.
+    cls = ee.Embedding if scale else torch.nn.Embedding
+    plain = cls(num_weights, dim, padding_idx=padding_idx, scale_grad_by_freq=scale,
+                max_norm=max_norm, sparse=True, dtype=dtype)
+    with torch.no_grad():
+        plain.weight.copy_(fused.weight)
+    return fused, plain
+
+
+@pytest.mark.parametrize("optimizer_class, kwargs", CASES, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("padding_idx, scale", [(None, False), (0, False), (2, True)])
+def test_matches_the_unfused_optimizer_over_steps(optimizer_class, kwargs, dtype, padding_idx,
+                                                  scale):
+    fused, plain = _pair(17, 6, dtype, padding_idx, scale)
+    opt = ee.fuse_optimizer(fused, optimizer_class, **kwargs)
+    ref = optimizer_class(plain.parameters(), **kwargs)
+    before_pad = None if padding_idx is None else fused.weight[padding_idx].detach().clone()
+    for step in range(8):
+        ids, grad_out = _batch(17, 24, padding_idx, 6, dtype)
+        fused(ids).backward(grad_out)
+        assert fused.weight.grad is None
+        opt.step()
+        opt.zero_grad()
+        plain(ids).backward(grad_out)
+        ref.step()
+        ref.zero_grad()
+        torch.testing.assert_close(fused.weight, plain.weight, **TOL[dtype])
+    if before_pad is not None:
+        assert torch.equal(fused.weight[padding_idx], before_pad)
+    theirs = ref.state_dict()["state"]
+    ours = opt.state_dict()["state"]
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert ours[k].keys() == theirs[k].keys()
+        for name in ours[k]:
+            torch.testing.assert_close(torch.as_tensor(ours[k][name]).double(),
+                                       torch.as_tensor(theirs[k][name]).double(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("optimizer_class, kwargs", CASES, ids=IDS)
+def test_max_norm_renorms_as_without_fusion(optimizer_class, kwargs):
+    fused, plain = _pair(11, 5, torch.float64, 1, False, max_norm=0.7)
+    opt = ee.fuse_optimizer(fused, optimizer_class, **kwargs)
+    ref = optimizer_class(plain.parameters(), **kwargs)
+    for _ in range(4):
+        ids, grad_out = _batch(11, 10, 1, 5, torch.float64)
+        fused(ids).backward(grad_out)
+        opt.step()
+        plain(ids).backward(grad_out)
+        ref.step()
+        ref.zero_grad()
+    torch.testing.assert_close(fused.weight, plain.weight, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("optimizer_class, kwargs", CASES, ids=IDS)
+def test_lr_change_takes_effect_at_the_next_backward(optimizer_class, kwargs):
+    fused, plain = _pair(9, 4, torch.float64, None, False)
+    opt = ee.fuse_optimizer(fused, optimizer_class, **kwargs)
+    ref = optimizer_class(plain.parameters(), **kwargs)
+    for lr in (kwargs["lr"], kwargs["lr"] / 3, kwargs["lr"] * 2):
+        opt.param_groups[0]["lr"] = ref.param_groups[0]["lr"] = lr
+        ids, grad_out = _batch(9, 8, None, 4, torch.float64)
+        fused(ids).backward(grad_out)
+        opt.step()
+        plain(ids).backward(grad_out)
+        ref.step()
+        ref.zero_grad()
+        torch.testing.assert_close(fused.weight, plain.weight, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("optimizer_class, kwargs", CASES, ids=IDS)
+def test_state_dict_moves_between_fused_and_unfused(optimizer_class, kwargs):
+    """Three steps fused, then three unfused from its state_dict; and the other way round:
+    both give the weights of six unfused steps."""
+    batches = [_batch(13, 12, 0, 4, torch.float64) for _ in range(6)]
+    fused, plain = _pair(13, 4, torch.float64, 0, False)
+    start = copy.deepcopy(plain.state_dict())
+
+    def unfused_steps(module, optimizer, chunk):
+        for ids, grad_out in chunk:
+            module(ids).backward(grad_out)
+            optimizer.step()
+            optimizer.zero_grad()
+
+    def fused_steps(module, optimizer, chunk):
+        for ids, grad_out in chunk:
+            module(ids).backward(grad_out)
+            optimizer.step()
+
+    ref = optimizer_class(plain.parameters(), **kwargs)
+    unfused_steps(plain, ref, batches)
+    for first, second in (("fused", "unfused"), ("unfused", "fused")):
+        a = ee.Embedding(13, 4, padding_idx=0, dtype=torch.float64)
+        b = torch.nn.Embedding(13, 4, padding_idx=0, sparse=True, dtype=torch.float64)
+        a.load_state_dict(start)
+        b.load_state_dict(start)
+        if first == "fused":
+            opt_a = ee.fuse_optimizer(a, optimizer_class, **kwargs)
+            fused_steps(a, opt_a, batches[:3])
+            b.load_state_dict(a.state_dict())
+            opt_b = optimizer_class(b.parameters(), **kwargs)
+            opt_b.load_state_dict(opt_a.state_dict())
+            unfused_steps(b, opt_b, batches[3:])
+            result = b.weight
+        else:
+            opt_b = optimizer_class(b.parameters(), **kwargs)
+            unfused_steps(b, opt_b, batches[:3])
+            a.load_state_dict(b.state_dict())
+            opt_a = ee.fuse_optimizer(a, optimizer_class, **kwargs)
+            opt_a.load_state_dict(opt_b.state_dict())
+            fused_steps(a, opt_a, batches[3:])
+            result = a.weight
+        torch.testing.assert_close(result, plain.weight, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_weights_keep_fp32_state(dtype):
+    emb = ee.Embedding(10, 8, dtype=dtype)
+    opt = ee.fuse_optimizer(emb, torch.optim.SparseAdam, lr=0.01)
+    reference = emb.weight.detach().float().clone().requires_grad_()
+    ref = torch.optim.SparseAdam([reference], lr=0.01)
+    ids, grad_out = _batch(10, 12, None, 8, torch.float32)
+    emb(ids).backward(grad_out.to(dtype))
+    opt.step()
+    torch.nn.functional.embedding(ids, reference, sparse=True).backward(grad_out.to(dtype).float())
+    ref.step()
+    assert opt.state[emb.weight]["exp_avg"].dtype == torch.float32
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(emb.weight.float(), reference.detach(), **tol)
+
+
+@pytest.mark.parametrize("optimizer_class, kwargs, message", [
+    (torch.optim.SGD, dict(lr=0.1, momentum=0.9), "momentum=0.9 cannot be fused"),
+    (torch.optim.SGD, dict(lr=0.1, weight_decay=0.01), "weight_decay=0.01 cannot be fused"),
+    (torch.optim.Adagrad, dict(lr=0.1, weight_decay=0.1), "weight_decay=0.1 cannot be fused"),
+    (torch.optim.SparseAdam, dict(lr=0.1, maximize=True), "maximize=True cannot be fused"),
+    (torch.optim.Adam, dict(lr=0.1), "'optimizer_class' must be one of"),
+])
+def test_unsupported_optimizers_are_refused(optimizer_class, kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        ee.fuse_optimizer(ee.Embedding(5, 3), optimizer_class, **kwargs)
+
+
+def test_refusals_during_training():
+    emb = ee.Embedding(8, 3)
+    opt = ee.fuse_optimizer(emb, torch.optim.SGD, lr=0.1)
+    ids = torch.tensor([1, 2, 2])
+    with pytest.raises(TypeError, match="'module' must be an ee.Embedding"):
+        ee.fuse_optimizer(torch.nn.Embedding(8, 3), torch.optim.SGD, lr=0.1)
+    with pytest.raises(RuntimeError, match="already has a fused optimizer"):
+        ee.fuse_optimizer(emb, torch.optim.SGD, lr=0.1)
+    with pytest.raises(RuntimeError, match="one parameter"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2, 2))]})
+    # create_graph=True: refused, nothing applied
+    before = emb.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(emb(ids).sum(), emb.weight, create_graph=True, allow_unused=True)
+    assert torch.equal(emb.weight, before)
+    # two lookups in one step: the second update is refused (the first was applied)
+    first = emb(ids).sum()
+    second = emb(ids).sum()
+    with pytest.raises(RuntimeError, match="second backward through the fused lookup"):
+        (first + second).backward()
+    opt.step()
+    # gradient accumulation: a second backward before step()
+    out = emb(ids).sum()
+    out.backward(retain_graph=True)
+    after_one = emb.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="second backward through the fused lookup"):
+        out.backward()
+    assert torch.equal(emb.weight, after_one)  # nothing applied twice
+    opt.step()
+    # tied weights: a gradient from another use of the weight
+    tied = emb(ids) @ emb.weight.t()
+    with pytest.raises(RuntimeError, match="received a gradient from outside its lookup"):
+        tied.sum().backward()
+    assert emb.weight.grad is None
+    opt.step()
+
+
+def test_a_failed_step_changes_nothing_and_training_goes_on():
+    """A bad id: IndexError in the forward, no state or flag left behind; the next step
+    trains as usual (and the step count is the number of applied updates)."""
+    emb = ee.Embedding(8, 3)
+    opt = ee.fuse_optimizer(emb, torch.optim.SparseAdam, lr=0.1)
+    before = emb.weight.detach().clone()
+    with pytest.raises(IndexError):
+        emb(torch.tensor([1, 9])).sum().backward()
+    assert torch.equal(emb.weight, before)
+    emb(torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    assert opt.state[emb.weight]["step"] == 1
+    assert not torch.equal(emb.weight, before)
+
+
+def test_copies_are_not_fused_and_dropping_the_optimizer_unfuses():
+    import pickle
+    emb = ee.Embedding(8, 3)
+    opt = ee.fuse_optimizer(emb, torch.optim.SGD, lr=0.1)
+    ids = torch.tensor([1, 2])
+    for clone in (copy.deepcopy(emb), pickle.loads(pickle.dumps(emb))):
+        clone(ids).sum().backward()  # an ordinary lookup: its own gradient
+        assert clone.weight.grad is not None and torch.equal(clone.weight, emb.weight)
+    del opt
+    import gc
+    gc.collect()
+    emb(ids).sum().backward()  # unfused now: the gradient is built, no refusal
+    assert emb.weight.grad is not None
+
+
+def test_version_counter_sees_the_update():
+    """The in-place update is visible to autograd: a node that saved the weight and runs
+    after the fused update refuses instead of reading the updated rows."""
+    emb = ee.Embedding(8, 3)
+    opt = ee.fuse_optimizer(emb, torch.optim.SGD, lr=0.1)  # kept: the fusion lasts while it lives
+    u = torch.randn(2, 3, requires_grad=True)
+    version = emb.weight._version
+    z = (u * 2) @ emb.weight.detach().t()  # saves the weight (its version now)
+    emb(torch.tensor([1, 2])).sum().backward()  # the fused update
+    assert emb.weight._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.sum().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("optimizer_class, kwargs", CASES[1:], ids=IDS[1:])
+def test_low_precision_state_dict_round_trip(dtype, optimizer_class, kwargs):
+    """fp32 state for fp16/bf16 weights stays fp32 through state_dict / load_state_dict
+    (torch's load casts state to the weight's dtype)."""
+    emb = ee.Embedding(10, 4, dtype=dtype)
+    opt = ee.fuse_optimizer(emb, optimizer_class, **kwargs)
+    emb(torch.tensor([1, 2, 2])).sum().backward()
+    opt.step()
+    resumed = ee.Embedding(10, 4, dtype=dtype)
+    resumed.load_state_dict(emb.state_dict())
+    resumed_opt = ee.fuse_optimizer(resumed, optimizer_class, **kwargs)
+    resumed_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for name, value in resumed_opt.state[resumed.weight].items():
+        if name != "step":
+            assert value.dtype == torch.float32, name
+    for module, optimizer in ((emb, opt), (resumed, resumed_opt)):
+        module(torch.tensor([2, 3])).sum().backward()
+        optimizer.step()
+    assert torch.equal(resumed.weight, emb.weight)
+
+
+def test_no_grad_and_frozen_lookups_skip_the_optimizer():
+    emb = ee.Embedding(8, 3)
+    opt = ee.fuse_optimizer(emb, torch.optim.SGD, lr=0.1)
+    ids = torch.tensor([1, 2])
+    with torch.no_grad():
+        emb(ids)
+        emb(ids)  # no lookup is counted: nothing to update
+    out = emb(ids)
+    assert out.requires_grad
+    out.sum().backward()
+    opt.step()
+
+
+def test_bad_id_changes_no_row():
+    """An id outside the table raises IndexError before any row or state changes."""
+    emb = ee.Embedding(10, 8)
+    opt = ee.fuse_optimizer(emb, torch.optim.Adagrad, lr=0.1)
+    before = emb.weight.detach().clone()
+    with pytest.raises(IndexError, match="embedding_fused_update_: index 12 at position 1"):
+        ee.ops.embedding_fused_update_(emb.weight.data, torch.ones(3, 8), torch.tensor([1, 12, 3]),
+                                       -1, False, 1, opt.state[emb.weight]["sum"], None, 0.1,
+                                       1e-10, 0.0, 0.0, 0.0, 1)
+    assert torch.equal(emb.weight, before)
+    assert not opt.state[emb.weight]["sum"].any()
+
+
+@pytest.mark.parametrize("optimizer_class, kwargs", CASES, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("padding_idx, scale", [(None, False), (0, True)])
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+def test_cuda_matches_the_cpu_kernel(optimizer_class, kwargs, dtype, padding_idx, scale):
+    """The CUDA kernel (a warp per distinct row) against the CPU kernel, step by step, with
+    a hot row, padding, scale_grad_by_freq; states compared too."""
+    modules = {dev: ee.Embedding(40, 70, padding_idx=padding_idx, scale_grad_by_freq=scale,
+                                 dtype=dtype, device=dev) for dev in ("cpu", "cuda")}
+    with torch.no_grad():
+        modules["cuda"].weight.copy_(modules["cpu"].weight)
+    opts = {dev: ee.fuse_optimizer(m, optimizer_class, **kwargs) for dev, m in modules.items()}
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else (
+        dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2))
+    for _ in range(5):
+        ids, grad_out = _batch(40, 300, padding_idx, 70, dtype)
+        for dev, m in modules.items():
+            m(ids.to(dev)).backward(grad_out.to(dev))
+            opts[dev].step()
+        torch.testing.assert_close(modules["cuda"].weight.cpu(), modules["cpu"].weight, **tol)
+    for name, value in opts["cpu"].state[modules["cpu"].weight].items():
+        other = opts["cuda"].state[modules["cuda"].weight][name]
+        torch.testing.assert_close(torch.as_tensor(other).cpu().double(),
+                                   torch.as_tensor(value).double(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+def test_cuda_bad_id_changes_no_row_and_raises_later():
+    emb = ee.Embedding(10, 8, device="cuda")
+    opt = ee.fuse_optimizer(emb, torch.optim.Adagrad, lr=0.1)
+    before = emb.weight.detach().clone()
+    state_before = opt.state[emb.weight]["sum"].clone()
+    out = ee.ops.embedding_forward(emb.weight.detach(), torch.tensor([1, 2], device="cuda"))
+    grad = torch.ones(3, 8, device="cuda")
+    ee.ops.embedding_fused_update_(emb.weight.data, grad, torch.tensor([1, 12, 3], device="cuda"),
+                                   -1, False, 1, opt.state[emb.weight]["sum"], None, 0.1, 1e-10,
+                                   0.0, 0.0, 0.0, 1)
+    with pytest.raises(IndexError, match="embedding_fused_update_: index 12 at position 1"):
+        ee.check_cuda_index_errors()
+    assert torch.equal(emb.weight, before)
+    assert torch.equal(opt.state[emb.weight]["sum"], state_before)
+    del out
+
+
+def test_unfused_modules_still_compile_fullgraph_next_to_a_fused_one():
+    """The fusion check is a class-level None for every unfused module: torch.compile with
+    fullgraph=True is unaffected by a fused table elsewhere in the program."""
+    fused_table = ee.Embedding(8, 3)
+    opt = ee.fuse_optimizer(fused_table, torch.optim.SGD, lr=0.1)
+    plain = ee.Embedding(8, 3)
+    compiled = torch.compile(plain, fullgraph=True, backend="eager")
+    ids = torch.tensor([1, 2, 2])
+    torch.testing.assert_close(compiled(ids), plain.weight[ids])
+    fused_table(ids).sum().backward()
+    opt.step()
