@@ -1,8 +1,8 @@
 """Runs every CUDA kernel once on small, duplicate-heavy inputs; meant to be run under
 compute-sanitizer (memcheck, racecheck) by bench/gpu_suite.sh. Every result is checked
 against the float64 reference (embedding_ext/reference.py): the renormed weight, the
-forward rows, the dense and sparse gradients, and the double-backward (scaled-gather)
-output. Exits non-zero on a wrong result, so a clean sanitizer log also means the kernels
+forward rows, the dense and sparse gradients, the double-backward (scaled-gather)
+output, the pooled lookup's ops and the fused optimizer step. Exits non-zero on a wrong result, so a clean sanitizer log also means the kernels
 computed the right thing. `python -m bench.sanitize_kernels cpu` runs the same checks on CPU; `--quick` runs
 fewer dtype pairs."""
 import sys
@@ -182,6 +182,34 @@ def run_case(dev, dtype, index_dtype, dim):
     check(f"scaled gather ({case})", ggo, reference.forward(v, idx) * scales, dtype)
 
 
+def run_fused_case(dev, dtype, index_dtype, dim):
+    """The fused optimizer step (embedding_fused_update_), every rule, a hot row, padding and
+    scale_grad_by_freq: three steps on `dev` against the same steps in float64 on the CPU."""
+    case = f"fused update {dtype}, {index_dtype}, dim={dim}"
+    print("case", case, flush=True)
+    rules = [(torch.optim.SGD, dict(lr=0.1)), (torch.optim.Adagrad, dict(lr=0.1, lr_decay=0.01)),
+             (torch.optim.SparseAdam, dict(lr=0.05)), (ee.optim.RowWiseAdagrad, dict(lr=0.1))]
+    for cls, kwargs in rules:
+        ours = ee.Embedding(50, dim, padding_idx=3, scale_grad_by_freq=True, dtype=dtype,
+                            device=dev)
+        ref = ee.Embedding(50, dim, padding_idx=3, scale_grad_by_freq=True, dtype=torch.float64)
+        with torch.no_grad():
+            ref.weight.copy_(ours.weight.double().cpu())
+        opt, ref_opt = ee.fuse_optimizer(ours, cls, **kwargs), ee.fuse_optimizer(ref, cls, **kwargs)
+        for _ in range(3):
+            idx = torch.randint(0, 50, (40,), dtype=index_dtype)
+            idx[::3] = 5
+            idx[1::7] = 3
+            grad_out = torch.randn(40, dim, dtype=dtype)
+            ours(idx.to(dev)).backward(grad_out.to(dev))
+            ref(idx).backward(grad_out.double())
+            opt.step()
+            ref_opt.step()
+        tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(ours.weight.detach().double().cpu(), ref.weight.detach(), **tol,
+                                   msg=lambda m: f"{case} {cls.__name__}: {m}")
+
+
 def main():
     torch.manual_seed(0)
     args = sys.argv[1:]
@@ -195,6 +223,7 @@ def main():
         for dim in DIMS:
             run_case(dev, dtype, index_dtype, dim)
             run_bag_case(dev, dtype, index_dtype, dim)
+            run_fused_case(dev, dtype, index_dtype, dim)
     if dev == "cuda":
         torch.cuda.synchronize()
     print("sanitize_kernels: all kernels ran and matched the reference on", dev)
