@@ -193,11 +193,34 @@ def _renorm_fake(weight, indices, max_norm, norm_type):
 @torch.library.register_fake("embedding_ext::embedding_fused_update_")
 def _fused_update_fake(weight, grad_output, indices, padding_idx, scale_grad_by_freq, rule,
                        state1, state2, lr, eps, beta1, beta2, lr_decay, step):
+    """check_fused_update_args (csrc/optimizer_rules.h)."""
     op = "embedding_fused_update_"
     _check_weight(weight, op)
+    _check_backward(grad_output, indices, weight.shape[0], padding_idx, op)
+    torch._check(grad_output.shape[-1] == weight.shape[1],
+                 lambda: f"{op}: 'grad_output' rows must have weight's width {weight.shape[1]}, "
+                         f"got {grad_output.shape[-1]}")
+    torch._check(grad_output.dtype == weight.dtype,
+                 lambda: f"{op}: 'grad_output' must have weight's dtype {weight.dtype}, got "
+                         f"{grad_output.dtype}")
     torch._check(0 <= rule <= 3, lambda: f"{op}: 'rule' must be 0 (SGD), 1 (Adagrad), 2 "
                                          f"(SparseAdam) or 3 (RowWiseAdagrad), got {rule}")
     torch._check(step >= 1, lambda: f"{op}: 'step' must be >= 1, got {step}")
+    state_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+    def check_state(state, name, shape):
+        torch._check(state is not None, lambda: f"{op}: rule {rule} needs '{name}'")
+        torch._check(state.dtype == state_dtype and tuple(state.shape) == tuple(shape)
+                     and state.device == weight.device,
+                     lambda: f"{op}: '{name}' must be a contiguous {state_dtype} tensor of "
+                             f"shape {tuple(shape)} on {weight.device}, got {state.dtype} of "
+                             f"shape {tuple(state.shape)} on {state.device}")
+    if rule in (1, 2):
+        check_state(state1, "state1", weight.shape)
+    if rule == 2:
+        check_state(state2, "state2", weight.shape)
+    if rule == 3:
+        check_state(state1, "state1", weight.shape[:1])
     return None
 
 

@@ -361,3 +361,25 @@ def test_unfused_modules_still_compile_fullgraph_next_to_a_fused_one():
     torch.testing.assert_close(compiled(ids), plain.weight[ids])
     fused_table(ids).sum().backward()
     opt.step()
+
+
+@pytest.mark.parametrize("fake", [False, True], ids=["kernel", "fake"])
+@pytest.mark.parametrize("rule, state1, state2, message", [
+    (1, None, None, "rule 1 needs 'state1'"),
+    (2, torch.zeros(6, 3), None, "rule 2 needs 'state2'"),
+    (3, torch.zeros(6, 3), None, "'state1' must be a contiguous .* tensor of shape"),
+    (1, torch.zeros(6, 3, dtype=torch.float64), None, "'state1' must be a contiguous"),
+    (4, None, None, "'rule' must be 0 \\(SGD\\)"),
+])
+def test_fused_update_arguments_refused_alike_by_kernel_and_fake(fake, rule, state1, state2,
+                                                                 message):
+    args = [torch.zeros(6, 3), torch.ones(4, 3), torch.tensor([1, 2, 2, 5]), -1, False, rule,
+            state1, state2, 0.1, 1e-8, 0.9, 0.99, 0.0, 1]
+    with pytest.raises(RuntimeError, match=message):
+        if fake:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+            with FakeTensorMode() as mode:
+                torch.ops.embedding_ext.embedding_fused_update_(
+                    *[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+        else:
+            torch.ops.embedding_ext.embedding_fused_update_(*args)
