@@ -278,17 +278,23 @@ def test_low_precision_state_dict_round_trip(dtype, optimizer_class, kwargs):
     assert torch.equal(resumed.weight, emb.weight)
 
 
-def test_no_grad_and_frozen_lookups_skip_the_optimizer():
+def test_no_grad_and_frozen_lookups_leave_the_weight_alone():
+    """Lookups without a gradient for the weight (no_grad, a frozen weight) take the plain
+    path: no update, no state; training then goes on as usual."""
     emb = ee.Embedding(8, 3)
-    opt = ee.fuse_optimizer(emb, torch.optim.SGD, lr=0.1)
+    opt = ee.fuse_optimizer(emb, torch.optim.SparseAdam, lr=0.1)
     ids = torch.tensor([1, 2])
+    before = emb.weight.detach().clone()
     with torch.no_grad():
-        emb(ids)
-        emb(ids)  # no lookup is counted: nothing to update
-    out = emb(ids)
-    assert out.requires_grad
-    out.sum().backward()
+        assert emb(ids).grad_fn is None
+    emb.weight.requires_grad_(False)
+    x = torch.randn(2, 3, requires_grad=True)
+    (emb(ids) * x).sum().backward()  # only x gets a gradient
+    assert x.grad is not None and torch.equal(emb.weight, before) and not opt.state
+    emb.weight.requires_grad_(True)
+    emb(ids).sum().backward()
     opt.step()
+    assert opt.state[emb.weight]["step"] == 1 and not torch.equal(emb.weight, before)
 
 
 def test_bad_id_changes_no_row():
