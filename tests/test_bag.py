@@ -581,6 +581,59 @@ def test_cuda_bags_match_our_cpu(dtype, mode, dim, sparse):
         torch.testing.assert_close(a.cpu(), b, **tol)
 
 
+# Two terms of one row's gradient that cancel: (1 + u)^2 - (1 + 2u) = u^2, with u the
+# dtype's ulp at 1 (exact in float64). Rounded to the dtype one term at a time, the
+# first term loses its u^2 and the row sums to 0.
+_CANCELLING_U = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_bag_low_precision_gradient_terms_are_not_rounded_before_the_sum(dtype, device):
+    """The fp16/bf16 weight gradient of a row sums its terms (grad_output times
+    per_sample_weights) in fp32 and rounds once, as PyTorch does: a row whose terms cancel
+    keeps the remainder. (The first GPU run found the CUDA kernels rounding each term.)"""
+    u = _CANCELLING_U[dtype]
+    weight = make_weight(4, 8, dtype, device)
+    ids = torch.tensor([1, 1, 3], device=device)
+    offsets = torch.tensor([0, 1, 2], device=device)  # bag 0: term 1, bag 1: term 2, bag 2: row 3
+    psw = torch.tensor([1 + u, -1.0, 1.0], dtype=dtype, device=device)
+    grad_out = torch.tensor([[1 + u] * 8, [1 + 2 * u] * 8, [0.5] * 8], dtype=dtype, device=device)
+    assert psw[0].item() == 1 + u and grad_out[1, 0].item() == 1 + 2 * u  # exact in the dtype
+    _, (grad_weight, _) = _grads(ee.embedding_bag, weight, ids, offsets, grad_out=grad_out,
+                                 psw=psw, mode="sum")
+    expected = torch.zeros(4, 8, dtype=torch.float64)
+    expected[1] = u * u
+    expected[3] = 0.5
+    assert u * u == expected.to(dtype)[1, 0].item()  # the remainder is exact in the dtype
+    torch.testing.assert_close(grad_weight.cpu(), expected.to(dtype), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_cuda_sparse_bag_gradient_with_every_position_kept(dtype, mode):
+    """No padding, every id in a bag: the CUDA sparse gradient keeps the position rows as
+    they are (no compaction copy); values and rows as our CPU kernels give them."""
+    weight = make_weight(40, 24, dtype)
+    ids, offsets = _bags(40)
+    grad_out = torch.randn(offsets.numel(), 24, dtype=dtype)
+    results = [_grads(ee.embedding_bag, weight.to(device), ids.to(device), offsets.to(device),
+                      grad_out=grad_out.to(device), mode=mode, sparse=True)
+               for device in ("cpu", "cuda")]
+    (cpu_out, (cpu_grad,)), (cuda_out, (cuda_grad,)) = results
+    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(cuda_out.cpu(), cpu_out, **tol)
+    assert cuda_grad._indices().shape == (1, ids.numel())
+    assert torch.equal(cuda_grad._indices().cpu(), cpu_grad._indices())
+    torch.testing.assert_close(cuda_grad._values().cpu(), cpu_grad._values(), **tol)
+    # Densified in float64: to_dense sums a hot row's values in the values' dtype, in an
+    # order of its own on each device (bf16 results then differ by an ulp of the sum).
+    torch.testing.assert_close(cuda_grad.cpu().double().to_dense(), cpu_grad.double().to_dense(),
+                               **tol)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 def test_cuda_bad_ids_and_offsets_raise_index_error_later():

@@ -2,11 +2,12 @@
 // - Forward: one thread group per bag, a lane per column, rows in position order with an
 //   fp32 (fp64) accumulator: deterministic.
 // - Weight gradients (sum, mean): each position's gradient row, grad_output[bag] times its
-//   coefficient (1, 1/count, per_sample_weights[i], and 1/frequency), is written once (in
-//   the gradient's dtype: fp16/bf16 round each term once before the fp32 sum) and handed to
-//   the lookup's own dense backward (so: its atomic scatter for fp32/fp64 by default, its
-//   sorted deterministic path for fp16/bf16 and under torch.use_deterministic_algorithms);
-//   the sparse gradient keeps the positions in bags. Max mode adds
+//   coefficient (1, 1/count, per_sample_weights[i], and 1/frequency), is written once and
+//   summed by the lookup's dense backward: fp32/fp64 rows through the op itself (its atomic
+//   scatter by default, its sorted path under torch.use_deterministic_algorithms), fp16/bf16
+//   as fp32 rows through its sorted path (sorted_row_sums: deterministic, each gradient row
+//   rounded once, never each term). The sparse gradient's values are the positions in bags,
+//   in the gradient's dtype (one term each). Max mode adds
 //   grad_output[b, d] into row arg_max[b, d] with atomics (as PyTorch; not deterministic,
 //   so it alerts under torch.use_deterministic_algorithms).
 // - Offsets are checked inside the kernels, without a host synchronisation: a kernel never
@@ -19,6 +20,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "dense_backward.h"
 #include "launch.cuh"
 
 namespace embedding_ext {
@@ -118,8 +120,9 @@ __device__ __forceinline__ bool pools(int64_t b, int64_t k, int64_t padding_idx,
 }
 
 // rows[i] = grad_output[bag_of[i]] * coefficient, or 0 for positions in no bag, padding and
-// bad ids (which then add nothing wherever the rows go).
-template <typename scalar_t, typename index_t>
+// bad ids (which then add nothing wherever the rows go). rows_t: scalar_t, or fp32 for the
+// fp16/bf16 dense gradient (terms summed before any rounding, as PyTorch does).
+template <typename scalar_t, typename rows_t, typename index_t>
 __global__ void position_gradients_kernel(const scalar_t* __restrict__ grad,
                                           const index_t* __restrict__ idx,
                                           const int64_t* __restrict__ bag_of,
@@ -127,7 +130,7 @@ __global__ void position_gradients_kernel(const scalar_t* __restrict__ grad,
                                           const scalar_t* __restrict__ psw,
                                           const int* __restrict__ counts, int64_t n,
                                           int64_t num_rows, int64_t dim, int64_t mode,
-                                          int64_t padding_idx, scalar_t* __restrict__ rows) {
+                                          int64_t padding_idx, rows_t* __restrict__ rows) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; i < n; i += step) {
@@ -140,8 +143,8 @@ __global__ void position_gradients_kernel(const scalar_t* __restrict__ grad,
       if (counts != nullptr) coef /= static_cast<acc_t>(counts[k]);
     }
     for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
-      rows[i * dim + d] = live ? static_cast<scalar_t>(static_cast<acc_t>(grad[b * dim + d]) * coef)
-                               : scalar_t(0);
+      rows[i * dim + d] = live ? static_cast<rows_t>(static_cast<acc_t>(grad[b * dim + d]) * coef)
+                               : rows_t(0);
     }
   }
 }
@@ -227,25 +230,36 @@ BagLayout bag_layout(const CudaBagInputs& in, int64_t num_rows, int64_t padding_
   return l;
 }
 
-// Each position's gradient row (n, D) in grad's dtype: what the lookup's backward ops take.
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Each position's gradient row (n, D) in grad's dtype (fp32 with fp32_rows, for fp16/bf16
+// grads): what the lookup's backward ops take.
 at::Tensor position_gradients(const at::Tensor& grad, const CudaBagInputs& in, const BagLayout& l,
                               int64_t num_rows, int64_t mode, const at::Tensor& psw,
-                              int64_t padding_idx, const LaunchScope& scope) {
+                              int64_t padding_idx, bool fp32_rows, const LaunchScope& scope) {
   constexpr const char* op = "embedding_bag position gradients";
   const int64_t dim = grad.size(1);
-  at::Tensor rows = at::empty({in.n, dim}, grad.options());
+  at::Tensor rows = at::empty({in.n, dim}, fp32_rows ? grad.options().dtype(at::kFloat) : grad.options());
   if (in.n == 0 || dim == 0) return rows;
   const RowLaunch launch = row_launch(in.n, dim);
   AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), op, [&] {
-      position_gradients_kernel<scalar_t, index_t><<<launch.grid, launch.block, 0, scope.stream>>>(
-          grad.const_data_ptr<scalar_t>(), in.indices.const_data_ptr<index_t>(),
-          l.bag_of.const_data_ptr<int64_t>(),
-          reinterpret_cast<const unsigned long long*>(l.bag_count.const_data_ptr<int64_t>()),
-          psw.defined() ? psw.const_data_ptr<scalar_t>() : nullptr,
-          l.counts.defined() ? l.counts.const_data_ptr<int>() : nullptr, in.n, num_rows, dim,
-          mode, padding_idx, rows.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto launch_as = [&](auto rows_tag) {
+        using rows_t = typename decltype(rows_tag)::type;
+        position_gradients_kernel<scalar_t, rows_t, index_t><<<launch.grid, launch.block, 0, scope.stream>>>(
+            grad.const_data_ptr<scalar_t>(), in.indices.const_data_ptr<index_t>(),
+            l.bag_of.const_data_ptr<int64_t>(),
+            reinterpret_cast<const unsigned long long*>(l.bag_count.const_data_ptr<int64_t>()),
+            psw.defined() ? psw.const_data_ptr<scalar_t>() : nullptr,
+            l.counts.defined() ? l.counts.const_data_ptr<int>() : nullptr, in.n, num_rows, dim,
+            mode, padding_idx, rows.mutable_data_ptr<rows_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (fp32_rows) launch_as(TypeTag<float>{});
+      else launch_as(TypeTag<scalar_t>{});
     });
   });
   return rows;
@@ -336,11 +350,20 @@ at::Tensor embedding_bag_dense_backward_cuda(
   }
   const at::Tensor psw = per_sample_weights.has_value()
                              ? per_sample_weights->to(grad.scalar_type()).contiguous() : at::Tensor();
+  // fp16/bf16: fp32 rows, summed by the sorted path into the fp16/bf16 gradient, so that
+  // each term is not rounded before the sum (a row whose terms cancel would lose digits).
+  const bool reduced = grad.scalar_type() == at::kHalf || grad.scalar_type() == at::kBFloat16;
   at::Tensor rows;
   AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
     const BagLayout l = bag_layout<index_t>(in, num_rows, padding_idx, scale_grad_by_freq, scope);
-    rows = position_gradients(grad, in, l, num_rows, mode, psw, padding_idx, scope);
+    rows = position_gradients(grad, in, l, num_rows, mode, psw, padding_idx, reduced, scope);
   });
+  if (reduced) {
+    at::Tensor result = sorted_row_sums({rows, in.indices, num_rows, dim, in.n}, padding_idx,
+                                        grad.scalar_type(), scope);
+    scope.finish();
+    return result;
+  }
   scope.finish();
   // The lookup's own dense backward sums the rows (its frequency scaling is already in them).
   static auto dense_backward =
@@ -370,7 +393,7 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_sparse_backward_cuda(
   AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
     probe_indices(in.indices.const_data_ptr<index_t>(), in.n, num_rows, scope);  // bad ids: no value
     const BagLayout l = bag_layout<index_t>(in, num_rows, padding_idx, scale_grad_by_freq, scope);
-    rows = position_gradients(grad, in, l, num_rows, mode, psw, padding_idx, scope);
+    rows = position_gradients(grad, in, l, num_rows, mode, psw, padding_idx, false, scope);
     bag_of = l.bag_of;
   });
   scope.finish();
@@ -380,6 +403,8 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_sparse_backward_cuda(
   at::Tensor keep = bag_of.ge(0).logical_and_(in.indices.ge(0)).logical_and_(in.indices.lt(num_rows));
   if (padding_idx >= 0) keep.logical_and_(in.indices.ne(padding_idx));
   const at::Tensor source = keep.nonzero().squeeze(1);
+  // Every position kept (no padding, every id in a bag): the rows as they are, no copy.
+  if (source.numel() == in.n) return {in.indices.to(at::kLong).unsqueeze(0), rows};
   return {in.indices.index_select(0, source).to(at::kLong).unsqueeze(0), rows.index_select(0, source)};
 }
 

@@ -15,6 +15,7 @@
 
 #include <type_traits>
 
+#include "dense_backward.h"
 #include "launch.cuh"
 
 namespace embedding_ext {
@@ -105,14 +106,16 @@ __global__ void chunk_carry_kernel(const scalar_t* __restrict__ grad,
 
 // Pass 2: one row group per segment head sums the segment's terms in its first chunk, then
 // the partial sums of the chunks it continues into, in order, and writes the row once.
-template <typename scalar_t, typename index_t, int VEC>
+// The rows are read as scalar_t and written as out_t (the same type, or fp32 terms summed
+// into an fp16/bf16 gradient: see sorted_row_sums).
+template <typename scalar_t, typename out_t, typename index_t, int VEC>
 __global__ void segment_sum_kernel(const scalar_t* __restrict__ grad,
                                    const index_t* __restrict__ sorted_rows,
                                    const int64_t* __restrict__ positions, int64_t n,
                                    int64_t num_rows, int64_t dim_vecs, int64_t padding_idx,
                                    bool scale_grad_by_freq,
                                    const at::opmath_type<scalar_t>* __restrict__ partial,
-                                   scalar_t* __restrict__ out, ErrorSink sink) {
+                                   out_t* __restrict__ out, ErrorSink sink) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; j < n; j += step) {
@@ -139,23 +142,26 @@ __global__ void segment_sum_kernel(const scalar_t* __restrict__ grad,
       for (int64_t t = j; t < first_end; ++t) add_pack<acc_t, scalar_t, VEC>(acc, grad + (positions[t] * dim_vecs + v) * VEC);
 #pragma unroll 4
       for (int64_t c = first_chunk + 1; c * kChunk < e; ++c) add_pack<acc_t, acc_t, VEC>(acc, partial + (c * dim_vecs + v) * VEC);
-      Pack<scalar_t, VEC> row;
+      Pack<out_t, VEC> row;
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) row.v[i] = static_cast<scalar_t>(acc[i] * scale);
-      *reinterpret_cast<Pack<scalar_t, VEC>*>(out + (k * dim_vecs + v) * VEC) = row;
+      for (int i = 0; i < VEC; ++i) row.v[i] = static_cast<out_t>(acc[i] * scale);
+      *reinterpret_cast<Pack<out_t, VEC>*>(out + (k * dim_vecs + v) * VEC) = row;
     }
   }
 }
 
-template <typename scalar_t, typename index_t>
+// out_t: the gradient's type, scalar_t's or narrower (fp32 rows into an fp16/bf16 table).
+template <typename scalar_t, typename out_t, typename index_t>
 at::Tensor sorted_dense_backward(const BackwardInputs& in, int64_t padding_idx,
                                  bool scale_grad_by_freq, const LaunchScope& scope) {
+  static_assert(sizeof(out_t) <= sizeof(scalar_t), "the result is never wider than the rows");
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = in.n, dim = in.dim;
   auto sorted = at::sort(in.indices, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const at::Tensor& sorted_rows = std::get<0>(sorted);
   const at::Tensor& positions = std::get<1>(sorted);
-  at::Tensor result = at::zeros({in.num_rows, dim}, in.grad.options());
+  at::Tensor result = at::zeros({in.num_rows, dim},
+                                in.grad.options().dtype(c10::CppTypeToScalarType<out_t>::value));
   const int64_t num_chunks = ceil_div(n, kChunk);
   at::Tensor partial = at::empty({num_chunks, dim},
                                  in.grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
@@ -172,10 +178,10 @@ at::Tensor sorted_dense_backward(const BackwardInputs& in, int64_t padding_idx,
         partial.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const RowLaunch heads = row_launch(n, dim_vecs);
-    segment_sum_kernel<scalar_t, index_t, VEC><<<heads.grid, heads.block, 0, scope.stream>>>(
+    segment_sum_kernel<scalar_t, out_t, index_t, VEC><<<heads.grid, heads.block, 0, scope.stream>>>(
         in.grad.const_data_ptr<scalar_t>(), sorted_rows.const_data_ptr<index_t>(),
         positions.const_data_ptr<int64_t>(), n, in.num_rows, dim_vecs, padding_idx,
-        scale_grad_by_freq, partial.const_data_ptr<acc_t>(), result.mutable_data_ptr<scalar_t>(),
+        scale_grad_by_freq, partial.const_data_ptr<acc_t>(), result.mutable_data_ptr<out_t>(),
         scope.sink);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
@@ -207,7 +213,7 @@ at::Tensor dense_backward(const BackwardInputs& in, int64_t padding_idx, bool sc
       return result;
     }
   }
-  return sorted_dense_backward<scalar_t, index_t>(in, padding_idx, scale_grad_by_freq, scope);
+  return sorted_dense_backward<scalar_t, scalar_t, index_t>(in, padding_idx, scale_grad_by_freq, scope);
 }
 
 at::Tensor embedding_dense_backward_cuda(const at::Tensor& grad_in, const at::Tensor& indices_in,
@@ -236,6 +242,23 @@ at::Tensor embedding_dense_backward_cuda(const at::Tensor& grad_in, const at::Te
 }
 
 }  // namespace
+
+at::Tensor sorted_row_sums(const BackwardInputs& fp32_rows, int64_t padding_idx,
+                           at::ScalarType out_dtype, const LaunchScope& scope) {
+  constexpr const char* op = "sorted_row_sums";
+  TORCH_CHECK(fp32_rows.grad.scalar_type() == at::kFloat, op, ": the rows must be float32, got ",
+              fp32_rows.grad.scalar_type());
+  if (fp32_rows.n == 0 || fp32_rows.dim == 0 || fp32_rows.num_rows == 0) {
+    return at::zeros({fp32_rows.num_rows, fp32_rows.dim}, fp32_rows.grad.options().dtype(out_dtype));
+  }
+  at::Tensor result;
+  AT_DISPATCH_INDEX_TYPES(fp32_rows.indices.scalar_type(), op, [&] {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(out_dtype, op, [&] {
+      result = sorted_dense_backward<float, scalar_t, index_t>(fp32_rows, padding_idx, false, scope);
+    });
+  });
+  return result;
+}
 
 TORCH_LIBRARY_IMPL(embedding_ext, CUDA, m) {
   m.impl("embedding_dense_backward", &embedding_dense_backward_cuda);
