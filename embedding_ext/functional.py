@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import ops
+from . import distributed, ops
 from .autograd import EmbeddingBagFunction, _EmbeddingBagEagerFunction
 from ._torch_private import direct_call
 
@@ -45,6 +45,9 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None,
             raise RuntimeError(f"embedding: 'weight' must be 2-D, got a {weight.dim()}-D tensor "
                                f"of shape {tuple(weight.shape)}")
         padding = normalize_padding_idx(padding_idx, weight.shape[0])
+    if distributed.is_dtensor(weight, input):
+        return distributed.embedding(input, weight, padding, max_norm, norm_type,
+                                     scale_grad_by_freq, sparse)
     if max_norm is not None:
         # The renorm reads the indices once more; make them contiguous once for both.
         input = input.contiguous()
@@ -129,6 +132,9 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None,
                            f"embeddings, {-weight.shape[0]} through {weight.shape[0] - 1}, but got "
                            f"{padding_idx}") from None
     ids, csr, psw = _bag_layout(input, offsets, per_sample_weights, include_last_offset)
+    if distributed.is_dtensor(weight, ids, csr, psw):
+        return distributed.embedding_bag(ids, csr, weight, padding, max_norm, norm_type,
+                                         scale_grad_by_freq, mode, sparse, psw)
     if max_norm is not None:
         ids = ids.contiguous()
         with torch.no_grad():

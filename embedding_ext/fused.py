@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import ops
+from . import distributed, ops
 from .optim import RowWiseAdagrad
 
 _SGD, _ADAGRAD, _SPARSE_ADAM, _ROWWISE_ADAGRAD = 0, 1, 2, 3
@@ -49,6 +49,18 @@ def fused_optimizer_of(module: torch.nn.Module) -> "FusedOptimizer | None":
     if optimizer is None or optimizer.param_groups[0]["params"][0] is not module.weight:
         return None
     return optimizer
+
+
+def row_state_like(weight: Tensor, value: float, dtype: torch.dtype) -> Tensor:
+    """A (V,) state filled with `value`: for a row-sharded DTensor weight, a DTensor sharded
+    alike (this rank's rows); else a plain tensor on the weight's device."""
+    if distributed.is_dtensor(weight):
+        from torch.distributed.tensor import DTensor
+        local = weight.to_local()
+        rows = torch.full(local.shape[:1], value, dtype=dtype, device=local.device)
+        return DTensor.from_local(rows, weight.device_mesh, weight.placements, run_check=False,
+                                  shape=weight.shape[:1], stride=(1,))
+    return torch.full(weight.shape[:1], value, dtype=dtype, device=weight.device)
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -167,15 +179,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         # (SGD keeps no state, as torch's without momentum: no entry made.)
         state = self.state[weight] if self._rule != _SGD else {}
         if self._rule in (_SPARSE_ADAM, _ROWWISE_ADAGRAD) and not state:  # lazy, as torch's
-            shape = weight.shape if self._rule == _SPARSE_ADAM else weight.shape[:1]
+            # zeros_like / full_like: a DTensor weight's state is a DTensor placed alike.
             if self._rule == _SPARSE_ADAM:
                 state["step"] = 0
-                state["exp_avg"] = weight.new_zeros(shape, dtype=_state_dtype(weight))
-                state["exp_avg_sq"] = weight.new_zeros(shape, dtype=_state_dtype(weight))
+                state["exp_avg"] = torch.zeros_like(weight, dtype=_state_dtype(weight))
+                state["exp_avg_sq"] = torch.zeros_like(weight, dtype=_state_dtype(weight))
             else:
                 state["step"] = torch.zeros((), dtype=torch.float32)
-                state["sum"] = torch.full(shape, group["initial_accumulator_value"],
-                                          dtype=_state_dtype(weight), device=weight.device)
+                state["sum"] = row_state_like(weight, group["initial_accumulator_value"],
+                                              _state_dtype(weight))
         for name, value in state.items():  # follow the weight (module.to() after fusing)
             if name != "step" and (value.device != weight.device
                                    or value.dtype != _state_dtype(weight)):
@@ -186,14 +198,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         step = int(state["step"]) + 1 if state else 1
         betas = group.get("betas", (0.0, 0.0))
         with torch.no_grad():
+            # A row-sharded (DTensor) weight: this rank's rows and state; grad_output and
+            # indices are then already this rank's positions, in local row numbers.
+            local = [t.to_local() if distributed.is_dtensor(t) else t
+                     for t in (weight, state1, state2)]
             ops.embedding_fused_update_(
-                weight, grad_output.to(weight.dtype), indices, padding_idx,
-                bool(scale_grad_by_freq), self._rule, state1, state2, float(group["lr"]),
+                local[0], grad_output.to(weight.dtype), indices, padding_idx,
+                bool(scale_grad_by_freq), self._rule, local[1], local[2], float(group["lr"]),
                 float(group.get("eps", 0.0)), float(betas[0]), float(betas[1]),
                 float(group.get("lr_decay", 0.0)), step)
         # The weight changed in place: autograd's saved-tensor checks must see it (the op
         # has no ADInplaceOrView kernel to do this).
-        torch.autograd.graph.increment_version(weight)
+        torch.autograd.graph.increment_version(local[0])
         if state:
             state["step"] += 1
         self._updated = True
@@ -234,6 +250,9 @@ def fused_lookup(input: Tensor, weight: Tensor, optimizer: FusedOptimizer,
     as without fusion) whose backward is the optimizer's update."""
     from .functional import normalize_padding_idx
     padding = normalize_padding_idx(padding_idx, weight.shape[0])
+    if distributed.is_dtensor(weight, input):
+        return distributed.fused_lookup(input, weight, optimizer, padding, max_norm, norm_type,
+                                        scale_grad_by_freq)
     if max_norm is not None:
         input = input.contiguous()
         with torch.no_grad():
