@@ -4,12 +4,15 @@ step (SGD, row-wise Adagrad; bags of one id) where installed. Every row is verif
 two steps from the same weights on the same ids must agree with PyTorch (and FBGEMM) before
 anything is timed. Then alternating rounds, medians.
 
-    python -m bench.fused_step [--threads 1] [--rounds 5] [--out bench/results]
+    python -m bench.fused_step [--device cpu|cuda] [--threads 1] [--rounds 5] [--filter 50000x768]
+                               [--out bench/results]
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
+import gc
 import platform
 import statistics
 import time
@@ -31,13 +34,57 @@ OPTIMIZERS = [("SGD", torch.optim.SGD, dict(lr=0.01), "EXACT_SGD"),
               ("SparseAdam", torch.optim.SparseAdam, dict(lr=0.01), None)]
 
 
-def _median_ms(fn, repeats: int) -> float:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median_ms(fn, repeats: int, device: str = "cpu") -> float:
     times = []
     for _ in range(repeats):
+        _sync(device)
         start = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _peak_extra_mib(fn, device: str) -> float:
+    """The step's peak memory above what was resident before it. CUDA: the caching
+    allocator's peak above its allocation before. CPU: the process's peak resident set
+    (VmHWM, reset through /proc/self/clear_refs) above its resident set before, with our
+    output cache emptied and malloc's free heap trimmed first (so that the step's own
+    buffers are counted); NaN where Linux refuses the reset."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    ee.release_cpu_output_cache()
+    gc.collect()
+    try:  # freed heap memory back to the OS, so that reusing it counts as new
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+    except OSError:
+        return float("nan")
+    before = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - before) / 1024
 
 
 def _fbgemm_step(fb, rule: str, weight: torch.Tensor, kwargs: dict):
@@ -57,19 +104,21 @@ def _fbgemm_step(fb, rule: str, weight: torch.Tensor, kwargs: dict):
     return step, (lambda: tbe.split_embedding_weights()[0])
 
 
-def run(threads: int, rounds: int, out: Path | None) -> str:
+def run(threads: int, rounds: int, out: Path | None, device: str = "cpu") -> str:
     torch.set_num_threads(threads)
-    fb = _fbgemm()
+    fb = _fbgemm() if device == "cpu" else None  # FBGEMM's CPU TBE: a CPU peer only
     gen = torch.Generator().manual_seed(0)
-    lines = [f"### fused_step on {platform.processor() or platform.machine()}, {threads} "
-             f"thread(s), torch {torch.__version__}, "
+    where = (torch.cuda.get_device_name() if device == "cuda"
+             else f"{platform.processor() or platform.machine()}, {threads} thread(s)")
+    lines = [f"### fused_step on {where}, torch {torch.__version__}, "
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", "",
              "| V x D | optimizer | ours ms | torch sparse + optimizer ms | speed-up | "
-             "FBGEMM ms | vs FBGEMM | extra MiB (ours) |", "|---|---|---|---|---|---|---|---|"]
+             "FBGEMM ms | vs FBGEMM | peak extra MiB ours | peak extra MiB torch | table MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for num_rows, dim in CASES:
-        base = torch.randn(num_rows, dim, generator=gen)
-        batches = [(torch.randint(0, num_rows, (IDS,), generator=gen),
-                    torch.randn(IDS, dim, generator=gen)) for _ in range(2)]
+        base = torch.randn(num_rows, dim, generator=gen).to(device)
+        batches = [(torch.randint(0, num_rows, (IDS,), generator=gen).to(device),
+                    torch.randn(IDS, dim, generator=gen).to(device)) for _ in range(2)]
         for name, cls, kwargs, fbgemm_rule in OPTIMIZERS:
             ours = ee.Embedding(num_rows, dim, _weight=base.clone())
             fused = ee.fuse_optimizer(ours, cls, **kwargs)
@@ -102,30 +151,37 @@ def run(threads: int, rounds: int, out: Path | None) -> str:
             ids, grad = batches[0]
             results = {"ours": [], "torch": [], "fbgemm": []}
             for _ in range(rounds):  # alternating rounds
-                results["ours"].append(_median_ms(lambda: ours_step(ids, grad), 3))
-                results["torch"].append(_median_ms(lambda: torch_step(ids, grad), 3))
+                results["ours"].append(_median_ms(lambda: ours_step(ids, grad), 3, device))
+                results["torch"].append(_median_ms(lambda: torch_step(ids, grad), 3, device))
                 if peer is not None:
                     results["fbgemm"].append(_median_ms(lambda: peer(ids, grad), 3))
             t_ours, t_torch = statistics.median(results["ours"]), statistics.median(results["torch"])
-            # Extra memory of our step: the sort's O(ids) arrays and the output (ids x D).
-            extra_mib = (IDS * (8 * 4) + IDS * dim * 4) / 2**20
+            # Measured: the step's peak allocation above the table and state already there.
+            extra_ours = _peak_extra_mib(lambda: ours_step(ids, grad), device)
+            extra_torch = _peak_extra_mib(lambda: torch_step(ids, grad), device)
             fb_cells = "- | -"
             if results["fbgemm"]:
                 t_fb = statistics.median(results["fbgemm"])
                 fb_cells = f"{t_fb:.2f} | {t_fb / t_ours:.2f}x"
             line = (f"| {num_rows} x {dim} | {name} | {t_ours:.2f} | {t_torch:.2f} | "
-                    f"{t_torch / t_ours:.2f}x | {fb_cells} | {extra_mib:.0f} |")
+                    f"{t_torch / t_ours:.2f}x | {fb_cells} | {extra_ours:.1f} | "
+                    f"{extra_torch:.1f} | {num_rows * dim * 4 / 2**20:.0f} |")
             print(line, flush=True)
             lines.append(line)
             del ours, fused, plain, reference, peer
-    lines += ["", f"Command: `python -m bench.fused_step --threads {threads} --rounds {rounds}`",
+    lines += ["", f"Command: `python -m bench.fused_step --device {device} --threads {threads} "
+              f"--rounds {rounds}`",
               "Each row verified first (two steps from the same weights agree with PyTorch, "
-              "and FBGEMM, to 1e-4). Extra MiB: an estimate of our step's O(ids) buffers (the "
-              "forward's output and the sort), never O(V x D)."]
+              "and FBGEMM, to 1e-4). Peak extra MiB: measured, the step's peak allocation "
+              "above what was resident before it (weights and optimizer state made earlier; "
+              "CUDA: the allocator's peak, CPU: the peak resident set, VmHWM, above VmRSS "
+              "before, our output cache emptied and malloc_trim first); a step's O(ids x D) buffers "
+              "against the table's V x D."]
     text = "\n".join(lines) + "\n"
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"fused-step-cpu-{threads}t.md").write_text(text)
+        name = f"fused-step-cpu-{threads}t.md" if device == "cpu" else "fused-step-cuda.md"
+        (out / name).write_text(text)
     return text
 
 
@@ -134,8 +190,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--filter", default="", help="only V x D cases whose 'VxD' contains this")
     args = parser.parse_args()
-    print(run(args.threads, args.rounds, args.out))
+    if args.filter:
+        CASES[:] = [c for c in CASES if args.filter in f"{c[0]}x{c[1]}"]
+    print(run(args.threads, args.rounds, args.out, args.device))
 
 
 if __name__ == "__main__":

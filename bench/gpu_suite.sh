@@ -11,9 +11,10 @@
 #   bench/gpu_suite.sh --dry-run OUTDIR    anywhere (CI): the same steps with the GPU-only
 #                                          parts replaced by imports, test collection and
 #                                          CPU runs of the drivers; exit 0 only if all work
-# OUTDIR gets at most 6 files (the device tool returns 8): suite.log (the summary, written
-# as the steps run), steps.log (every step's whole output, appended after each step) and
-# the benchmark's gpu-cuda.{csv,json,md,png}. Exit status 0 if every step passed; a
+# OUTDIR gets at most 7 files (the device tool returns 8): suite.log (the summary, written
+# as the steps run), steps.log (every step's whole output, appended after each step), the
+# benchmark's gpu-cuda.{csv,json,md,png} and fused-step-cuda.md (the fused optimizer step,
+# with its measured peak memory). Exit status 0 if every step passed; a
 # sanitizer that refuses the device is reported as REFUSED and does not count as a failure.
 set -uo pipefail
 DRY=0
@@ -103,7 +104,10 @@ if [ $DRY = 0 ]; then
   "$PY" -c "import xdist" 2> /dev/null && xdist=(-n 4)
   TAIL_LINES=40 run tests-cuda 150 "$PY" -m pytest -q -p no:cacheprovider -m cuda "${xdist[@]}" \
     -rfE --tb=short --durations=10 tests
-  run benchmark 150 "$PY" -m bench.run --preset gpu --device cuda --min-run-time 0.1 --out "$OUT"
+  # 0.05 s per measurement: run 3 (0.1 s) needed all of the 150 s for its 93 rows and lost
+  # the plot.
+  run benchmark 150 "$PY" -m bench.run --preset gpu --device cuda --min-run-time 0.05 --out "$OUT"
+  run fused-step 60 "$PY" -m bench.fused_step --device cuda --rounds 3 --out "$OUT"
   sanitize memcheck 90
   sanitize initcheck 60
 else
@@ -112,6 +116,7 @@ else
     --min-run-time 0.05 --rounds 1 --threads 1 --out "$SCRATCH/dry-bench"
   run benchmark-cpu-bags 120 "$PY" -m bench.run --preset bag --device cpu --filter rec-bags-small \
     --min-run-time 0.01 --rounds 1 --threads 1 --out "$SCRATCH/dry-bench"
+  run fused-step-cpu 120 "$PY" -m bench.fused_step --device cpu --rounds 1 --filter 50000x768
   run selfcheck-cpu 60 "$PY" -m embedding_ext
   run sanitize-driver-cpu 120 "$PY" -m bench.sanitize_kernels cpu --quick
   run sanitizer-found 30 bash -c 'if [ -x "$1" ]; then "$1" --version | head -2; else echo "compute-sanitizer not here ($1): checked on the GPU machine only"; fi' _ "$SANITIZER"
