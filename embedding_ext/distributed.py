@@ -159,12 +159,11 @@ def _renorm_owned_rows(weight, ids: Tensor, first: int, rows: int, max_norm: flo
     one rank, so its norm is local)."""
     if rows == 0:
         return
+    from .functional import renorm_rows
     local = ids.reshape(-1) - first
-    mine = local[(local >= 0) & (local < rows)].contiguous()
     with torch.no_grad():  # to_local() is then the shard itself, not a view
         shard = weight.to_local()
-        ops.embedding_renorm_(shard, mine, max_norm, norm_type)
-    torch.autograd.graph.increment_version(shard)
+    renorm_rows(shard, local[(local >= 0) & (local < rows)], max_norm, norm_type)
 
 
 def _row_shard(weight, mesh, padding_idx: int) -> tuple[int, int, int]:

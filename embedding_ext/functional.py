@@ -49,13 +49,19 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None,
         return distributed.embedding(input, weight, padding, max_norm, norm_type,
                                      scale_grad_by_freq, sparse)
     if max_norm is not None:
-        # The renorm reads the indices once more; make them contiguous once for both.
-        input = input.contiguous()
-        with torch.no_grad():
-            ops.embedding_renorm_(weight, input, max_norm, norm_type)
-        # As in PyTorch, the in-place renorm is visible to autograd's saved-tensor checks.
-        torch.autograd.graph.increment_version(weight)
+        input = renorm_rows(weight, input, max_norm, norm_type)
     return _embedding_direct(weight, input, padding, bool(scale_grad_by_freq), bool(sparse))
+
+
+def renorm_rows(weight: Tensor, ids: Tensor, max_norm: float, norm_type: float) -> Tensor:
+    """max_norm: the rows ``ids`` references renormed in place, before the lookup; returns
+    the ids made contiguous (the renorm reads them once more: contiguous once for both)."""
+    ids = ids.contiguous()
+    with torch.no_grad():
+        ops.embedding_renorm_(weight, ids, max_norm, norm_type)
+    # As in PyTorch, the in-place renorm is visible to autograd's saved-tensor checks.
+    torch.autograd.graph.increment_version(weight)
+    return ids
 
 
 def _bag_layout(input: Tensor, offsets: Tensor | None, per_sample_weights: Tensor | None,
@@ -87,27 +93,12 @@ def _bag_layout(input: Tensor, offsets: Tensor | None, per_sample_weights: Tenso
     return input, offsets, per_sample_weights
 
 
-def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None,
-                  max_norm: float | None = None, norm_type: float = 2.0,
-                  scale_grad_by_freq: bool = False, mode: str = "mean", sparse: bool = False,
-                  per_sample_weights: Tensor | None = None, include_last_offset: bool = False,
-                  padding_idx: int | None = None) -> Tensor:
-    """Equivalent to :func:`torch.nn.functional.embedding_bag`, computed by embedding_ext's
-    CPU and CUDA kernels (README: "Bags").
-
-    Beyond PyTorch: offsets are validated (first 0, non-decreasing, none past the ids) with
-    an error naming the bad entry (on CUDA without a synchronisation: raised as IndexError
-    by a later call, like a bad id); with ``include_last_offset=True`` the offsets are CSR:
-    ids after the last offset belong to no bag, in every mode; fp16/bf16 pool in fp32;
-    ``sparse=True`` works with ``scale_grad_by_freq``.
-    """
-    if has_torch_function_variadic(input, weight, offsets, per_sample_weights):
-        return handle_torch_function(
-            embedding_bag, (input, weight, offsets, per_sample_weights), input, weight,
-            offsets=offsets, max_norm=max_norm, norm_type=norm_type,
-            scale_grad_by_freq=scale_grad_by_freq, mode=mode, sparse=sparse,
-            per_sample_weights=per_sample_weights, include_last_offset=include_last_offset,
-            padding_idx=padding_idx)
+def bag_arguments(input: Tensor, weight: Tensor, offsets: Tensor | None,
+                  scale_grad_by_freq: bool, mode: str, sparse: bool,
+                  per_sample_weights: Tensor | None, include_last_offset: bool,
+                  padding_idx: int | None) -> tuple[Tensor, Tensor, Tensor | None, int]:
+    """embedding_bag's arguments checked (errors as F.embedding_bag's), in the kernels' form:
+    (1-D ids, CSR offsets, 1-D per_sample_weights or None, padding_idx or -1)."""
     if mode not in ops.BAG_MODES:
         raise ValueError(f"embedding_bag: 'mode' must be 'sum', 'mean' or 'max', got {mode!r}")
     if mode == "max" and scale_grad_by_freq:
@@ -132,14 +123,38 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None,
                            f"embeddings, {-weight.shape[0]} through {weight.shape[0] - 1}, but got "
                            f"{padding_idx}") from None
     ids, csr, psw = _bag_layout(input, offsets, per_sample_weights, include_last_offset)
+    return ids, csr, psw, padding
+
+
+def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None,
+                  max_norm: float | None = None, norm_type: float = 2.0,
+                  scale_grad_by_freq: bool = False, mode: str = "mean", sparse: bool = False,
+                  per_sample_weights: Tensor | None = None, include_last_offset: bool = False,
+                  padding_idx: int | None = None) -> Tensor:
+    """Equivalent to :func:`torch.nn.functional.embedding_bag`, computed by embedding_ext's
+    CPU and CUDA kernels (README: "Bags").
+
+    Beyond PyTorch: offsets are validated (first 0, non-decreasing, none past the ids) with
+    an error naming the bad entry (on CUDA without a synchronisation: raised as IndexError
+    by a later call, like a bad id); with ``include_last_offset=True`` the offsets are CSR:
+    ids after the last offset belong to no bag, in every mode; fp16/bf16 pool in fp32;
+    ``sparse=True`` works with ``scale_grad_by_freq``.
+    """
+    if has_torch_function_variadic(input, weight, offsets, per_sample_weights):
+        return handle_torch_function(
+            embedding_bag, (input, weight, offsets, per_sample_weights), input, weight,
+            offsets=offsets, max_norm=max_norm, norm_type=norm_type,
+            scale_grad_by_freq=scale_grad_by_freq, mode=mode, sparse=sparse,
+            per_sample_weights=per_sample_weights, include_last_offset=include_last_offset,
+            padding_idx=padding_idx)
+    ids, csr, psw, padding = bag_arguments(input, weight, offsets, scale_grad_by_freq, mode,
+                                           sparse, per_sample_weights, include_last_offset,
+                                           padding_idx)
     if distributed.is_dtensor(weight, ids, csr, psw):
         return distributed.embedding_bag(ids, csr, weight, padding, max_norm, norm_type,
                                          scale_grad_by_freq, mode, sparse, psw)
     if max_norm is not None:
-        ids = ids.contiguous()
-        with torch.no_grad():
-            ops.embedding_renorm_(weight, ids, max_norm, norm_type)
-        torch.autograd.graph.increment_version(weight)
+        ids = renorm_rows(weight, ids, max_norm, norm_type)
     function = (EmbeddingBagFunction if torch._C._are_functorch_transforms_active()
                 else _EmbeddingBagEagerFunction)
     output, _ = function.apply(weight, ids, csr, ops.BAG_MODES[mode], psw, padding,

@@ -35,7 +35,8 @@ def _state_dtype(weight: Tensor) -> torch.dtype:
 def fuse_optimizer(module: torch.nn.Module, optimizer_class: type,
                    **kwargs: object) -> "FusedOptimizer":
     """Fuses ``optimizer_class(module.parameters(), **kwargs)`` into the backward of
-    ``module`` (an ``ee.Embedding``); returns the optimizer (see :class:`FusedOptimizer`)."""
+    ``module`` (an ``ee.Embedding``, or an ``ee.EmbeddingBag`` in mode sum or mean); returns
+    the optimizer (see :class:`FusedOptimizer`)."""
     return FusedOptimizer(module, optimizer_class, **kwargs)
 
 
@@ -84,10 +85,12 @@ class FusedOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, module: torch.nn.Module, optimizer_class: type, **kwargs: object):
-        from .module import Embedding  # the module imports nothing from here
-        if not isinstance(module, Embedding):
-            raise TypeError(f"fuse_optimizer: 'module' must be an ee.Embedding, got "
-                            f"{type(module).__name__}")
+        from .module import Embedding, EmbeddingBag  # the module imports nothing from here
+        if not isinstance(module, (Embedding, EmbeddingBag)):
+            raise TypeError(f"fuse_optimizer: 'module' must be an ee.Embedding or "
+                            f"ee.EmbeddingBag, got {type(module).__name__}")
+        if isinstance(module, EmbeddingBag) and module.mode == "max":
+            raise NotImplementedError(_MAX_MODE_REFUSAL)
         if optimizer_class not in _RULES:
             names = ", ".join(f"{c.__module__}.{c.__name__}" for c in _RULES)
             raise TypeError(f"fuse_optimizer: 'optimizer_class' must be one of {names}, got "
@@ -248,14 +251,65 @@ def fused_lookup(input: Tensor, weight: Tensor, optimizer: FusedOptimizer,
                  scale_grad_by_freq: bool) -> Tensor:
     """ee.Embedding's forward with a fused optimizer: the lookup (after the max_norm renorm,
     as without fusion) whose backward is the optimizer's update."""
-    from .functional import normalize_padding_idx
+    from .functional import normalize_padding_idx, renorm_rows
     padding = normalize_padding_idx(padding_idx, weight.shape[0])
     if distributed.is_dtensor(weight, input):
         return distributed.fused_lookup(input, weight, optimizer, padding, max_norm, norm_type,
                                         scale_grad_by_freq)
     if max_norm is not None:
-        input = input.contiguous()
-        with torch.no_grad():
-            ops.embedding_renorm_(weight, input, max_norm, norm_type)
-        torch.autograd.graph.increment_version(weight)
+        input = renorm_rows(weight, input, max_norm, norm_type)
     return FusedLookupFunction.apply(weight, input, padding, bool(scale_grad_by_freq), optimizer)
+
+
+class FusedBagFunction(torch.autograd.Function):
+    """The pooled lookup (sum, mean) whose backward is the fused optimizer's update: the
+    positions' gradient rows (as the sparse gradient's values: grad_output of the bag times
+    1/count, per_sample_weights and 1/frequency; padding left out), each row's summed once
+    and the rule applied once per row. per_sample_weights still get their gradient."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, ids: Tensor, csr: Tensor, mode: int, psw: Tensor | None,
+                padding_idx: int, scale_grad_by_freq: bool, optimizer: FusedOptimizer) -> Tensor:
+        output, _ = ops.embedding_bag_forward(weight, ids, csr, mode, psw, padding_idx)
+        # The weight only for the per_sample_weights gradient (read before the update).
+        ctx.save_for_backward(ids, csr, psw, weight if ctx.needs_input_grad[4] else None)
+        ctx.num_weights, ctx.mode, ctx.padding_idx = weight.shape[0], mode, padding_idx
+        ctx.scale, ctx.optimizer = scale_grad_by_freq, optimizer
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        ids, csr, psw, weight = ctx.saved_tensors
+        grad_psw = None
+        if ctx.needs_input_grad[4]:
+            grad_psw = ops.embedding_bag_per_sample_weights_backward(grad_output, weight, ids,
+                                                                     csr, ctx.padding_idx)
+        rows, values = ops.embedding_bag_sparse_backward(
+            grad_output, ids, csr, ctx.num_weights, ctx.mode, psw, ctx.padding_idx, ctx.scale)
+        # Padding is already left out and the frequency scaling already in the values.
+        ctx.optimizer._update(values, rows[0], -1, False)
+        return None, None, None, None, grad_psw, None, None, None
+
+
+def fused_bag_lookup(module, input: Tensor, offsets: Tensor | None,
+                     per_sample_weights: Tensor | None, optimizer: FusedOptimizer) -> Tensor:
+    """ee.EmbeddingBag's forward with a fused optimizer (modes sum and mean): the pooled
+    lookup (after the max_norm renorm, as without fusion) whose backward is the update."""
+    from .functional import bag_arguments, renorm_rows
+    weight = module.weight
+    if module.mode == "max":
+        raise NotImplementedError(_MAX_MODE_REFUSAL)
+    ids, csr, psw, padding = bag_arguments(input, weight, offsets, module.scale_grad_by_freq,
+                                           module.mode, False, per_sample_weights,
+                                           module.include_last_offset, module.padding_idx)
+    if distributed.is_dtensor(weight, ids, csr, psw):
+        raise NotImplementedError("fuse_optimizer: an ee.EmbeddingBag with a DTensor weight is "
+                                  "not supported fused (ee.Embedding row-sharded is)")
+    if module.max_norm is not None:
+        ids = renorm_rows(weight, ids, module.max_norm, module.norm_type)
+    return FusedBagFunction.apply(weight, ids, csr, ops.BAG_MODES[module.mode], psw, padding,
+                                  bool(module.scale_grad_by_freq), optimizer)
+
+
+_MAX_MODE_REFUSAL = ("fuse_optimizer: an ee.EmbeddingBag in mode='max' cannot be fused (its "
+                     "gradient is per column, not per row: no per-row update); use sum or mean")

@@ -12,7 +12,27 @@ from .functional import embedding, embedding_bag
 from . import fused
 
 
-class Embedding(torch.nn.Embedding):
+class _Fusable:
+    """What ee.fuse_optimizer needs of a module: the weak reference to the optimizer fused
+    into its backward (None on the class: torch.compile sees a constant for every unfused
+    module), dropped from copies and pickles (which are not fused)."""
+
+    _ee_fused_ref = None
+
+    def _fused_optimizer(self):
+        if (self._ee_fused_ref is not None and torch.is_grad_enabled()
+                and self.weight.requires_grad):
+            return fused.fused_optimizer_of(self)
+        return None
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles are not fused (and a weak reference cannot be pickled).
+        state = self.__dict__.copy()
+        state.pop("_ee_fused_ref", None)
+        return state
+
+
+class Embedding(_Fusable, torch.nn.Embedding):
     """Equivalent to :class:`torch.nn.Embedding`; see :func:`embedding_ext.embedding`."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
@@ -28,33 +48,25 @@ class Embedding(torch.nn.Embedding):
         super().__init__(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type,
                          scale_grad_by_freq, sparse, _weight, _freeze, device, dtype)
 
-    # ee.fuse_optimizer's weak reference to the optimizer fused into this module's backward.
-    _ee_fused_ref = None
-
     def forward(self, input: Tensor) -> Tensor:
-        if (self._ee_fused_ref is not None and torch.is_grad_enabled()
-                and self.weight.requires_grad):
-            optimizer = fused.fused_optimizer_of(self)
-            if optimizer is not None:
-                return fused.fused_lookup(input, self.weight, optimizer, self.padding_idx,
-                                          self.max_norm, self.norm_type, self.scale_grad_by_freq)
+        optimizer = self._fused_optimizer()
+        if optimizer is not None:
+            return fused.fused_lookup(input, self.weight, optimizer, self.padding_idx,
+                                      self.max_norm, self.norm_type, self.scale_grad_by_freq)
         return embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type,
                          self.scale_grad_by_freq, self.sparse)
 
-    def __getstate__(self) -> dict:
-        # Copies and pickles are not fused (and a weak reference cannot be pickled).
-        state = self.__dict__.copy()
-        state.pop("_ee_fused_ref", None)
-        return state
 
-
-class EmbeddingBag(torch.nn.EmbeddingBag):
+class EmbeddingBag(_Fusable, torch.nn.EmbeddingBag):
     """Equivalent to :class:`torch.nn.EmbeddingBag` on the CPU and CUDA; see
     :func:`embedding_ext.embedding_bag`. Construction, ``from_pretrained`` and
     ``state_dict`` are inherited unchanged."""
 
     def forward(self, input: Tensor, offsets: Tensor | None = None,
                 per_sample_weights: Tensor | None = None) -> Tensor:
+        optimizer = self._fused_optimizer()
+        if optimizer is not None:
+            return fused.fused_bag_lookup(self, input, offsets, per_sample_weights, optimizer)
         return embedding_bag(input, self.weight, offsets, self.max_norm, self.norm_type,
                              self.scale_grad_by_freq, self.mode, self.sparse,
                              per_sample_weights, self.include_last_offset, self.padding_idx)
