@@ -246,12 +246,28 @@ class FusedLookupFunction(torch.autograd.Function):
         return None, None, None, None, None
 
 
+def refuse_inside_ddp(weight: Tensor) -> None:
+    """A fused weight that DistributedDataParallel synchronises is refused: DDP would wait
+    for (or, with find_unused_parameters, skip) a gradient the weight never gets, and each
+    rank would update its rows from its own batch alone, silently diverging. DDP marks the
+    module whose forward is running (the attribute torch.compile's DDP support reads)."""
+    ddp = getattr(torch.nn.parallel.DistributedDataParallel, "_active_ddp_module", None)
+    if ddp is not None and any(p is weight for p in getattr(ddp, "_module_parameters", ())):
+        raise RuntimeError(
+            "fuse_optimizer: the fused module runs inside DistributedDataParallel, which "
+            "synchronises gradients the fused weight never gets (each rank would update its "
+            "rows from its own batch alone); leave the weight out of DDP "
+            "(DistributedDataParallel._set_params_and_buffers_to_ignore_for_model) for "
+            "per-rank tables, or shard the table (RowwiseParallel) and fuse there")
+
+
 def fused_lookup(input: Tensor, weight: Tensor, optimizer: FusedOptimizer,
                  padding_idx: int | None, max_norm: float | None, norm_type: float,
                  scale_grad_by_freq: bool) -> Tensor:
     """ee.Embedding's forward with a fused optimizer: the lookup (after the max_norm renorm,
     as without fusion) whose backward is the optimizer's update."""
     from .functional import normalize_padding_idx, renorm_rows
+    refuse_inside_ddp(weight)
     padding = normalize_padding_idx(padding_idx, weight.shape[0])
     if distributed.is_dtensor(weight, input):
         return distributed.fused_lookup(input, weight, optimizer, padding, max_norm, norm_type,
@@ -299,6 +315,7 @@ def fused_bag_lookup(module, input: Tensor, offsets: Tensor | None,
     weight = module.weight
     if module.mode == "max":
         raise NotImplementedError(_MAX_MODE_REFUSAL)
+    refuse_inside_ddp(weight)
     ids, csr, psw, padding = bag_arguments(input, weight, offsets, module.scale_grad_by_freq,
                                            module.mode, False, per_sample_weights,
                                            module.include_last_offset, module.padding_idx)

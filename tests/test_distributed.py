@@ -75,3 +75,35 @@ def test_ddp_matches_single_process(tmp_path, sparse):
     for key, value in model.state_dict().items():
         torch.testing.assert_close(states[0][key], value, rtol=1e-5, atol=1e-6)
     assert not torch.equal(states[0]["0.weight"], _model(sparse).state_dict()["0.weight"])
+
+
+def _fused_ddp_worker(rank: int, out_dir: str):
+    start_group(rank, WORLD, out_dir)
+    results = {}
+    for ignore in (False, True):
+        model = _model(False)
+        if ignore:  # the documented way out: the table stays per rank, the rest is synced
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                model, ["0.weight"])
+        opt = ee.fuse_optimizer(model[0], torch.optim.SGD, lr=0.5)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        ids, y = _batch(0, rank)
+        before = model[0].weight.detach().clone()
+        try:
+            torch.nn.functional.mse_loss(ddp(ids), y).backward()
+            opt.step()
+            results[ignore] = "trained" if not torch.equal(model[0].weight, before) else "no update"
+        except RuntimeError as e:
+            results[ignore] = str(e)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    end_group()
+
+
+def test_fused_optimizer_inside_ddp_is_refused(tmp_path):
+    """A fused weight that DDP synchronises is refused at the lookup (each rank would
+    otherwise update from its own batch alone); left out of DDP, it trains."""
+    out = run_with_retry(_fused_ddp_worker, lambda folder: (folder,), tmp_path, WORLD)
+    for rank in range(WORLD):
+        results = torch.load(out / f"rank{rank}.pt")
+        assert "runs inside DistributedDataParallel" in results[False], results
+        assert results[True] == "trained", results
