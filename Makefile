@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine (each installs what it needs, safe to rerun):
 #   make bench   the main job: verify against PyTorch, then benchmark (presets quick and bag;
-#                the bag preset adds FBGEMM's CPU kernels as a third column)
+#                the bag preset adds FBGEMM's CPU kernels as a third column; then the fused
+#                optimizer step and the tensor-parallel step)
 #   make test    the test suite
 # Extra:
 #   make test-cpu-torch   build and test against the CPU-only torch==2.13.0 (CI runs it)
@@ -53,11 +54,17 @@ $(VENV)/.fbgemm: $(VENV)/.installed
 	$(PY) -m pip install -q "$(FBGEMM_SPEC)" || echo "$(FBGEMM_SPEC) not installed: the bag preset runs without its FBGEMM column"
 	touch $@
 
+# After the presets: the fused optimizer step (issue 14) and the tensor-parallel step on 2
+# gloo ranks (issue 15), each verified before timing too.
 bench: build $(VENV)/.fbgemm
 	$(PY) -m bench.run $(BENCH_ARGS)
+	$(PY) -m bench.fused_step --threads 1 --rounds 5
+	$(PY) -m bench.sharded --world 2
 
 bench-results: build $(VENV)/.fbgemm
 	$(PY) -m bench.run $(BENCH_ARGS) --out bench/results
+	$(PY) -m bench.fused_step --threads 1 --rounds 5 --out bench/results
+	$(PY) -m bench.sharded --world 2 --out bench/results
 
 test-cpu-torch:
 	$(MAKE) test VENV=.venv-cpu TORCH_SPEC=torch==2.13.0 PYTEST_ARGS="$(PYTEST_ARGS)"

@@ -16,26 +16,33 @@ Placements of the weight on its (1-D) mesh:
 - ``Shard(1)``, column-wise: every rank looks its columns up for all ids; output
   ``Shard(-1)`` of the ids' shape + (D,). Every option but ``max_norm`` (a row's norm spans
   ranks: refused).
-- ``Replicate()``: the local lookup, output ``Replicate()``.
+- ``Replicate()``: the local lookup, output ``Replicate()`` (``max_norm`` renorms every
+  rank's copy alike).
 ``ee.fuse_optimizer`` on a row-sharded ``ee.Embedding`` (fuse after parallelize_module: a
-replaced weight is not fused): each rank updates its own rows in the backward, with no
-gradient and no collective; the optimizer state is DTensors placed as the weight.
+weight replaced after fusing raises at the next lookup): each rank updates its own rows in
+the backward, with no gradient and no collective; the optimizer state is DTensors placed as
+the weight.
 ``ee.embedding_bag`` / ``ee.EmbeddingBag`` with a DTensor weight (torch's
 parallelize_module plans take only nn.Embedding and nn.Linear: distribute the weight with
 ``distribute_tensor`` or ``distribute_module``):
 - ``Shard(1)``: every mode and option but ``max_norm``; output ``Shard(1)`` of (bags, D).
-- ``Shard(0)``: ``sum`` and ``mean`` (with ``per_sample_weights``, ``padding_idx``,
-  ``scale_grad_by_freq``, ``max_norm``); each rank pools the ids it owns (its bags
+- ``Shard(0)``: ``sum`` (with ``per_sample_weights``) and ``mean``, with ``padding_idx``,
+  ``scale_grad_by_freq`` and ``max_norm``; each rank pools the ids it owns (its bags
   compacted to them) and the output is ``Partial()``; mean divides by the bag's count over
-  all ranks. ``max`` mode and a ``per_sample_weights`` that requires grad are refused.
+  all ranks. fp16/bf16: each rank's partial sum is rounded before the all-reduce adds them
+  (and mean's 1/count is a per_sample_weight in the weight's dtype), so the result is
+  within a few ulps of the unsharded one, not equal. ``max`` mode is refused.
+- A ``per_sample_weights`` that requires grad is refused for sharded weights (each rank
+  would get its own shard's part of its gradient).
 The ids must be a plain tensor or a replicated DTensor on the same mesh. ``sparse=True`` is
-refused for sharded tables (a DTensor gradient with a sparse local tensor is not something
+refused for DTensor tables (a DTensor gradient with a sparse local tensor is not something
 torch's optimizers take).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import ops
 
@@ -73,17 +80,36 @@ def shard_rows(num_rows: int, world: int, rank: int) -> tuple[int, int]:
     return first, min(first + chunk, num_rows) - first
 
 
-def _local_ids(input, mesh, op: str) -> Tensor:
+def shard_like(full: Tensor, weight):
+    """A full (unsharded) optimizer state for a row-sharded weight (a (V, D) or (V,)
+    tensor, e.g. from a checkpoint of unsharded training) as a DTensor sharded as the
+    weight's rows. Every rank holds the same full tensor, so no communication: each keeps
+    its rows."""
+    from torch.distributed.tensor import DTensor, Shard
+    mesh, placement = weight.device_mesh, weight.placements[0]
+    if not (isinstance(placement, Shard) and placement.dim == 0 and mesh.ndim == 1):
+        raise ValueError(f"load_state_dict: a full state for a weight placed as "
+                         f"{weight.placements} is not supported (row-sharded weights are)")
+    if full.shape[:1] != weight.shape[:1] or (full.dim() == 2 and full.shape != weight.shape):
+        raise ValueError(f"load_state_dict: a state of shape {tuple(full.shape)} does not fit "
+                         f"the weight of shape {tuple(weight.shape)}")
+    first, rows = shard_rows(full.shape[0], mesh.size(), mesh.get_local_rank())
+    return DTensor.from_local(full[first:first + rows].contiguous(), mesh, [Shard(0)],
+                              run_check=False, shape=full.shape, stride=full.stride())
+
+
+def _local_ids(input, mesh, op: str, name: str = "ids") -> Tensor:
+    """The local tensor of a replicated DTensor argument (a plain tensor as it is)."""
     dtensor = _dtensor_type()
     if not isinstance(input, dtensor):
         return input
     from torch.distributed.tensor import Replicate
     if input.device_mesh != mesh:
-        raise ValueError(f"{op}: the ids are a DTensor on another mesh than the weight's "
+        raise ValueError(f"{op}: the {name} are a DTensor on another mesh than the weight's "
                          f"({input.device_mesh} vs {mesh})")
     if not all(isinstance(p, Replicate) for p in input.placements):
         raise NotImplementedError(
-            f"{op}: sharded ids ({input.placements}) are not supported; give the ids "
+            f"{op}: sharded {name} ({input.placements}) are not supported; give them "
             "replicated (RowwiseParallel and ColwiseParallel do, with input_layouts=Replicate())")
     return input.to_local()
 
@@ -99,15 +125,17 @@ def _mesh_and_placement(weight, op: str):
 
 
 def _check_ids(ids: Tensor, num_rows: int, op: str) -> None:
-    """Every id in [0, V) of the whole table: an id past every shard would otherwise give a
-    zero row on every rank, silently. (One host synchronisation on CUDA.)"""
+    """Row-wise: every id in [0, V) of the whole table, on every rank before any
+    collective (an id past every shard would otherwise give a zero row on every rank,
+    silently; the local kernels see only their own rows). One host synchronisation on CUDA.
+    (Column-wise and replicated lookups leave this to the local kernels, which see all ids.)"""
     if ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{op}: 'indices' must be int32 or int64, got {ids.dtype}")
     if ids.numel() == 0:
         return
-    low, high = torch.aminmax(ids)
-    if int(low) < 0 or int(high) >= num_rows:
-        bad = int(low) if int(low) < 0 else int(high)
+    low, high = torch.stack(list(torch.aminmax(ids))).tolist()
+    if low < 0 or high >= num_rows:
+        bad = low if low < 0 else high
         position = int((ids.reshape(-1) == bad).nonzero()[0])
         raise IndexError(f"{op}: index {bad} at position {position} (row-major) is out of range "
                          f"for 'weight' with {num_rows} rows (sharded); valid indices are "
@@ -116,41 +144,37 @@ def _check_ids(ids: Tensor, num_rows: int, op: str) -> None:
 
 class _RowShardLookup(torch.autograd.Function):
     """This rank's part of a row-sharded lookup: ids in global numbering, rows
-    [first, first + rows) here; other ids give zero rows and no gradient."""
+    [first, first + rows) here; other ids give zero rows and no gradient. First-order
+    gradients only (double backward raises, as once_differentiable says)."""
 
     @staticmethod
     def forward(ctx, local_weight, ids, first, padding_idx, scale_grad_by_freq):
         rows, dim = local_weight.shape
         local = ids - first
         outside = (local < 0) | (local >= rows)
-        ctx.rows, ctx.padding_idx, ctx.scale_grad_by_freq = rows, padding_idx, scale_grad_by_freq
+        # For the backward, the masked positions go to a row the kernel skips: the local
+        # padding row, else one past the shard (a gradient of rows + 1 rows, the last one
+        # dropped). The kernel then sums, counts (scale_grad_by_freq) and scales in one pass,
+        # exactly as unsharded: the masked ids are neither added nor counted.
+        sink = padding_idx if padding_idx >= 0 else rows
+        ctx.save_for_backward(local.masked_fill(outside, sink))
+        ctx.rows, ctx.sink, ctx.scale_grad_by_freq = rows, sink, scale_grad_by_freq
         if rows == 0:  # an empty shard (V < world): every id is elsewhere
-            ctx.save_for_backward(None, None)
             return local_weight.new_zeros((*ids.shape, dim))
-        local = local.masked_fill(outside, 0)
-        out = ops.embedding_forward(local_weight, local)
-        out.masked_fill_(outside.unsqueeze(-1), 0)
-        ctx.save_for_backward(local, outside)
-        return out
+        out = ops.embedding_forward(local_weight, local.masked_fill(outside, 0))
+        return out.masked_fill_(outside.unsqueeze(-1), 0)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
-        local, outside = ctx.saved_tensors
+        (local,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
         dim = grad.shape[-1]
-        if ctx.rows == 0:
-            return grad.new_zeros((0, dim)), None, None, None, None
-        # Masked positions point at local row 0 with a zero gradient row: they add nothing.
-        # scale_grad_by_freq is applied here, after the sum, from the counts of the ids
-        # this rank owns (the kernel would count the masked ids as row 0).
-        grad = grad.masked_fill(outside.unsqueeze(-1), 0)
-        result = ops.embedding_dense_backward(grad.reshape(-1, dim), local.reshape(-1), ctx.rows,
-                                              ctx.padding_idx, False)
-        if ctx.scale_grad_by_freq:
-            counts = torch.bincount(local[~outside].reshape(-1), minlength=ctx.rows)
-            result.div_(counts.clamp_min_(1).unsqueeze(1).to(result.dtype))
-        return result, None, None, None, None
+        extra = int(ctx.sink == ctx.rows)
+        result = ops.embedding_dense_backward(grad.reshape(-1, dim), local.reshape(-1),
+                                              ctx.rows + extra, ctx.sink, ctx.scale_grad_by_freq)
+        return (result[:ctx.rows] if extra else result), None, None, None, None
 
 
 def _renorm_owned_rows(weight, ids: Tensor, first: int, rows: int, max_norm: float,
@@ -176,9 +200,19 @@ def _row_shard(weight, mesh, padding_idx: int) -> tuple[int, int, int]:
 def _refuse_sparse(sparse: bool, placement, op: str) -> None:
     if sparse:
         raise NotImplementedError(
-            f"{op}: sparse=True is not supported for a sharded weight ({placement}): torch's "
+            f"{op}: sparse=True is not supported for a DTensor weight ({placement}): torch's "
             "optimizers take no DTensor gradient with a sparse local tensor; use the dense "
-            "gradient (it stays sharded) or ee.fuse_optimizer on an unsharded table")
+            "gradient (it stays sharded) or ee.fuse_optimizer")
+
+
+def _local_shard(weight, rows: int, op: str) -> Tensor:
+    """weight.to_local(), checked to hold the rows shard_rows gives this rank."""
+    local = weight.to_local()
+    if local.shape[0] != rows:
+        raise RuntimeError(f"{op}: this rank holds {local.shape[0]} rows of the Shard(0) weight "
+                           f"but torch.chunk's split gives it {rows}; an unevenly sharded "
+                           "weight must follow DTensor's own split")
+    return local
 
 
 def _refuse_column_max_norm(max_norm, op: str) -> None:
@@ -196,23 +230,24 @@ def embedding(input, weight, padding_idx: int, max_norm, norm_type: float,
     from .functional import embedding as local_embedding
     op = "embedding"
     if not isinstance(weight, DTensor):
-        raise ValueError(f"{op}: the ids are a DTensor but the weight is not; distribute the "
-                         "weight (parallelize_module, distribute_tensor) or pass plain ids")
+        raise ValueError(f"{op}: an argument is a DTensor but the weight is not; distribute "
+                         "the weight (parallelize_module, distribute_tensor) or pass plain "
+                         "tensors")
     mesh, placement = _mesh_and_placement(weight, op)
     ids = _local_ids(input, mesh, op)
-    _check_ids(ids, weight.shape[0], op)
-    if isinstance(placement, Replicate):
-        local_weight = weight.to_local()
-        out = local_embedding(ids, local_weight, None if padding_idx < 0 else padding_idx,
-                              max_norm, norm_type, scale_grad_by_freq, sparse)
-        return DTensor.from_local(out, mesh, [Replicate()], run_check=False)
     _refuse_sparse(sparse, placement, op)
+    if isinstance(placement, Replicate):
+        if max_norm is not None:  # every rank renorms its whole copy alike
+            _renorm_owned_rows(weight, ids, 0, weight.shape[0], max_norm, norm_type)
+        out = local_embedding(ids, weight.to_local(), None if padding_idx < 0 else padding_idx,
+                              None, norm_type, scale_grad_by_freq, False)
+        return DTensor.from_local(out, mesh, [Replicate()], run_check=False)
     if isinstance(placement, Shard) and placement.dim == 0:
+        _check_ids(ids, weight.shape[0], op)
         first, rows, local_padding = _row_shard(weight, mesh, padding_idx)
         if max_norm is not None:
             _renorm_owned_rows(weight, ids, first, rows, max_norm, norm_type)
-        local_weight = weight.to_local()
-        assert rows == local_weight.shape[0], (rows, tuple(local_weight.shape))
+        local_weight = _local_shard(weight, rows, op)
         out = _RowShardLookup.apply(local_weight, ids, first, local_padding,
                                     bool(scale_grad_by_freq))
         return DTensor.from_local(out, mesh, [Partial()], run_check=False)
@@ -227,6 +262,26 @@ def embedding(input, weight, padding_idx: int, max_norm, norm_type: float,
                               "Shard(0), Shard(1) and Replicate() are")
 
 
+def _check_offsets(csr: Tensor, n: int, op: str) -> None:
+    """Row-wise bags: the CSR offsets checked on every rank before compaction (each rank's
+    kernel sees only its own compacted offsets: a bad entry would raise on some ranks and
+    not others, and the next collective would hang). One host synchronisation on CUDA."""
+    csr = csr.long()
+    bad_first = csr[0] != 0
+    decreasing = (csr[1:] < csr[:-1]).nonzero()
+    flags = torch.stack([bad_first.long(), csr[-1],
+                         decreasing[0, 0] + 1 if decreasing.numel() else csr.new_tensor(-1)])
+    first_bad, last, decreasing_at = flags.tolist()
+    if first_bad:
+        raise ValueError(f"{op}: offsets[0] must be 0, got {int(csr[0])}")
+    if decreasing_at >= 0:
+        raise ValueError(f"{op}: offsets must not decrease, got offsets[{decreasing_at}] = "
+                         f"{int(csr[decreasing_at])} < offsets[{decreasing_at - 1}] = "
+                         f"{int(csr[decreasing_at - 1])}")
+    if last > n:
+        raise ValueError(f"{op}: the last offset ({last}) is past the {n} ids")
+
+
 def embedding_bag(ids: Tensor, csr: Tensor, weight, padding_idx: int, max_norm,
                   norm_type: float, scale_grad_by_freq: bool, mode: str, sparse: bool,
                   per_sample_weights: Tensor | None):
@@ -236,20 +291,27 @@ def embedding_bag(ids: Tensor, csr: Tensor, weight, padding_idx: int, max_norm,
     from .functional import embedding_bag as local_embedding_bag
     op = "embedding_bag"
     if not isinstance(weight, DTensor):
-        raise ValueError(f"{op}: the ids are a DTensor but the weight is not; distribute the "
-                         "weight (distribute_tensor, distribute_module) or pass plain ids")
+        raise ValueError(f"{op}: an argument is a DTensor but the weight is not; distribute "
+                         "the weight (distribute_tensor, distribute_module) or pass plain "
+                         "tensors")
     mesh, placement = _mesh_and_placement(weight, op)
     ids = _local_ids(ids, mesh, op)
-    csr = _local_ids(csr, mesh, op)
-    psw = _local_ids(per_sample_weights, mesh, op) if per_sample_weights is not None else None
-    _check_ids(ids, weight.shape[0], op)
+    csr = _local_ids(csr, mesh, op, "offsets")
+    psw = _local_ids(per_sample_weights, mesh, op, "per_sample_weights")
     padding = None if padding_idx < 0 else padding_idx
     bags, dim = csr.shape[0] - 1, weight.shape[1]
-    if isinstance(placement, Replicate):
-        out = local_embedding_bag(ids, weight.to_local(), csr, max_norm, norm_type,
-                                  scale_grad_by_freq, mode, sparse, psw, True, padding)
-        return DTensor.from_local(out, mesh, [Replicate()], run_check=False)
     _refuse_sparse(sparse, placement, op)
+    if isinstance(placement, Replicate):
+        if max_norm is not None:  # every rank renorms its whole copy alike
+            _renorm_owned_rows(weight, ids, 0, weight.shape[0], max_norm, norm_type)
+        out = local_embedding_bag(ids, weight.to_local(), csr, None, norm_type,
+                                  scale_grad_by_freq, mode, False, psw, True, padding)
+        return DTensor.from_local(out, mesh, [Replicate()], run_check=False)
+    if psw is not None and psw.requires_grad:
+        raise NotImplementedError(
+            f"{op}: a per_sample_weights that requires grad is not supported for a sharded "
+            f"weight ({placement}): each rank would get only its own shard's part of the "
+            "gradient; detach it, or replicate the weight")
     if isinstance(placement, Shard) and placement.dim in (1, -1):
         _refuse_column_max_norm(max_norm, op)
         out = local_embedding_bag(ids, weight.to_local(), csr, None, norm_type,
@@ -263,32 +325,30 @@ def embedding_bag(ids: Tensor, csr: Tensor, weight, padding_idx: int, max_norm,
         raise NotImplementedError(
             f"{op}: mode='max' is not supported for a row-sharded weight (Shard(0)); shard "
             "the columns (Shard(1)), which supports every mode")
-    if psw is not None and psw.requires_grad:
-        raise NotImplementedError(
-            f"{op}: a per_sample_weights that requires grad is not supported for a "
-            "row-sharded weight (its gradient would need a sum over the ranks); shard the "
-            "columns (Shard(1)) or detach it")
-    first, rows, local_padding = _row_shard(weight, mesh, padding_idx)
-    if max_norm is not None:
-        _renorm_owned_rows(weight, ids[:int(csr[-1])], first, rows, max_norm, norm_type)
-    # This rank's positions: ids in bags that it owns; the bags keep their places.
     n = ids.shape[0]
+    _check_ids(ids, weight.shape[0], op)
+    _check_offsets(csr, n, op)
+    first, rows, local_padding = _row_shard(weight, mesh, padding_idx)
+    if max_norm is not None:  # every id, those past the last offset too (as unsharded)
+        _renorm_owned_rows(weight, ids, first, rows, max_norm, norm_type)
+    # This rank's positions: ids in bags that it owns, compacted; the bags keep their places.
     position = torch.arange(n, device=ids.device)
     in_bags = position < csr[-1]
-    owned = in_bags & (ids >= first) & (ids < first + rows)
-    kept_before = torch.cat([owned.new_zeros(1, dtype=torch.long), owned.long().cumsum(0)])
+    owned_mask = in_bags & (ids >= first) & (ids < first + rows)
+    owned = owned_mask.nonzero().squeeze(1)
+    kept_before = torch.cat([owned_mask.new_zeros(1, dtype=torch.long), owned_mask.long().cumsum(0)])
     local_csr = kept_before[csr.long()]
-    local_ids = (ids[owned] - first).to(ids.dtype)
-    coef = None if psw is None else psw[owned]
+    local_ids = (ids.index_select(0, owned) - first).to(ids.dtype)
+    coef = None if psw is None else psw.index_select(0, owned)
     if mode == "mean":
         # The bag's count over all ranks (non-padding ids), not this rank's.
         counted = in_bags if padding_idx < 0 else in_bags & (ids != padding_idx)
         counted_before = torch.cat([counted.new_zeros(1, dtype=torch.long), counted.long().cumsum(0)])
         count = (counted_before[csr[1:].long()] - counted_before[csr[:-1].long()]).clamp_min(1)
-        bag_of = torch.searchsorted(csr[1:].long(), position[owned], right=True)
+        bag_of = torch.searchsorted(csr[1:].long(), owned, right=True)
         coef = (1.0 / count.to(torch.float64))[bag_of].to(weight.dtype)
-    out = local_embedding_bag(local_ids, weight.to_local(), local_csr, None, norm_type,
-                              scale_grad_by_freq, "sum", False, coef, True,
+    out = local_embedding_bag(local_ids, _local_shard(weight, rows, op), local_csr, None,
+                              norm_type, scale_grad_by_freq, "sum", False, coef, True,
                               None if local_padding < 0 else local_padding)
     return DTensor.from_local(out, mesh, [Partial()], run_check=False)
 
@@ -339,6 +399,6 @@ def fused_lookup(input, weight, optimizer, padding_idx: int, max_norm, norm_type
     first, rows, local_padding = _row_shard(weight, mesh, padding_idx)
     if max_norm is not None:
         _renorm_owned_rows(weight, ids, first, rows, max_norm, norm_type)
-    out = _RowShardFusedLookup.apply(weight.to_local(), ids, first, local_padding,
+    out = _RowShardFusedLookup.apply(_local_shard(weight, rows, op), ids, first, local_padding,
                                      bool(scale_grad_by_freq), optimizer)
     return DTensor.from_local(out, mesh, [Partial()], run_check=False)

@@ -44,11 +44,19 @@ def fused_optimizer_of(module: torch.nn.Module) -> "FusedOptimizer | None":
     """The live fused optimizer of ``module``'s weight, or None. The module holds a weak
     reference (``_ee_fused_ref``, None on the class: torch.compile sees a constant for every
     unfused module); a copy (deepcopy, pickle: ee.Embedding drops the reference) or a
-    replaced weight is not fused, and dropping the optimizer unfuses."""
+    weight replaced while the optimizer lives raises, and dropping the optimizer unfuses."""
     ref = module._ee_fused_ref
     optimizer = None if ref is None else ref()
-    if optimizer is None or optimizer.param_groups[0]["params"][0] is not module.weight:
+    if optimizer is None:
         return None
+    if optimizer.param_groups[0]["params"][0] is not module.weight:
+        # parallelize_module, fully_shard or an assignment replaced the weight after
+        # fusing: the new weight would get ordinary gradients that the fused optimizer's
+        # step() ignores, and training would silently stop.
+        raise RuntimeError(
+            "fuse_optimizer: the module's weight was replaced after fusing (parallelize_module, "
+            "fully_shard, or an assignment); call ee.fuse_optimizer again after replacing it, "
+            "and drop the old optimizer")
     return optimizer
 
 
@@ -76,7 +84,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     fp32/fp64 weights, fp32 for fp16/bf16 (also after ``load_state_dict``).
 
     The fusion belongs to the module's weight Parameter and lasts while this object lives: a
-    copy of the module (deepcopy, pickle) or a replaced weight is not fused.
+    copy of the module (deepcopy, pickle) is not fused; a weight replaced while the
+    optimizer lives (parallelize_module, fully_shard) raises at the next lookup.
 
     Refused with an error: a second backward through the lookup before ``step()`` (two
     lookups in one step, or gradient accumulation), ``create_graph=True``, more parameter
@@ -163,7 +172,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         weight = self.param_groups[0]["params"][0]
         for name, value in given.items():
             if name != "step" and torch.is_tensor(value):
-                self.state[weight][name] = value.to(weight.device, _state_dtype(weight), copy=True)
+                value = value.to(weight.device, _state_dtype(weight), copy=True)
+                if distributed.is_dtensor(weight) and not distributed.is_dtensor(value):
+                    # A full (unsharded) state for a sharded weight: this rank's rows of it.
+                    value = distributed.shard_like(value, weight)
+                self.state[weight][name] = value
 
     def _update(self, grad_output: Tensor, indices: Tensor, padding_idx: int,
                 scale_grad_by_freq: bool) -> None:

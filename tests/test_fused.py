@@ -511,3 +511,20 @@ def test_cuda_bags_match_the_cpu_kernels(optimizer_class, kwargs, dtype):
             m(ids.to(dev), offsets.to(dev), psw.to(dev)).backward(grad_out.to(dev))
             opts[dev].step()
         torch.testing.assert_close(modules["cuda"].weight.cpu(), modules["cpu"].weight, **tol)
+
+
+def test_a_weight_replaced_after_fusing_raises_at_the_lookup():
+    """parallelize_module / fully_shard / an assignment after fuse_optimizer: the new weight
+    would get ordinary gradients that the fused step ignores (training would silently stop),
+    so the lookup raises while the old optimizer lives; fusing again works."""
+    emb = ee.Embedding(10, 4)
+    opt = ee.fuse_optimizer(emb, torch.optim.SGD, lr=0.1)
+    emb.weight = torch.nn.Parameter(emb.weight.detach().clone())
+    with pytest.raises(RuntimeError, match="replaced after fusing"):
+        emb(torch.tensor([1, 2]))
+    del opt
+    opt = ee.fuse_optimizer(emb, torch.optim.SGD, lr=0.1)
+    before = emb.weight.detach().clone()
+    emb(torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    assert emb.weight.grad is None and not torch.equal(emb.weight, before)
