@@ -205,9 +205,37 @@ def _refuse_sparse(sparse: bool, placement, op: str) -> None:
             "gradient (it stays sharded) or ee.fuse_optimizer")
 
 
+class _LocalPiece(torch.autograd.Function):
+    """``weight.to_local()`` whose backward builds the weight's DTensor gradient with the
+    weight's own placements, global shape and stride. (torch 2.11's to_local backward
+    computes the stride of an uneven shard wrongly, e.g. D = 6 columns on 4 ranks: the
+    gradient was then all-gathered into a Replicate() V x D tensor on every rank.)"""
+
+    @staticmethod
+    def forward(ctx, weight):
+        ctx.spec = (weight.device_mesh, weight.placements, weight.shape, weight.stride())
+        # A view: the output gets this Function as its grad_fn, the DTensor's own local
+        # tensor is left as it is.
+        local = weight.to_local()
+        return local.view(local.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from torch.distributed.tensor import DTensor
+        mesh, placements, shape, stride = ctx.spec
+        return DTensor.from_local(grad, mesh, placements, run_check=False, shape=shape,
+                                  stride=stride)
+
+
+def local_piece(weight) -> Tensor:
+    """This rank's piece of a DTensor weight, differentiable back to the weight."""
+    return _LocalPiece.apply(weight) if torch.is_grad_enabled() and weight.requires_grad \
+        else weight.to_local()
+
+
 def _local_shard(weight, rows: int, op: str) -> Tensor:
-    """weight.to_local(), checked to hold the rows shard_rows gives this rank."""
-    local = weight.to_local()
+    """local_piece(weight), checked to hold the rows shard_rows gives this rank."""
+    local = local_piece(weight)
     if local.shape[0] != rows:
         raise RuntimeError(f"{op}: this rank holds {local.shape[0]} rows of the Shard(0) weight "
                            f"but torch.chunk's split gives it {rows}; an unevenly sharded "
@@ -239,7 +267,7 @@ def embedding(input, weight, padding_idx: int, max_norm, norm_type: float,
     if isinstance(placement, Replicate):
         if max_norm is not None:  # every rank renorms its whole copy alike
             _renorm_owned_rows(weight, ids, 0, weight.shape[0], max_norm, norm_type)
-        out = local_embedding(ids, weight.to_local(), None if padding_idx < 0 else padding_idx,
+        out = local_embedding(ids, local_piece(weight), None if padding_idx < 0 else padding_idx,
                               None, norm_type, scale_grad_by_freq, False)
         return DTensor.from_local(out, mesh, [Replicate()], run_check=False)
     if isinstance(placement, Shard) and placement.dim == 0:
@@ -253,7 +281,7 @@ def embedding(input, weight, padding_idx: int, max_norm, norm_type: float,
         return DTensor.from_local(out, mesh, [Partial()], run_check=False)
     if isinstance(placement, Shard) and placement.dim in (1, -1):
         _refuse_column_max_norm(max_norm, op)
-        out = local_embedding(ids, weight.to_local(), None if padding_idx < 0 else padding_idx,
+        out = local_embedding(ids, local_piece(weight), None if padding_idx < 0 else padding_idx,
                               None, norm_type, scale_grad_by_freq, False)
         shape = (*ids.shape, weight.shape[1])
         return DTensor.from_local(out, mesh, [Shard(out.dim() - 1)], run_check=False,
@@ -304,7 +332,7 @@ def embedding_bag(ids: Tensor, csr: Tensor, weight, padding_idx: int, max_norm,
     if isinstance(placement, Replicate):
         if max_norm is not None:  # every rank renorms its whole copy alike
             _renorm_owned_rows(weight, ids, 0, weight.shape[0], max_norm, norm_type)
-        out = local_embedding_bag(ids, weight.to_local(), csr, None, norm_type,
+        out = local_embedding_bag(ids, local_piece(weight), csr, None, norm_type,
                                   scale_grad_by_freq, mode, False, psw, True, padding)
         return DTensor.from_local(out, mesh, [Replicate()], run_check=False)
     if psw is not None and psw.requires_grad:
@@ -314,7 +342,7 @@ def embedding_bag(ids: Tensor, csr: Tensor, weight, padding_idx: int, max_norm,
             "gradient; detach it, or replicate the weight")
     if isinstance(placement, Shard) and placement.dim in (1, -1):
         _refuse_column_max_norm(max_norm, op)
-        out = local_embedding_bag(ids, weight.to_local(), csr, None, norm_type,
+        out = local_embedding_bag(ids, local_piece(weight), csr, None, norm_type,
                                   scale_grad_by_freq, mode, False, psw, True, padding)
         return DTensor.from_local(out, mesh, [Shard(1)], run_check=False, shape=(bags, dim),
                                   stride=(dim, 1))
@@ -358,7 +386,11 @@ class _RowShardFusedLookup(torch.autograd.Function):
     rows, from the positions it owns: no gradient, no collective."""
 
     @staticmethod
-    def forward(ctx, local_weight, ids, first, padding_idx, scale_grad_by_freq, optimizer):
+    def forward(ctx, weight, ids, first, padding_idx, scale_grad_by_freq, optimizer):
+        # The DTensor itself is the input (its shard taken here, where autograd records
+        # nothing): with weight.to_local() outside, torch 2.11's to_local backward turned this
+        # Function's None gradient into a zero DTensor gradient for the weight.
+        local_weight = weight.to_local()
         rows, dim = local_weight.shape
         local = (ids - first).reshape(-1)
         owned = ((local >= 0) & (local < rows)).nonzero().squeeze(1)
@@ -399,6 +431,8 @@ def fused_lookup(input, weight, optimizer, padding_idx: int, max_norm, norm_type
     first, rows, local_padding = _row_shard(weight, mesh, padding_idx)
     if max_norm is not None:
         _renorm_owned_rows(weight, ids, first, rows, max_norm, norm_type)
-    out = _RowShardFusedLookup.apply(_local_shard(weight, rows, op), ids, first, local_padding,
+    with torch.no_grad():
+        _local_shard(weight, rows, op)
+    out = _RowShardFusedLookup.apply(weight, ids, first, local_padding,
                                      bool(scale_grad_by_freq), optimizer)
     return DTensor.from_local(out, mesh, [Partial()], run_check=False)

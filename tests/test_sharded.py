@@ -311,6 +311,22 @@ def _fused_case(rank: int, mesh, V: int, rule, failures: list, comms: dict):
             failures.append(f"rank {rank} {name}: state {key} is not a DTensor")
 
 
+def _default_rowwise_case(rank: int, world: int, mesh, failures: list):
+    """RowwiseParallel() with its default input_layouts (Shard(-1): each rank passes its
+    piece of the sequence, DTensor all-gathers the ids) gives the full lookup."""
+    from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+    torch.manual_seed(3)
+    ref = torch.nn.Embedding(10, DIM, padding_idx=4)
+    ours = ee.Embedding(10, DIM, padding_idx=4)
+    ours.load_state_dict(ref.state_dict())
+    parallelize_module(ours, mesh, RowwiseParallel())
+    ids = _ids(10, 0, 4).repeat(1, world)  # (4, 5 * world): rank r passes columns 5r..5r+4
+    out = ours(ids[:, 5 * rank:5 * rank + 5])
+    expected = ref(ids)
+    if not torch.allclose(torch.as_tensor(out), expected, rtol=1e-5, atol=1e-6):
+        failures.append(f"rank {rank} RowwiseParallel() with sharded ids: output differs")
+
+
 def _fused_state_case(mesh, failures: list):
     """A full (unsharded) optimizer state loads into a row-sharded fused optimizer (each
     rank keeps its rows) and training continues as unsharded; fusing before
@@ -375,6 +391,7 @@ def _tp_worker(rank: int, world: int, out_dir: str):
         for rule in FUSED_RULES:
             _fused_case(rank, mesh, V, rule, failures, fused_comms)
     _fused_state_case(mesh, failures)
+    _default_rowwise_case(rank, world, mesh, failures)
     with open(os.path.join(out_dir, f"result{rank}.json"), "w") as f:
         json.dump({"failures": failures, "comms": comms, "bag grads": bag_grads,
                    "fused backward comms": fused_comms}, f)
