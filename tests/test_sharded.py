@@ -439,12 +439,11 @@ def _fsdp_batch(V: int, step: int, dp_rank: int):
     return ids, torch.randn(4, 1, generator=g)
 
 
-def _fsdp_worker(rank: int, world: int, tp: int, out_dir: str):
+def _fsdp_worker(rank: int, world: int, tp: int, plan: str, out_dir: str):
     """FSDP2 over `world // tp` data-parallel ranks; with tp > 1 the embedding is first
-    row-sharded over the tensor-parallel mesh dimension (a 2-D mesh, as torchtitan)."""
+    sharded over the tensor-parallel mesh dimension by `plan` (a 2-D mesh, as torchtitan)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import parallelize_module
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:  # torch < 2.6
@@ -455,7 +454,7 @@ def _fsdp_worker(rank: int, world: int, tp: int, out_dir: str):
     model = _fsdp_model(V, pad)
     if tp > 1:
         mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
-        parallelize_module(model[0], mesh["tp"], RowwiseParallel(input_layouts=Replicate()))
+        parallelize_module(model[0], mesh["tp"], _plan(plan))
         dp_mesh, dp_rank = mesh["dp"], mesh.get_local_rank("dp")
     else:
         dp_mesh = init_device_mesh("cpu", (dp,))
@@ -473,9 +472,11 @@ def _fsdp_worker(rank: int, world: int, tp: int, out_dir: str):
     end_group()
 
 
-@pytest.mark.parametrize("world,tp", [(2, 1), (4, 2)], ids=["fsdp2-1d", "fsdp2-x-tp-2d"])
-def test_fsdp2_matches_one_process(tmp_path, world, tp):
-    out = run_with_retry(_fsdp_worker, lambda folder: (world, tp, folder), tmp_path, world)
+@pytest.mark.parametrize("world,tp,plan", [(2, 1, None), (4, 2, "row->replicate"),
+                                           (4, 2, "col->replicate")],
+                         ids=["fsdp2-1d", "fsdp2-x-rowwise-2d", "fsdp2-x-colwise-2d"])
+def test_fsdp2_matches_one_process(tmp_path, world, tp, plan):
+    out = run_with_retry(_fsdp_worker, lambda folder: (world, tp, plan, folder), tmp_path, world)
     states = [torch.load(out / f"rank{r}.pt") for r in range(world)]
     V, pad, dp = 11, 3, world // tp
     model = _fsdp_model(V, pad)
