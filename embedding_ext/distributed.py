@@ -115,6 +115,12 @@ def _local_ids(input, mesh, op: str, name: str = "ids") -> Tensor:
 
 
 def _mesh_and_placement(weight, op: str):
+    """The weight's (1-D) mesh and placement; a plain weight next to a DTensor argument is
+    refused."""
+    if not isinstance(weight, _dtensor_type()):
+        raise ValueError(f"{op}: an argument is a DTensor but the weight is not; distribute "
+                         "the weight (parallelize_module, distribute_tensor) or pass plain "
+                         "tensors")
     mesh = weight.device_mesh
     if mesh.ndim != 1:
         raise NotImplementedError(
@@ -257,10 +263,6 @@ def embedding(input, weight, padding_idx: int, max_norm, norm_type: float,
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
     from .functional import embedding as local_embedding
     op = "embedding"
-    if not isinstance(weight, DTensor):
-        raise ValueError(f"{op}: an argument is a DTensor but the weight is not; distribute "
-                         "the weight (parallelize_module, distribute_tensor) or pass plain "
-                         "tensors")
     mesh, placement = _mesh_and_placement(weight, op)
     ids = _local_ids(input, mesh, op)
     _refuse_sparse(sparse, placement, op)
@@ -318,10 +320,6 @@ def embedding_bag(ids: Tensor, csr: Tensor, weight, padding_idx: int, max_norm,
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
     from .functional import embedding_bag as local_embedding_bag
     op = "embedding_bag"
-    if not isinstance(weight, DTensor):
-        raise ValueError(f"{op}: an argument is a DTensor but the weight is not; distribute "
-                         "the weight (distribute_tensor, distribute_module) or pass plain "
-                         "tensors")
     mesh, placement = _mesh_and_placement(weight, op)
     ids = _local_ids(ids, mesh, op)
     csr = _local_ids(csr, mesh, op, "offsets")
@@ -419,8 +417,6 @@ def fused_lookup(input, weight, optimizer, padding_idx: int, max_norm, norm_type
     row-wise lookup's."""
     from torch.distributed.tensor import DTensor, Partial, Shard
     op = "fuse_optimizer"
-    if not isinstance(weight, DTensor):
-        raise ValueError(f"{op}: the ids are a DTensor but the weight is not")
     mesh, placement = _mesh_and_placement(weight, op)
     if not (isinstance(placement, Shard) and placement.dim == 0):
         raise NotImplementedError(
