@@ -717,12 +717,7 @@ void bag_weight_gradient(const scalar_t* grad, const index_t* idx, const int64_t
       mode == kMean ? mean_coefficients<acc_t>(idx, off, bags, padding_idx) : std::vector<acc_t>();
   // Rows with their positions in order; each row summed by one thread.
   const SortedLookups sorted = sort_by_row(idx, n, num_rows, padding_idx);
-  const int64_t m = static_cast<int64_t>(sorted.rows.size());
-  std::vector<int64_t> heads;
-  for (int64_t j = 0; j < m; ++j) {
-    if (j == 0 || sorted.rows[j] != sorted.rows[j - 1]) heads.push_back(j);
-  }
-  heads.push_back(m);
+  const std::vector<int64_t> heads = segment_heads(sorted);
   const int64_t segments = static_cast<int64_t>(heads.size()) - 1;
   at::parallel_for(0, segments, grain_for(dim * sizeof(scalar_t) * 4), [&](int64_t s0, int64_t s1) {
     std::vector<acc_t> acc(dim), row(dim);

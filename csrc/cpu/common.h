@@ -113,5 +113,17 @@ SortedLookups sort_by_row(const index_t* idx, int64_t n, int64_t num_rows, int64
   return out;
 }
 
+// Where each distinct row's run starts in sorted.rows, then sorted.rows.size(): segment s
+// is [heads[s], heads[s + 1]).
+inline std::vector<int64_t> segment_heads(const SortedLookups& sorted) {
+  const int64_t m = static_cast<int64_t>(sorted.rows.size());
+  std::vector<int64_t> heads;
+  for (int64_t j = 0; j < m; ++j) {
+    if (j == 0 || sorted.rows[j] != sorted.rows[j - 1]) heads.push_back(j);
+  }
+  heads.push_back(m);
+  return heads;
+}
+
 }  // namespace cpu
 }  // namespace embedding_ext

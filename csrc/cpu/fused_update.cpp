@@ -52,12 +52,7 @@ void fused_update(scalar_t* weight, int64_t row_stride, const scalar_t* grad, co
                   bool scale_grad_by_freq, const RuleScalars<state_t>& r, state_t* s1,
                   state_t* s2) {
   const SortedLookups sorted = sort_by_row(idx, n, num_rows, padding_idx);
-  const int64_t m = static_cast<int64_t>(sorted.rows.size());
-  std::vector<int64_t> heads;
-  for (int64_t j = 0; j < m; ++j) {
-    if (j == 0 || sorted.rows[j] != sorted.rows[j - 1]) heads.push_back(j);
-  }
-  heads.push_back(m);
+  const std::vector<int64_t> heads = segment_heads(sorted);
   const int64_t segments = static_cast<int64_t>(heads.size()) - 1;
   const int64_t s1_row = kRule == kRuleRowWiseAdagrad ? 1 : dim;
   const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
