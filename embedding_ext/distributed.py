@@ -297,10 +297,10 @@ def _check_offsets(csr: Tensor, n: int, op: str) -> None:
     kernel sees only its own compacted offsets: a bad entry would raise on some ranks and
     not others, and the next collective would hang). One host synchronisation on CUDA."""
     csr = csr.long()
-    bad_first = csr[0] != 0
-    decreasing = (csr[1:] < csr[:-1]).nonzero()
-    flags = torch.stack([bad_first.long(), csr[-1],
-                         decreasing[0, 0] + 1 if decreasing.numel() else csr.new_tensor(-1)])
+    decreasing = torch.cat([csr.new_zeros(1, dtype=torch.bool), csr[1:] < csr[:-1]])
+    # The first decreasing entry by argmax (no nonzero: its count would be a second sync).
+    flags = torch.stack([(csr[0] != 0).long(), csr[-1],
+                         torch.where(decreasing.any(), decreasing.long().argmax(), -1)])
     first_bad, last, decreasing_at = flags.tolist()
     if first_bad:
         raise ValueError(f"{op}: offsets[0] must be 0, got {int(csr[0])}")

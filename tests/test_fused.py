@@ -39,6 +39,18 @@ def _pair(num_weights, dim, dtype, padding_idx, scale, max_norm=None):
     return fused, plain
 
 
+def _step_both(fused, opt, plain, ref, inputs: tuple, grad_out):
+    """One training step of the fused module and of its unfused reference on the same
+    batch; the fused weight never gets a gradient."""
+    fused(*inputs).backward(grad_out)
+    assert fused.weight.grad is None
+    opt.step()
+    opt.zero_grad()
+    plain(*inputs).backward(grad_out)
+    ref.step()
+    ref.zero_grad()
+
+
 @pytest.mark.parametrize("optimizer_class, kwargs", CASES, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("padding_idx, scale", [(None, False), (0, False), (2, True)])
@@ -50,13 +62,7 @@ def test_matches_the_unfused_optimizer_over_steps(optimizer_class, kwargs, dtype
     before_pad = None if padding_idx is None else fused.weight[padding_idx].detach().clone()
     for step in range(8):
         ids, grad_out = _batch(17, 24, padding_idx, 6, dtype)
-        fused(ids).backward(grad_out)
-        assert fused.weight.grad is None
-        opt.step()
-        opt.zero_grad()
-        plain(ids).backward(grad_out)
-        ref.step()
-        ref.zero_grad()
+        _step_both(fused, opt, plain, ref, (ids,), grad_out)
         torch.testing.assert_close(fused.weight, plain.weight, **TOL[dtype])
     if before_pad is not None:
         assert torch.equal(fused.weight[padding_idx], before_pad)
@@ -77,11 +83,7 @@ def test_max_norm_renorms_as_without_fusion(optimizer_class, kwargs):
     ref = optimizer_class(plain.parameters(), **kwargs)
     for _ in range(4):
         ids, grad_out = _batch(11, 10, 1, 5, torch.float64)
-        fused(ids).backward(grad_out)
-        opt.step()
-        plain(ids).backward(grad_out)
-        ref.step()
-        ref.zero_grad()
+        _step_both(fused, opt, plain, ref, (ids,), grad_out)
     torch.testing.assert_close(fused.weight, plain.weight, **TOL[torch.float64])
 
 
@@ -93,11 +95,7 @@ def test_lr_change_takes_effect_at_the_next_backward(optimizer_class, kwargs):
     for lr in (kwargs["lr"], kwargs["lr"] / 3, kwargs["lr"] * 2):
         opt.param_groups[0]["lr"] = ref.param_groups[0]["lr"] = lr
         ids, grad_out = _batch(9, 8, None, 4, torch.float64)
-        fused(ids).backward(grad_out)
-        opt.step()
-        plain(ids).backward(grad_out)
-        ref.step()
-        ref.zero_grad()
+        _step_both(fused, opt, plain, ref, (ids,), grad_out)
         torch.testing.assert_close(fused.weight, plain.weight, **TOL[torch.float64])
 
 
@@ -437,13 +435,7 @@ def test_bags_match_the_unfused_optimizer_over_steps(optimizer_class, kwargs, fo
     before_pad = None if pad is None else fused.weight[pad].detach().clone()
     for step in range(6):
         ids, offsets, psw, grad_out = _bag_batch(form, 17, 6, torch.float64, step)
-        fused(ids, offsets, psw).backward(grad_out)
-        assert fused.weight.grad is None
-        opt.step()
-        opt.zero_grad()
-        plain(ids, offsets, psw).backward(grad_out)
-        ref.step()
-        ref.zero_grad()
+        _step_both(fused, opt, plain, ref, (ids, offsets, psw), grad_out)
         torch.testing.assert_close(fused.weight, plain.weight, **TOL[torch.float64])
     if before_pad is not None:
         assert torch.equal(fused.weight[pad], before_pad)
