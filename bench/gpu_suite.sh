@@ -83,7 +83,7 @@ run environment 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.to
 "$1" -c "import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"gpu\", torch.cuda.is_available() and torch.cuda.get_device_name())"' _ "$PY"
 
 if [ $DRY = 0 ]; then
-  run build 120 "$PY" setup.py -q build_ext --force --inplace --build-temp build/gpu \
+  run build 180 "$PY" setup.py -q build_ext --force --inplace --build-temp build/gpu \
     || { say "build failed: stop"; exit 1; }
 fi
 # Fail fast: without the CUDA backend nothing below measures anything.
