@@ -115,17 +115,14 @@ __global__ void segment_sum_kernel(const scalar_t* __restrict__ grad,
                                    int64_t num_rows, int64_t dim_vecs, int64_t padding_idx,
                                    bool scale_grad_by_freq,
                                    const at::opmath_type<scalar_t>* __restrict__ partial,
-                                   out_t* __restrict__ out, ErrorSink sink) {
+                                   out_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; j < n; j += step) {
     const int64_t k = sorted_rows[j];
     if (j > 0 && static_cast<int64_t>(sorted_rows[j - 1]) == k) continue;  // not a segment head
-    if (!row_in_range(k, num_rows)) {
-      if (threadIdx.x == 0) report_bad_index(sink, positions[j], k, num_rows);
-      continue;
-    }
-    if (k == padding_idx) continue;
+    // Bad ids (sorted as row num_rows) were reported by sort_by_row, with their own value.
+    if (!row_in_range(k, num_rows) || k == padding_idx) continue;
     // The segment's end: a scan inside its first chunk (most segments end there), a binary
     // search beyond.
     const int64_t first_chunk = j / kChunk;
@@ -157,9 +154,9 @@ at::Tensor sorted_dense_backward(const BackwardInputs& in, int64_t padding_idx,
   static_assert(sizeof(out_t) <= sizeof(scalar_t), "the result is never wider than the rows");
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = in.n, dim = in.dim;
-  auto sorted = at::sort(in.indices, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  const at::Tensor& sorted_rows = std::get<0>(sorted);
-  const at::Tensor& positions = std::get<1>(sorted);
+  const SortedRows sorted = sort_by_row<index_t>(in.indices, in.num_rows, scope);
+  const at::Tensor& sorted_rows = sorted.rows;
+  const at::Tensor& positions = sorted.positions;
   at::Tensor result = at::zeros({in.num_rows, dim},
                                 in.grad.options().dtype(c10::CppTypeToScalarType<out_t>::value));
   const int64_t num_chunks = ceil_div(n, kChunk);
@@ -181,8 +178,7 @@ at::Tensor sorted_dense_backward(const BackwardInputs& in, int64_t padding_idx,
     segment_sum_kernel<scalar_t, out_t, index_t, VEC><<<heads.grid, heads.block, 0, scope.stream>>>(
         in.grad.const_data_ptr<scalar_t>(), sorted_rows.const_data_ptr<index_t>(),
         positions.const_data_ptr<int64_t>(), n, in.num_rows, dim_vecs, padding_idx,
-        scale_grad_by_freq, partial.const_data_ptr<acc_t>(), result.mutable_data_ptr<out_t>(),
-        scope.sink);
+        scale_grad_by_freq, partial.const_data_ptr<acc_t>(), result.mutable_data_ptr<out_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   // The widest access (<= 16 bytes) that divides the row and both base addresses.

@@ -1,6 +1,7 @@
 // CUDA optimizer step fused into the lookup's backward (embedding_fused_update_, issue 14),
-// the rules in ../optimizer_rules.h. The ids are probed first (a bad id: no row changes,
-// without a host synchronisation, as renorm does), then sorted (stable: positions ascending
+// the rules in ../optimizer_rules.h. The ids are sorted by row (sort_by_row, launch.cuh,
+// which also reports a bad id: then no row changes, without a host synchronisation, as
+// renorm does; stable: positions ascending
 // within a row); one warp per distinct row sums the row's gradient over its positions in
 // order (fp32, fp64 for fp64) and applies the rule to the row and its state. Every row is
 // written by one warp and no atomics touch the weight: deterministic.
@@ -48,7 +49,7 @@ __global__ void fused_update_kernel(scalar_t* __restrict__ weight, int64_t row_s
                                     at::opmath_type<scalar_t>* __restrict__ s2,
                                     const int* __restrict__ any_bad) {
   using acc_t = at::opmath_type<scalar_t>;
-  if (*any_bad) return;  // the probe reported it; leave every row as it is
+  if (*any_bad) return;  // sort_by_row reported it; leave every row as it is
   const int lane = threadIdx.x;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; j < n; j += step) {
@@ -110,11 +111,11 @@ void embedding_fused_update_cuda(const at::Tensor& weight, const at::Tensor& gra
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), op, [&] {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      probe_indices<index_t>(indices.const_data_ptr<index_t>(), n, num_rows, scope,
-                             any_bad.mutable_data_ptr<int>());
-      auto sorted = at::sort(indices, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-      const at::Tensor& sorted_rows = std::get<0>(sorted);
-      const at::Tensor& positions = std::get<1>(sorted);
+      // Bad ids are reported and set any_bad (the update kernel then changes nothing).
+      const SortedRows sorted = sort_by_row<index_t>(indices, num_rows, scope,
+                                                     any_bad.mutable_data_ptr<int>());
+      const at::Tensor& sorted_rows = sorted.rows;
+      const at::Tensor& positions = sorted.positions;
       const auto r = rule_scalars<acc_t>(lr, eps, beta1, beta2, lr_decay, step);
       constexpr int warps_per_block = kThreadsPerBlock / 32;
       const int64_t blocks = std::min<int64_t>(std::max<int64_t>(ceil_div(n, warps_per_block), 1), kMaxBlocks);

@@ -1,6 +1,6 @@
 // Launch helpers every CUDA op family shares: the per-call scope (device guard, current
 // stream, bad-index sink), the row-per-thread-group launch shape, vector widths, per-row
-// counts and an index-only probe.
+// counts, an index-only probe and the sort of positions by row.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,6 +11,11 @@
 
 #include <algorithm>
 #include <initializer_list>
+#include <limits>
+
+#ifdef __CUDACC__
+#include <ATen/cuda/cub.h>  // radix_sort_pairs (instantiated in libtorch_cuda)
+#endif
 
 #include "../checks.h"
 #include "index_errors.h"
@@ -132,6 +137,66 @@ void probe_indices(const index_t* idx, int64_t n, int64_t num_rows, const Launch
   scan_ids_kernel<index_t><<<flat_blocks(n), kThreadsPerBlock, 0, scope.stream>>>(
       idx, n, num_rows, /*padding_idx=*/-1, nullptr, /*report=*/true, scope.sink, any_bad);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Keys for sort_by_row: the id, or num_rows for a bad one (reported, *any_bad set), and
+// the positions 0..n-1 that the sort carries along.
+template <typename index_t>
+__global__ void row_keys_kernel(const index_t* __restrict__ idx, int64_t n, int64_t num_rows,
+                                index_t* __restrict__ keys, int64_t* __restrict__ positions,
+                                ErrorSink sink, int* __restrict__ any_bad) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t k = idx[i];
+    positions[i] = i;
+    if (row_in_range(k, num_rows)) {
+      keys[i] = static_cast<index_t>(k);
+    } else {
+      keys[i] = static_cast<index_t>(num_rows);
+      report_bad_index(sink, i, k, num_rows);
+      if (any_bad) *any_bad = 1;
+    }
+  }
+}
+
+// The ids' positions stably sorted by row, for the kernels that sum each row's positions in
+// a fixed order. Bad ids are reported (and set *any_bad) and sort as row num_rows, so the
+// radix sort needs only the bits of num_rows, as PyTorch's own embedding backward sorts:
+// 20 bits for a 1e6-row table instead of 64, 3 radix passes instead of 8 (run 4b: at::sort
+// was 68 of a fused SGD step's 113 us on an H200). Sorted rows equal to num_rows are bad
+// ids; every consumer skips rows out of range. Past cub's int32 element count, or a table
+// whose row count index_t cannot hold: the probe, then at::sort of the ids themselves (bad
+// ids then sort to either end, also out of range).
+struct SortedRows {
+  at::Tensor rows;       // index_t, ascending
+  at::Tensor positions;  // int64: the position of each sorted row in the ids
+};
+
+template <typename index_t>
+SortedRows sort_by_row(const at::Tensor& indices, int64_t num_rows, const LaunchScope& scope,
+                       int* any_bad = nullptr) {
+  const int64_t n = indices.numel();
+  if (n > std::numeric_limits<int>::max() ||
+      num_rows > static_cast<int64_t>(std::numeric_limits<index_t>::max())) {
+    probe_indices<index_t>(indices.const_data_ptr<index_t>(), n, num_rows, scope, any_bad);
+    auto sorted = at::sort(indices, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    return {std::get<0>(sorted), std::get<1>(sorted)};
+  }
+  at::Tensor keys = at::empty({n}, indices.options());
+  at::Tensor positions = at::empty({n}, indices.options().dtype(at::kLong));
+  if (n == 0) return {keys, positions};
+  row_keys_kernel<index_t><<<flat_blocks(n), kThreadsPerBlock, 0, scope.stream>>>(
+      indices.const_data_ptr<index_t>(), n, num_rows, keys.mutable_data_ptr<index_t>(),
+      positions.mutable_data_ptr<int64_t>(), scope.sink, any_bad);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor rows = at::empty_like(keys);
+  at::Tensor sorted_positions = at::empty_like(positions);
+  at::cuda::cub::radix_sort_pairs<index_t, int64_t>(
+      keys.const_data_ptr<index_t>(), rows.mutable_data_ptr<index_t>(),
+      positions.const_data_ptr<int64_t>(), sorted_positions.mutable_data_ptr<int64_t>(), n,
+      /*descending=*/false, /*begin_bit=*/0,
+      /*end_bit=*/at::cuda::cub::get_num_bits(static_cast<uint64_t>(num_rows)));
+  return {rows, sorted_positions};
 }
 #endif
 
