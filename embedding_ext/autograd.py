@@ -73,22 +73,26 @@ def _sparse_gradient(grad_output, indices, num_weights, padding_idx, scale_grad_
 
 class EmbeddingBagFunction(torch.autograd.Function):
     """The pooled lookup: ``apply(weight, indices, offsets, mode, per_sample_weights,
-    padding_idx, scale_grad_by_freq, sparse)`` with 1-D ids, CSR offsets (bags + 1 entries),
-    mode 0 sum / 1 mean / 2 max and ``padding_idx`` normalised (-1: none). Returns
-    ``(output, arg_max)``; gradients for ``weight`` (dense, or an uncoalesced sparse COO
-    with ``sparse``) and ``per_sample_weights`` (once differentiable)."""
+    padding_idx, scale_grad_by_freq, sparse, csr_tail=False)`` with 1-D ids, CSR offsets
+    (bags + 1 entries), mode 0 sum / 1 mean / 2 max and ``padding_idx`` normalised (-1:
+    none). Returns ``(output, arg_max)``; gradients for ``weight`` (dense, or an uncoalesced
+    sparse COO with ``sparse``: the non-padding ids in bags) and ``per_sample_weights``
+    (once differentiable). ``csr_tail``: the last offset may be below the number of ids
+    (``include_last_offset=True``); the sparse gradient then synchronises once to leave the
+    ids after it out (without padding and without a tail it does not synchronise)."""
 
     @staticmethod
     def forward(weight: Tensor, indices: Tensor, offsets: Tensor, mode: int,
                 per_sample_weights: Tensor | None, padding_idx: int,
-                scale_grad_by_freq: bool, sparse: bool) -> tuple[Tensor, Tensor]:
+                scale_grad_by_freq: bool, sparse: bool,
+                csr_tail: bool = False) -> tuple[Tensor, Tensor]:
         return ops.embedding_bag_forward(weight, indices, offsets, mode, per_sample_weights,
                                          padding_idx)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         (weight, indices, offsets, mode, per_sample_weights, padding_idx, scale_grad_by_freq,
-         sparse) = inputs
+         sparse, csr_tail) = inputs
         arg_max = output[1]
         ctx.mark_non_differentiable(arg_max)
         # The weight is needed only for the per_sample_weights gradient.
@@ -99,6 +103,7 @@ class EmbeddingBagFunction(torch.autograd.Function):
         ctx.padding_idx = padding_idx
         ctx.scale_grad_by_freq = scale_grad_by_freq
         ctx.sparse = sparse
+        ctx.csr_tail = csr_tail
 
     @staticmethod
     @once_differentiable
@@ -109,6 +114,12 @@ class EmbeddingBagFunction(torch.autograd.Function):
             rows, values = ops.embedding_bag_sparse_backward(
                 grad_output, indices, offsets, ctx.num_weights, ctx.mode, per_sample_weights,
                 ctx.padding_idx, ctx.scale_grad_by_freq)
+            if ctx.padding_idx < 0 and ctx.csr_tail:
+                # Without padding the op gives every id an entry (zero rows for ids in no
+                # bag), so that its size needs no synchronisation; the ids after the last
+                # offset are left out here (SparseAdam would step their rows).
+                end = int(offsets[-1])
+                rows, values = rows[:, :end], values[:end]
             grad_weight = torch.sparse_coo_tensor(rows, values, (ctx.num_weights, values.shape[1]),
                                                   is_coalesced=False, check_invariants=False)
         elif ctx.needs_input_grad[0]:
@@ -118,7 +129,7 @@ class EmbeddingBagFunction(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_psw = ops.embedding_bag_per_sample_weights_backward(
                 grad_output, weight, indices, offsets, ctx.padding_idx)
-        return grad_weight, None, None, None, grad_psw, None, None, None
+        return grad_weight, None, None, None, grad_psw, None, None, None, None
 
 
 class _EmbeddingBagEagerFunction(EmbeddingBagFunction):

@@ -157,6 +157,7 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None,
         ids = renorm_rows(weight, ids, max_norm, norm_type)
     function = (EmbeddingBagFunction if torch._C._are_functorch_transforms_active()
                 else _EmbeddingBagEagerFunction)
+    csr_tail = include_last_offset and input.dim() == 1  # the offsets may end before the ids
     output, _ = function.apply(weight, ids, csr, ops.BAG_MODES[mode], psw, padding,
-                               bool(scale_grad_by_freq), bool(sparse))
+                               bool(scale_grad_by_freq), bool(sparse), csr_tail)
     return output

@@ -298,12 +298,13 @@ class FusedBagFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: Tensor, ids: Tensor, csr: Tensor, mode: int, psw: Tensor | None,
-                padding_idx: int, scale_grad_by_freq: bool, optimizer: FusedOptimizer) -> Tensor:
+                padding_idx: int, scale_grad_by_freq: bool, optimizer: FusedOptimizer,
+                csr_tail: bool) -> Tensor:
         output, _ = ops.embedding_bag_forward(weight, ids, csr, mode, psw, padding_idx)
         # The weight only for the per_sample_weights gradient (read before the update).
         ctx.save_for_backward(ids, csr, psw, weight if ctx.needs_input_grad[4] else None)
         ctx.num_weights, ctx.mode, ctx.padding_idx = weight.shape[0], mode, padding_idx
-        ctx.scale, ctx.optimizer = scale_grad_by_freq, optimizer
+        ctx.scale, ctx.optimizer, ctx.csr_tail = scale_grad_by_freq, optimizer, csr_tail
         return output
 
     @staticmethod
@@ -315,9 +316,18 @@ class FusedBagFunction(torch.autograd.Function):
                                                                      csr, ctx.padding_idx)
         rows, values = ops.embedding_bag_sparse_backward(
             grad_output, ids, csr, ctx.num_weights, ctx.mode, psw, ctx.padding_idx, ctx.scale)
+        if ctx.padding_idx < 0:
+            # One value per id (zero rows for ids in no bag): the ids themselves, so that a
+            # bad one stops the update (the op's rows name it row 0); ids after the last
+            # offset (include_last_offset) left out, or SparseAdam would step their rows
+            # with a zero gradient (one synchronisation, as the compaction with padding).
+            rows = ids.reshape(1, -1)
+            if ctx.csr_tail:
+                end = int(csr[-1])
+                rows, values = rows[:, :end], values[:end]
         # Padding is already left out and the frequency scaling already in the values.
         ctx.optimizer._update(values, rows[0], -1, False)
-        return None, None, None, None, grad_psw, None, None, None
+        return None, None, None, None, grad_psw, None, None, None, None
 
 
 def fused_bag_lookup(module, input: Tensor, offsets: Tensor | None,
@@ -337,8 +347,9 @@ def fused_bag_lookup(module, input: Tensor, offsets: Tensor | None,
                                   "not supported fused (ee.Embedding row-sharded is)")
     if module.max_norm is not None:
         ids = renorm_rows(weight, ids, module.max_norm, module.norm_type)
+    csr_tail = module.include_last_offset and input.dim() == 1  # may end before the ids
     return FusedBagFunction.apply(weight, ids, csr, ops.BAG_MODES[module.mode], psw, padding,
-                                  bool(module.scale_grad_by_freq), optimizer)
+                                  bool(module.scale_grad_by_freq), optimizer, csr_tail)
 
 
 _MAX_MODE_REFUSAL = ("fuse_optimizer: an ee.EmbeddingBag in mode='max' cannot be fused (its "

@@ -88,7 +88,10 @@ def embedding_bag_sparse_backward(grad_output: Tensor, indices: Tensor, offsets:
                                   num_weights: int, mode: int, per_sample_weights: Tensor | None,
                                   padding_idx: int,
                                   scale_grad_by_freq: bool) -> tuple[Tensor, Tensor]:
-    """``(rows (1, nnz) int64, values (nnz, D))`` of the sparse weight gradient (sum, mean)."""
+    """``(rows (1, nnz) int64, values (nnz, D))`` of the sparse weight gradient (sum, mean).
+    Without padding (``padding_idx`` -1) one entry per id, in position order (ids in no bag:
+    zero rows; on CUDA a bad id, reported, is a zero row at row 0), a size known without a
+    synchronisation; with padding, the non-padding ids in bags."""
     return _ops.embedding_bag_sparse_backward(grad_output, indices, offsets, num_weights, mode,
                                               per_sample_weights, padding_idx, scale_grad_by_freq)
 
@@ -323,7 +326,10 @@ def _bag_sparse_backward_fake(grad_output, indices, offsets, num_weights, mode,
     torch._check(grad_output.shape[0] == offsets.shape[0] - 1,
                  lambda: f"{op}: 'grad_output' must have one row per bag "
                          f"({offsets.shape[0] - 1}), got shape {tuple(grad_output.shape)}")
-    # Padding entries and ids after the last offset are left out: data-dependent.
-    nnz = torch.library.get_ctx().new_dynamic_size()
+    # Without padding, one entry per id (ids after the last offset: zero rows); with it (or
+    # an empty table, where every id is bad), padding entries and ids after the last offset
+    # are left out: data-dependent.
+    every_position = padding_idx < 0 and num_weights > 0
+    nnz = indices.numel() if every_position else torch.library.get_ctx().new_dynamic_size()
     return (indices.new_empty((1, nnz), dtype=torch.int64),
             grad_output.new_empty((nnz, grad_output.shape[1])))

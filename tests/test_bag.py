@@ -657,6 +657,61 @@ def test_cuda_bad_ids_and_offsets_raise_index_error_later():
                                                     mode="sum"))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["sum", "mean", "sum+weights"])
+def test_sparse_gradient_without_padding_has_one_entry_per_id(device, mode):
+    """The op, without padding: one entry per id in position order (so its size is known and
+    CUDA does not synchronise), zero rows for the ids after the last offset (the CSR tail, in
+    no bag). ee.embedding_bag leaves the tail out (include_last_offset=True), and with a
+    padding_idx the padding ids too."""
+    ids = torch.tensor([3, 3, 7, 1, 5, 9], device=device)
+    csr = torch.tensor([0, 2, 4], device=device)  # bags [0, 2) and [2, 4); ids 5 and 9 in none
+    weight = make_weight(20, 6, torch.float64, device)
+    grad_out = torch.randn(2, 6, dtype=torch.float64, device=device)
+    psw = torch.rand(6, dtype=torch.float64, device=device) if "weights" in mode else None
+    m = mode.split("+")[0]
+    coef = torch.full((4,), 0.5 if m == "mean" else 1.0, dtype=torch.float64, device=device)
+    if psw is not None:
+        coef = coef * psw[:4]
+    in_bags = grad_out[[0, 0, 1, 1]] * coef[:, None]
+    poison(6 * 6, torch.float64, device)
+    rows, values = ee.ops.embedding_bag_sparse_backward(grad_out, ids, csr, 20, ee.ops.BAG_MODES[m],
+                                                        psw, -1, False)
+    assert torch.equal(rows, ids.reshape(1, -1))
+    torch.testing.assert_close(values, torch.cat([in_bags, torch.zeros_like(in_bags[:2])]),
+                               rtol=1e-12, atol=0)
+    _, (grad, *_) = _grads(ee.embedding_bag, weight, ids, csr, grad_out=grad_out, psw=psw,
+                           mode=m, include_last_offset=True, sparse=True)
+    assert torch.equal(grad._indices(), ids[:4].reshape(1, -1))
+    torch.testing.assert_close(grad._values(), in_bags, rtol=1e-12, atol=0)
+    _, (padded, *_) = _grads(ee.embedding_bag, weight, ids, csr, grad_out=grad_out, psw=psw,
+                             mode=m, include_last_offset=True, sparse=True, padding_idx=7)
+    assert torch.equal(padded._indices().cpu(), torch.tensor([[3, 3, 1]]))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+def test_cuda_sparse_bag_gradient_of_bad_ids_stays_inside_the_table():
+    """A bad id in a sparse bag gradient without padding (no synchronisation, so it keeps
+    its entry): a zero row at row 0, never a COO row outside the table; the bad id is
+    raised as IndexError by the next check, and the context survives."""
+    weight = make_weight(10, 4, torch.float32, "cuda").requires_grad_()
+    ids = torch.tensor([1, 25, 3, -2], device="cuda")
+    out = ee.embedding_bag(ids, weight, torch.tensor([0, 2], device="cuda"), mode="sum",
+                           sparse=True)
+    with pytest.raises(IndexError, match=r"embedding_bag_forward: index (25|-2) at position"):
+        ee.check_cuda_index_errors()  # (else the backward's first call raises it)
+    out.backward(torch.ones_like(out))
+    with pytest.raises(IndexError, match=r"embedding_bag_sparse_backward: index (25 at "
+                                         r"position 1|-2 at position 3)"):
+        ee.check_cuda_index_errors()
+    grad = weight.grad
+    assert torch.equal(grad._indices().cpu(), torch.tensor([[1, 0, 3, 0]]))
+    assert not grad._values()[[1, 3]].any()
+    torch.testing.assert_close(grad._values()[[0, 2]], torch.ones(2, 4, device="cuda"))
+    torch.testing.assert_close(grad.to_dense().sum(), torch.tensor(8.0, device="cuda"))
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 def test_cuda_bag_gradients_under_deterministic_algorithms():

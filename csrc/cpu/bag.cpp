@@ -852,7 +852,10 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_sparse_backward_cpu(
       }
       first[in.bags] = nnz;
     }
-    const int64_t nnz = first[in.bags];
+    // Without padding, one entry per position, as PyTorch's: ids after the last offset (the
+    // CSR tail, in no bag) get zero rows, as on CUDA (where this size needs no
+    // synchronisation). With padding, the non-padding ids in bags.
+    const int64_t nnz = padding_idx < 0 ? in.n : first[in.bags];
     rows = at::empty({1, nnz}, in.indices.options().dtype(at::kLong));
     // N x D, written once: from the output cache, as the dense gradient (a fresh 32 MiB
     // buffer from malloc is new pages, a fault per 4 KiB: D = 128 took 16 ms instead of 2).
@@ -894,6 +897,10 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_sparse_backward_cpu(
           }
         }
       });
+      for (int64_t i = in_bags; i < nnz; ++i) {  // the CSR tail (padding_idx < 0 only)
+        r[i] = idx[i];
+        std::fill(v + i * dim, v + (i + 1) * dim, scalar_t(0));
+      }
     });
   });
   return {rows, values};
