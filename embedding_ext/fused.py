@@ -230,9 +230,21 @@ class FusedOptimizer(torch.optim.Optimizer):
             state["step"] += 1
         self._updated = True
 
+    # torch.amp.GradScaler.step() hands an optimizer with this flag its scale (as the
+    # attribute grad_scale) instead of unscaling gradients it does not have: step() refuses
+    # it by name (without the flag the scaler fails with "No inf checks were recorded").
+    _step_supports_amp_scaling = True
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """The update already happened in the backward: only runs ``closure`` and re-arms."""
+        if getattr(self, "grad_scale", None) is not None:
+            del self.grad_scale, self.found_inf  # the scaler deletes them only after a step
+            raise RuntimeError(
+                "fuse_optimizer: torch.amp.GradScaler cannot drive a fused optimizer: the "
+                "update runs inside the backward, before the scaler can unscale the gradient "
+                "or skip a step with inf/NaN (this step's update used the scaled gradient). "
+                "Train without the scaler (bf16 autocast needs none) or unfuse")
         loss = None
         if closure is not None:
             with torch.enable_grad():

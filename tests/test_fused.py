@@ -520,3 +520,21 @@ def test_a_weight_replaced_after_fusing_raises_at_the_lookup():
     emb(torch.tensor([1, 2])).sum().backward()
     opt.step()
     assert emb.weight.grad is None and not torch.equal(emb.weight, before)
+
+
+def test_grad_scaler_is_refused_by_name():
+    """torch.amp.GradScaler.step() on a fused optimizer raises an error that names the
+    problem (the update already used the scaled gradient), not the scaler's "No inf checks
+    were recorded"; the optimizer is left usable without the scaler."""
+    emb = ee.Embedding(10, 4)
+    opt = ee.fuse_optimizer(emb, torch.optim.SGD, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(emb(torch.tensor([1, 2])).sum()).backward()
+    with pytest.raises(RuntimeError, match="GradScaler cannot drive a fused optimizer"):
+        scaler.step(opt)
+    assert getattr(opt, "grad_scale", None) is None
+    opt.step()
+    before = emb.weight.detach().clone()
+    emb(torch.tensor([3])).sum().backward()
+    opt.step()
+    torch.testing.assert_close(emb.weight[3], before[3] - 0.1)
