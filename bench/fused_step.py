@@ -34,18 +34,19 @@ OPTIMIZERS = [("SGD", torch.optim.SGD, dict(lr=0.01), "EXACT_SGD"),
               ("SparseAdam", torch.optim.SparseAdam, dict(lr=0.01), None)]
 
 
-def _sync(device: str) -> None:
+def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def _median_ms(fn, repeats: int, device: str = "cpu") -> float:
+def median_ms(fn, repeats: int, device: str = "cpu") -> float:
+    """Median of `repeats` single calls, ms (CUDA: synchronised around each)."""
     times = []
     for _ in range(repeats):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
@@ -151,10 +152,10 @@ def run(threads: int, rounds: int, out: Path | None, device: str = "cpu") -> str
             ids, grad = batches[0]
             results = {"ours": [], "torch": [], "fbgemm": []}
             for _ in range(rounds):  # alternating rounds
-                results["ours"].append(_median_ms(lambda: ours_step(ids, grad), 3, device))
-                results["torch"].append(_median_ms(lambda: torch_step(ids, grad), 3, device))
+                results["ours"].append(median_ms(lambda: ours_step(ids, grad), 3, device))
+                results["torch"].append(median_ms(lambda: torch_step(ids, grad), 3, device))
                 if peer is not None:
-                    results["fbgemm"].append(_median_ms(lambda: peer(ids, grad), 3))
+                    results["fbgemm"].append(median_ms(lambda: peer(ids, grad), 3))
             t_ours, t_torch = statistics.median(results["ours"]), statistics.median(results["torch"])
             # Measured: the step's peak allocation above the table and state already there.
             extra_ours = _peak_extra_mib(lambda: ours_step(ids, grad), device)

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import embedding_ext as ee
 from bench import cases
+from bench.fused_step import median_ms, synchronize
 from bench.run import prepare
 
 # (label substring of a GPU-preset case, op): the rows that lose or run far from the floor
@@ -34,34 +33,17 @@ CPU_TARGETS = [("tiny V=100 D=16 N=8 float32 int64 uniform", cases.FWD_BWD)]
 FUSED_ROWS, FUSED_DIM, FUSED_IDS = 1_000_000, 64, 65536
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def wall_ms(fn, device: str, calls: int = 50) -> float:
-    """Median of `calls` synchronised single calls, ms."""
-    times = []
-    for _ in range(calls):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def profile_table(fn, device: str, iters: int) -> str:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     for _ in range(3):
         fn()
-    _sync(device)
+    synchronize(device)
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(iters):
             fn()
-        _sync(device)
+        synchronize(device)
     averages = prof.key_averages()
     parts = []
     if device == "cuda":
@@ -147,7 +129,7 @@ def main(argv=None) -> int:
 
 
 def _section(title: str, ours, theirs, device: str, iters: int) -> str:
-    t_ours, t_theirs = wall_ms(ours, device), wall_ms(theirs, device)
+    t_ours, t_theirs = median_ms(ours, 50, device), median_ms(theirs, 50, device)
     return (f"## {title}\nwall median of 50 synchronised calls: ours {t_ours:.3f} ms, "
             f"PyTorch {t_theirs:.3f} ms ({t_theirs / t_ours:.2f}x)\n\n### ours ({iters} calls)\n"
             f"{profile_table(ours, device, iters)}\n### PyTorch ({iters} calls)\n"
