@@ -71,7 +71,10 @@ def _extension():
     macros = [("EMBEDDING_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
     # -ffp-contract=off: kernels compiled for AVX2+FMA at run time (bag pooling) give the same
     # bits as their baseline x86-64 copies (no a*b+c fused into one rounding).
-    cxx = ["-O3", "-ffp-contract=off"] + (["-fopenmp"] if openmp else [])
+    # -fno-math-errno: sqrt may then be a vector instruction (nothing here reads errno; the
+    # results are the same correctly rounded values). Without it GCC kept the fused
+    # Adagrad/SparseAdam rules scalar (sqrtss + divss per element; bench/NOTES-cpu.md 10.2).
+    cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno"] + (["-fopenmp"] if openmp else [])
     link = (["-fopenmp"] if openmp else []) + _SHARED_LIBSTDCXX
     if not with_cuda:
         return CppExtension("embedding_ext._C", sources, define_macros=macros,
