@@ -73,19 +73,20 @@ def _sparse_gradient(grad_output, indices, num_weights, padding_idx, scale_grad_
 
 class EmbeddingBagFunction(torch.autograd.Function):
     """The pooled lookup: ``apply(weight, indices, offsets, mode, per_sample_weights,
-    padding_idx, scale_grad_by_freq, sparse, csr_tail=False)`` with 1-D ids, CSR offsets
+    padding_idx, scale_grad_by_freq, sparse, csr_tail=True)`` with 1-D ids, CSR offsets
     (bags + 1 entries), mode 0 sum / 1 mean / 2 max and ``padding_idx`` normalised (-1:
     none). Returns ``(output, arg_max)``; gradients for ``weight`` (dense, or an uncoalesced
     sparse COO with ``sparse``: the non-padding ids in bags) and ``per_sample_weights``
-    (once differentiable). ``csr_tail``: the last offset may be below the number of ids
-    (``include_last_offset=True``); the sparse gradient then synchronises once to leave the
-    ids after it out (without padding and without a tail it does not synchronise)."""
+    (once differentiable). ``csr_tail``: whether the last offset may be below the number of
+    ids; the sparse gradient then synchronises once to leave the ids after it out. Pass
+    False when it cannot be (embedding_bag does without ``include_last_offset``): without
+    padding, the sparse gradient then needs no synchronisation."""
 
     @staticmethod
     def forward(weight: Tensor, indices: Tensor, offsets: Tensor, mode: int,
                 per_sample_weights: Tensor | None, padding_idx: int,
                 scale_grad_by_freq: bool, sparse: bool,
-                csr_tail: bool = False) -> tuple[Tensor, Tensor]:
+                csr_tail: bool = True) -> tuple[Tensor, Tensor]:
         return ops.embedding_bag_forward(weight, indices, offsets, mode, per_sample_weights,
                                          padding_idx)
 

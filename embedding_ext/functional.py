@@ -157,7 +157,8 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None,
         ids = renorm_rows(weight, ids, max_norm, norm_type)
     function = (EmbeddingBagFunction if torch._C._are_functorch_transforms_active()
                 else _EmbeddingBagEagerFunction)
-    csr_tail = include_last_offset and input.dim() == 1  # the offsets may end before the ids
+    # The CSR may end before the ids (include_last_offset, or no offsets: CSR [0]).
+    csr_tail = input.dim() == 1 and (include_last_offset or offsets.numel() == 0)
     output, _ = function.apply(weight, ids, csr, ops.BAG_MODES[mode], psw, padding,
                                bool(scale_grad_by_freq), bool(sparse), csr_tail)
     return output

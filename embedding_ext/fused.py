@@ -230,16 +230,19 @@ class FusedOptimizer(torch.optim.Optimizer):
             state["step"] += 1
         self._updated = True
 
-    # torch.amp.GradScaler.step() hands an optimizer with this flag its scale (as the
-    # attribute grad_scale) instead of unscaling gradients it does not have: step() refuses
-    # it by name (without the flag the scaler fails with "No inf checks were recorded").
+    # torch.amp.GradScaler.step() hands an optimizer with this flag its state (the
+    # attributes grad_scale and found_inf) instead of unscaling gradients it does not have:
+    # step() refuses it by name (without the flag the scaler fails with "No inf checks were
+    # recorded", or, after scaler.unscale_(), steps silently).
     _step_supports_amp_scaling = True
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """The update already happened in the backward: only runs ``closure`` and re-arms."""
-        if getattr(self, "grad_scale", None) is not None:
-            del self.grad_scale, self.found_inf  # the scaler deletes them only after a step
+        # The scaler sets found_inf on every step() (grad_scale is None after unscale_()).
+        if "found_inf" in self.__dict__:
+            for name in ("grad_scale", "found_inf"):  # it deletes them only after a step
+                self.__dict__.pop(name, None)
             raise RuntimeError(
                 "fuse_optimizer: torch.amp.GradScaler cannot drive a fused optimizer: the "
                 "update runs inside the backward, before the scaler can unscale the gradient "
@@ -359,7 +362,8 @@ def fused_bag_lookup(module, input: Tensor, offsets: Tensor | None,
                                   "not supported fused (ee.Embedding row-sharded is)")
     if module.max_norm is not None:
         ids = renorm_rows(weight, ids, module.max_norm, module.norm_type)
-    csr_tail = module.include_last_offset and input.dim() == 1  # may end before the ids
+    # The CSR may end before the ids (include_last_offset, or no offsets: CSR [0]).
+    csr_tail = input.dim() == 1 and (module.include_last_offset or offsets.numel() == 0)
     return FusedBagFunction.apply(weight, ids, csr, ops.BAG_MODES[module.mode], psw, padding,
                                   bool(module.scale_grad_by_freq), optimizer, csr_tail)
 

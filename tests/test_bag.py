@@ -687,6 +687,17 @@ def test_sparse_gradient_without_padding_has_one_entry_per_id(device, mode):
     _, (padded, *_) = _grads(ee.embedding_bag, weight, ids, csr, grad_out=grad_out, psw=psw,
                              mode=m, include_last_offset=True, sparse=True, padding_idx=7)
     assert torch.equal(padded._indices().cpu(), torch.tensor([[3, 3, 1]]))
+    # The public Function called as before (8 arguments): the tail is left out too.
+    w = weight.detach().clone().requires_grad_()
+    out, _ = ee.EmbeddingBagFunction.apply(w, ids, csr, ee.ops.BAG_MODES[m], psw, -1, False, True)
+    out.backward(grad_out)
+    assert torch.equal(w.grad._indices(), ids[:4].reshape(1, -1))
+    # No offsets at all (CSR [0]: every id in no bag): no entry.
+    w = weight.detach().clone().requires_grad_()
+    out = ee.embedding_bag(ids, w, ids.new_empty(0), mode=m, sparse=True)
+    assert out.shape == (0, 6)
+    out.backward(torch.zeros_like(out))
+    assert w.grad._nnz() == 0
 
 
 @pytest.mark.cuda

@@ -522,17 +522,21 @@ def test_a_weight_replaced_after_fusing_raises_at_the_lookup():
     assert emb.weight.grad is None and not torch.equal(emb.weight, before)
 
 
-def test_grad_scaler_is_refused_by_name():
+@pytest.mark.parametrize("unscale_first", [False, True], ids=["step", "unscale_+step"])
+def test_grad_scaler_is_refused_by_name(unscale_first):
     """torch.amp.GradScaler.step() on a fused optimizer raises an error that names the
     problem (the update already used the scaled gradient), not the scaler's "No inf checks
-    were recorded"; the optimizer is left usable without the scaler."""
+    were recorded", also after scaler.unscale_() (the gradient-clipping recipe, where the
+    scaler passes no scale); the optimizer is left usable without the scaler."""
     emb = ee.Embedding(10, 4)
     opt = ee.fuse_optimizer(emb, torch.optim.SGD, lr=0.1)
     scaler = torch.amp.GradScaler("cpu")
     scaler.scale(emb(torch.tensor([1, 2])).sum()).backward()
+    if unscale_first:
+        scaler.unscale_(opt)
     with pytest.raises(RuntimeError, match="GradScaler cannot drive a fused optimizer"):
         scaler.step(opt)
-    assert getattr(opt, "grad_scale", None) is None
+    assert "grad_scale" not in opt.__dict__ and "found_inf" not in opt.__dict__
     opt.step()
     before = emb.weight.detach().clone()
     emb(torch.tensor([3])).sum().backward()
