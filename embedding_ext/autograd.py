@@ -71,6 +71,22 @@ def _sparse_gradient(grad_output, indices, num_weights, padding_idx, scale_grad_
                                    is_coalesced=False, check_invariants=False)
 
 
+def bag_sparse_gradient(grad_output: Tensor, indices: Tensor, offsets: Tensor, num_weights: int,
+                        mode: int, per_sample_weights: Tensor | None, padding_idx: int,
+                        scale_grad_by_freq: bool, csr_tail: bool) -> tuple[Tensor, Tensor]:
+    """The sparse bag gradient's (rows (1, nnz), values): the non-padding ids in bags. Without
+    padding the op gives every id an entry (zero rows for ids in no bag), so that its size
+    needs no synchronisation; where the CSR may end early (csr_tail) the ids after the last
+    offset are left out here, with one (SparseAdam would step their rows)."""
+    rows, values = ops.embedding_bag_sparse_backward(grad_output, indices, offsets, num_weights,
+                                                     mode, per_sample_weights, padding_idx,
+                                                     scale_grad_by_freq)
+    if padding_idx < 0 and csr_tail:
+        end = int(offsets[-1])
+        rows, values = rows[:, :end], values[:end]
+    return rows, values
+
+
 class EmbeddingBagFunction(torch.autograd.Function):
     """The pooled lookup: ``apply(weight, indices, offsets, mode, per_sample_weights,
     padding_idx, scale_grad_by_freq, sparse, csr_tail=True)`` with 1-D ids, CSR offsets
@@ -112,15 +128,9 @@ class EmbeddingBagFunction(torch.autograd.Function):
         weight, indices, offsets, arg_max, per_sample_weights = ctx.saved_tensors
         grad_weight = grad_psw = None
         if ctx.needs_input_grad[0] and ctx.sparse:
-            rows, values = ops.embedding_bag_sparse_backward(
+            rows, values = bag_sparse_gradient(
                 grad_output, indices, offsets, ctx.num_weights, ctx.mode, per_sample_weights,
-                ctx.padding_idx, ctx.scale_grad_by_freq)
-            if ctx.padding_idx < 0 and ctx.csr_tail:
-                # Without padding the op gives every id an entry (zero rows for ids in no
-                # bag), so that its size needs no synchronisation; the ids after the last
-                # offset are left out here (SparseAdam would step their rows).
-                end = int(offsets[-1])
-                rows, values = rows[:, :end], values[:end]
+                ctx.padding_idx, ctx.scale_grad_by_freq, ctx.csr_tail)
             grad_weight = torch.sparse_coo_tensor(rows, values, (ctx.num_weights, values.shape[1]),
                                                   is_coalesced=False, check_invariants=False)
         elif ctx.needs_input_grad[0]:

@@ -93,6 +93,12 @@ def _bag_layout(input: Tensor, offsets: Tensor | None, per_sample_weights: Tenso
     return input, offsets, per_sample_weights
 
 
+def csr_may_end_early(input: Tensor, offsets: Tensor | None, include_last_offset: bool) -> bool:
+    """Whether _bag_layout's CSR can end before the last id (ids in no bag): with
+    include_last_offset, or with no offsets at all (CSR [0])."""
+    return input.dim() == 1 and (include_last_offset or offsets.numel() == 0)
+
+
 def bag_arguments(input: Tensor, weight: Tensor, offsets: Tensor | None,
                   scale_grad_by_freq: bool, mode: str, sparse: bool,
                   per_sample_weights: Tensor | None, include_last_offset: bool,
@@ -157,8 +163,7 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None,
         ids = renorm_rows(weight, ids, max_norm, norm_type)
     function = (EmbeddingBagFunction if torch._C._are_functorch_transforms_active()
                 else _EmbeddingBagEagerFunction)
-    # The CSR may end before the ids (include_last_offset, or no offsets: CSR [0]).
-    csr_tail = input.dim() == 1 and (include_last_offset or offsets.numel() == 0)
     output, _ = function.apply(weight, ids, csr, ops.BAG_MODES[mode], psw, padding,
-                               bool(scale_grad_by_freq), bool(sparse), csr_tail)
+                               bool(scale_grad_by_freq), bool(sparse),
+                               csr_may_end_early(input, offsets, include_last_offset))
     return output

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import distributed, ops
+from .autograd import bag_sparse_gradient
 from .optim import RowWiseAdagrad
 
 _SGD, _ADAGRAD, _SPARSE_ADAM, _ROWWISE_ADAGRAD = 0, 1, 2, 3
@@ -329,17 +330,12 @@ class FusedBagFunction(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_psw = ops.embedding_bag_per_sample_weights_backward(grad_output, weight, ids,
                                                                      csr, ctx.padding_idx)
-        rows, values = ops.embedding_bag_sparse_backward(
-            grad_output, ids, csr, ctx.num_weights, ctx.mode, psw, ctx.padding_idx, ctx.scale)
+        rows, values = bag_sparse_gradient(grad_output, ids, csr, ctx.num_weights, ctx.mode,
+                                           psw, ctx.padding_idx, ctx.scale, ctx.csr_tail)
         if ctx.padding_idx < 0:
-            # One value per id (zero rows for ids in no bag): the ids themselves, so that a
-            # bad one stops the update (the op's rows name it row 0); ids after the last
-            # offset (include_last_offset) left out, or SparseAdam would step their rows
-            # with a zero gradient (one synchronisation, as the compaction with padding).
-            rows = ids.reshape(1, -1)
-            if ctx.csr_tail:
-                end = int(csr[-1])
-                rows, values = rows[:, :end], values[:end]
+            # One value per id in order: the ids themselves, so that a bad one stops the
+            # update (the op names it row 0, a zero row SparseAdam would step).
+            rows = ids.reshape(1, -1)[:, :values.shape[0]]
         # Padding is already left out and the frequency scaling already in the values.
         ctx.optimizer._update(values, rows[0], -1, False)
         return None, None, None, None, grad_psw, None, None, None, None
@@ -349,7 +345,7 @@ def fused_bag_lookup(module, input: Tensor, offsets: Tensor | None,
                      per_sample_weights: Tensor | None, optimizer: FusedOptimizer) -> Tensor:
     """ee.EmbeddingBag's forward with a fused optimizer (modes sum and mean): the pooled
     lookup (after the max_norm renorm, as without fusion) whose backward is the update."""
-    from .functional import bag_arguments, renorm_rows
+    from .functional import bag_arguments, csr_may_end_early, renorm_rows
     weight = module.weight
     if module.mode == "max":
         raise NotImplementedError(_MAX_MODE_REFUSAL)
@@ -362,10 +358,9 @@ def fused_bag_lookup(module, input: Tensor, offsets: Tensor | None,
                                   "not supported fused (ee.Embedding row-sharded is)")
     if module.max_norm is not None:
         ids = renorm_rows(weight, ids, module.max_norm, module.norm_type)
-    # The CSR may end before the ids (include_last_offset, or no offsets: CSR [0]).
-    csr_tail = input.dim() == 1 and (module.include_last_offset or offsets.numel() == 0)
     return FusedBagFunction.apply(weight, ids, csr, ops.BAG_MODES[module.mode], psw, padding,
-                                  bool(module.scale_grad_by_freq), optimizer, csr_tail)
+                                  bool(module.scale_grad_by_freq), optimizer,
+                                  csr_may_end_early(input, offsets, module.include_last_offset))
 
 
 _MAX_MODE_REFUSAL = ("fuse_optimizer: an ee.EmbeddingBag in mode='max' cannot be fused (its "
