@@ -3,7 +3,7 @@
 // documented functions. Kernels are not reached from here but through torch.ops.
 #include <torch/csrc/utils/pybind.h>
 
-#include "cpu/bag.h"
+#include "cpu/isa.h"
 #include "cpu/dense_backward.h"
 #include "cpu/output_allocator.h"
 #ifdef EMBEDDING_EXT_WITH_CUDA
@@ -57,8 +57,10 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("set_cpu_output_cache_limit", &ee::cpu::set_output_cache_limit);
   mod.def("release_cpu_output_cache", &ee::cpu::release_cached_outputs);
   mod.def("_cpu_dense_backward", &ee::cpu_dense_backward);
-  mod.def("_set_bag_pooling_isa", &ee::cpu::set_bag_pooling_isa);
-  mod.def("_bag_pooling_isa", &ee::cpu::bag_pooling_isa);
+  // The instruction set of the CPU loops with several copies (csrc/cpu/isa.h): tests and
+  // benchmarks pin each in turn.
+  mod.def("_set_cpu_isa", &ee::cpu::set_cpu_isa);
+  mod.def("_cpu_isa", &ee::cpu::cpu_isa_name);
 
 #ifdef EMBEDDING_EXT_WITH_CUDA
   mod.attr("with_cuda") = true;

@@ -25,6 +25,36 @@ TOL = {
     torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
 }
 
+def cpu_isas() -> list[str]:
+    """The instruction sets of the CPU loops with several copies (bag pooling, the fused
+    update; csrc/cpu/isa.h) that this CPU runs, "portable" first."""
+    from embedding_ext import _C
+    isas = []
+    try:
+        for isa in ("portable", "avx2", "avx512"):
+            try:
+                _C._set_cpu_isa(isa)
+            except RuntimeError:
+                continue
+            isas.append(isa)
+    finally:
+        _C._set_cpu_isa("auto")
+    return isas
+
+
+def each_cpu_isa(fn) -> dict:
+    """{isa: fn()} with the CPU loops pinned to each instruction set in turn."""
+    from embedding_ext import _C
+    results = {}
+    try:
+        for isa in cpu_isas():
+            _C._set_cpu_isa(isa)
+            results[isa] = fn()
+    finally:
+        _C._set_cpu_isa("auto")
+    return results
+
+
 # Index shapes: 0-dim, empty, 1-D, odd 3-D, and a non-contiguous view.
 SHAPES = ["scalar", "empty", "empty3d", "1d", "3d", "noncontig"]
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 import embedding_ext as ee
 from embedding_ext import reference
-from conftest import DEVICES, TOL, make_weight, poison
+from conftest import DEVICES, TOL, cpu_isas, each_cpu_isa, make_weight, poison
 
 MODES = ["sum", "mean", "max"]
 
@@ -154,28 +154,13 @@ def test_bag_register_blocks(dtype, dim, mode, padding_idx):
             torch.testing.assert_close(a, b, **TOL[dtype])
 
 
-def _pooling_isas():
-    """The instruction sets of the CPU pooling loops this CPU can run."""
-    from embedding_ext import _C
-    isas = []
-    for isa in ("portable", "avx2", "avx512"):
-        try:
-            _C._set_bag_pooling_isa(isa)
-        except RuntimeError:
-            continue
-        isas.append(isa)
-    _C._set_bag_pooling_isa("auto")
-    return isas
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", MODES + ["sum+weights"])
 def test_every_pooling_instruction_set_gives_the_same_bits(dtype, mode):
     """The portable, AVX2 and AVX-512 copies of the pooling loops (whichever this CPU runs)
     give bitwise the same outputs and arg-max rows, for every register-block shape, with
     NaN, infinities and padding."""
-    from embedding_ext import _C
-    isas = _pooling_isas()
+    isas = cpu_isas()
     assert isas[0] == "portable"
     if len(isas) == 1:
         pytest.skip("this CPU runs only the portable copy")
@@ -193,15 +178,8 @@ def test_every_pooling_instruction_set_gives_the_same_bits(dtype, mode):
         ids, offsets = _bags(40, padding_idx=3)
         ids, csr = ids.to(index_dtype), torch.cat([offsets, torch.tensor([55])]).to(index_dtype)
         psw = torch.randn(ids.shape, dtype=dtype) if mode == "sum+weights" else None
-        outputs = {}
-        try:
-            for isa in isas:
-                _C._set_bag_pooling_isa(isa)
-                out, arg_max = torch.ops.embedding_ext.embedding_bag_forward(
-                    weight, ids, csr, ee.ops.BAG_MODES[m], psw, 3)  # ids 55.. in no bag
-                outputs[isa] = (out, arg_max)
-        finally:
-            _C._set_bag_pooling_isa("auto")
+        outputs = each_cpu_isa(lambda: torch.ops.embedding_ext.embedding_bag_forward(
+            weight, ids, csr, ee.ops.BAG_MODES[m], psw, 3))  # ids 55.. in no bag
         base_out, base_arg = outputs["portable"]
         for isa in isas[1:]:
             out, arg = outputs[isa]
@@ -213,19 +191,11 @@ def test_every_pooling_instruction_set_gives_the_same_bits(dtype, mode):
 def test_sparse_gradient_rows_are_copied_alike_with_streaming_stores(dim):
     """The unscaled sparse gradient copies each bag's gradient row with AVX2 streaming stores
     where rows are 32-byte multiples: the same values and rows as the plain copy."""
-    from embedding_ext import _C
-    isas = _pooling_isas()
     ids, offsets = _bags(40, padding_idx=3)
     csr = torch.cat([offsets, torch.tensor([ids.numel()])])
     grad = torch.randn(csr.numel() - 1, dim)
-    results = []
-    try:
-        for isa in isas:
-            _C._set_bag_pooling_isa(isa)
-            results.append(torch.ops.embedding_ext.embedding_bag_sparse_backward(
-                grad, ids, csr, 40, 0, None, 3, False))
-    finally:
-        _C._set_bag_pooling_isa("auto")
+    results = each_cpu_isa(lambda: torch.ops.embedding_ext.embedding_bag_sparse_backward(
+        grad, ids, csr, 40, 0, None, 3, False)).values()
     keep = ids != 3
     bag_of = torch.repeat_interleave(torch.arange(csr.numel() - 1), csr.diff())
     for rows, values in results:
@@ -236,8 +206,8 @@ def test_sparse_gradient_rows_are_copied_alike_with_streaming_stores(dim):
 def test_pooling_instruction_set_switch_refuses_bad_names():
     from embedding_ext import _C
     with pytest.raises(RuntimeError, match="'name' must be 'auto', 'portable', 'avx2' or 'avx512'"):
-        _C._set_bag_pooling_isa("sse9")
-    assert _C._bag_pooling_isa() in ("portable", "avx2", "avx512")
+        _C._set_cpu_isa("sse9")
+    assert _C._cpu_isa() in ("portable", "avx2", "avx512")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -409,7 +379,6 @@ def test_bad_ids_raise_index_error_in_every_path(dim, mode, bad, where, padding_
     """Sum/mean check ids while pooling, max and the generic loop before: the same
     IndexError naming the first bad position either way, with every instruction set this CPU
     runs; -1 is an id, not "no padding"."""
-    from embedding_ext import _C
     weight = make_weight(10, dim, torch.float32)
     ids, offsets = _bags(10, padding_idx=padding_idx)  # 60 ids, the last bag 31..60
     include_last = where == "trailing"
@@ -419,15 +388,13 @@ def test_bad_ids_raise_index_error_in_every_path(dim, mode, bad, where, padding_
     ids[where] = bad
     ids, offsets = ids.to(index_dtype), offsets.to(index_dtype)
     psw = torch.rand(60) if mode == "sum+weights" else None
-    try:
-        for isa in _pooling_isas():
-            _C._set_bag_pooling_isa(isa)
-            with pytest.raises(IndexError, match=rf"index {bad} at position {where} .* 10 rows"):
-                ee.embedding_bag(ids, weight, offsets, mode=mode.split("+")[0],
-                                 per_sample_weights=psw, include_last_offset=include_last,
-                                 padding_idx=padding_idx)
-    finally:
-        _C._set_bag_pooling_isa("auto")
+
+    def bad_call():
+        with pytest.raises(IndexError, match=rf"index {bad} at position {where} .* 10 rows"):
+            ee.embedding_bag(ids, weight, offsets, mode=mode.split("+")[0],
+                             per_sample_weights=psw, include_last_offset=include_last,
+                             padding_idx=padding_idx)
+    assert len(each_cpu_isa(bad_call)) >= 1
 
 
 @settings(max_examples=120, deadline=None)

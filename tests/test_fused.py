@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import embedding_ext as ee
+from conftest import cpu_isas, each_cpu_isa
 
 CASES = [
     (torch.optim.SGD, dict(lr=0.3)),
@@ -54,14 +55,15 @@ def _step_both(fused, opt, plain, ref, inputs: tuple, grad_out):
 @pytest.mark.parametrize("optimizer_class, kwargs", CASES, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("padding_idx, scale", [(None, False), (0, False), (2, True)])
+@pytest.mark.parametrize("dim", [6, 70])  # 70: the row-wise sum of squares' 16 lanes + a tail
 def test_matches_the_unfused_optimizer_over_steps(optimizer_class, kwargs, dtype, padding_idx,
-                                                  scale):
-    fused, plain = _pair(17, 6, dtype, padding_idx, scale)
+                                                  scale, dim):
+    fused, plain = _pair(17, dim, dtype, padding_idx, scale)
     opt = ee.fuse_optimizer(fused, optimizer_class, **kwargs)
     ref = optimizer_class(plain.parameters(), **kwargs)
     before_pad = None if padding_idx is None else fused.weight[padding_idx].detach().clone()
     for step in range(8):
-        ids, grad_out = _batch(17, 24, padding_idx, 6, dtype)
+        ids, grad_out = _batch(17, 24, padding_idx, dim, dtype)
         _step_both(fused, opt, plain, ref, (ids,), grad_out)
         torch.testing.assert_close(fused.weight, plain.weight, **TOL[dtype])
     if before_pad is not None:
@@ -306,6 +308,43 @@ def test_bad_id_changes_no_row():
                                        1e-10, 0.0, 0.0, 0.0, 1)
     assert torch.equal(emb.weight, before)
     assert not opt.state[emb.weight]["sum"].any()
+
+
+@pytest.mark.parametrize("rule", range(4), ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_every_instruction_set_gives_the_same_bits(rule, dtype):
+    """The portable, AVX2 and AVX-512 copies of the CPU update (whichever this CPU runs) give
+    bitwise the same rows and state: rows seen once (updated from their gradient row) and
+    many times, padding, scale_grad_by_freq, widths around the vector and lane sizes."""
+    isas = cpu_isas()
+    if len(isas) == 1:
+        pytest.skip("this CPU runs only the portable copy")
+    as_bits = {torch.float64: torch.int64, torch.float32: torch.int32}.get(dtype, torch.int16)
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    for dim in [1, 7, 16, 24, 70, 128, 200]:
+        for padding_idx, scale in [(-1, False), (3, True)]:
+            ids = torch.randint(0, 50, (90,))
+            ids[::4] = 9  # a hot row among rows seen once
+            ids[1::7] = 3
+            grad = torch.randn(90, dim, dtype=dtype)
+            weight = torch.randn(50, dim, dtype=dtype)
+            states = [torch.rand(50, dim, dtype=state_dtype) if rule in (1, 2) else
+                      torch.rand(50, dtype=state_dtype) if rule == 3 else None,
+                      torch.rand(50, dim, dtype=state_dtype) if rule == 2 else None]
+
+            def run():
+                w = weight.clone()
+                s = [None if t is None else t.clone() for t in states]
+                ee.ops.embedding_fused_update_(w, grad, ids, padding_idx, scale, rule, s[0], s[1],
+                                               0.1, 1e-8, 0.9, 0.999, 0.01, 3)
+                return [w] + [t for t in s if t is not None]
+            results = each_cpu_isa(run)
+            for isa in isas[1:]:
+                for ours, base in zip(results[isa], results["portable"]):
+                    bits = as_bits if ours.dtype == dtype else (
+                        torch.int64 if ours.dtype == torch.float64 else torch.int32)
+                    assert torch.equal(ours.view(bits), base.view(bits)), (isa, dim, padding_idx)
+            assert not torch.equal(results["portable"][0], weight)
 
 
 @pytest.mark.parametrize("optimizer_class, kwargs", CASES, ids=IDS)

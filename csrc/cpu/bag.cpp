@@ -14,8 +14,8 @@
 #include <utility>
 #include <vector>
 
-#include "bag.h"
 #include "common.h"
+#include "isa.h"
 #include "output_allocator.h"
 #include "row_convert.h"
 
@@ -87,37 +87,10 @@ struct PoolArgs {
   uint64_t num_rows;  // sum/mean check each id against it while pooling
 };
 
-// Instruction sets of the pooling loops, chosen at run time (PyTorch's and FBGEMM's CPU
-// kernels pick theirs at run time too; the extension is built for baseline x86-64). Every
-// copy gives the same bits: the same operations in the same order, no a*b+c contraction
-// (setup.py: -ffp-contract=off).
-constexpr int kPortable = 0, kAvx2 = 1, kAvx512 = 2;
+// The pooling loops have portable, AVX2 and AVX-512 copies (isa.h).
 // Vector width: 64 bytes with AVX-512 (32 registers: D = 128 fp32 pools in one pass over a
 // bag, not two), 32 otherwise (one AVX2 register, two SSE registers in the portable copy).
 constexpr int vector_bytes(int isa) { return isa == kAvx512 ? 64 : 32; }
-
-// The best the CPU has; tests may pin a lower one (set_bag_pooling_isa).
-int best_isa() {
-#if defined(__x86_64__)
-  static const int best = [] {
-    __builtin_cpu_init();
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
-                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                        __builtin_cpu_supports("avx512dq");
-    return avx512 ? kAvx512 : avx2 ? kAvx2 : kPortable;
-  }();
-  return best;
-#else
-  return kPortable;
-#endif
-}
-std::atomic<int> pinned_isa{-1};
-int pooling_isa() {
-  const int pinned = pinned_isa.load(std::memory_order_relaxed);
-  return pinned >= 0 ? pinned : best_isa();
-}
-const char* const kIsaNames[] = {"portable", "avx2", "avx512"};
 
 // GCC vector types of the accumulator type, so a column block's accumulators stay in
 // registers across a bag (arrays of scalars indexed in unrolled loops were left on the
@@ -518,13 +491,13 @@ __attribute__((noinline)) bool pool_register_blocks_portable(const PoolArgs<scal
 
 #if defined(__x86_64__)
 template <bool kMaxMode, typename scalar_t, typename index_t>
-__attribute__((target("avx2,f16c"), noinline)) bool pool_register_blocks_avx2(
+EMBEDDING_EXT_TARGET_AVX2 bool pool_register_blocks_avx2(
     const PoolArgs<scalar_t, index_t>& a, int64_t b0, int64_t b1) {
   return pool_register_blocks<kMaxMode, kAvx2>(a, b0, b1);
 }
 
 template <bool kMaxMode, typename scalar_t, typename index_t>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c"), noinline)) bool
+EMBEDDING_EXT_TARGET_AVX512 bool
 pool_register_blocks_avx512(const PoolArgs<scalar_t, index_t>& a, int64_t b0, int64_t b1) {
   return pool_register_blocks<kMaxMode, kAvx512>(a, b0, b1);
 }
@@ -533,7 +506,7 @@ pool_register_blocks_avx512(const PoolArgs<scalar_t, index_t>& a, int64_t b0, in
 template <bool kMaxMode, typename scalar_t, typename index_t>
 bool pool_register_blocks_any(const PoolArgs<scalar_t, index_t>& a, int64_t b0, int64_t b1) {
 #if defined(__x86_64__)
-  switch (pooling_isa()) {
+  switch (cpu_isa()) {
     case kAvx512: return pool_register_blocks_avx512<kMaxMode>(a, b0, b1);
     case kAvx2: return pool_register_blocks_avx2<kMaxMode>(a, b0, b1);
     default: break;
@@ -804,7 +777,7 @@ constexpr int64_t kStreamingMinBytes = int64_t(8) << 20;
 inline void copy_row_streaming(void* dst, const void* src, int64_t bytes, int64_t total_bytes) {
 #if defined(__x86_64__)
   if (total_bytes >= kStreamingMinBytes && bytes % 32 == 0 &&
-      reinterpret_cast<uintptr_t>(dst) % 32 == 0 && pooling_isa() >= kAvx2) {
+      reinterpret_cast<uintptr_t>(dst) % 32 == 0 && cpu_isa() >= kAvx2) {
     return stream_copy_avx2(dst, src, bytes);
   }
 #endif
@@ -949,23 +922,6 @@ at::Tensor embedding_bag_per_sample_weights_backward_cpu(
 
 }  // namespace
 
-void set_bag_pooling_isa(const std::string& name) {
-  if (name == "auto") {
-    pinned_isa = -1;
-    return;
-  }
-  for (int isa = kPortable; isa <= kAvx512; ++isa) {
-    if (name != kIsaNames[isa]) continue;
-    TORCH_CHECK(isa <= best_isa(), "set_bag_pooling_isa: this CPU has no ", name, " (best: ",
-                kIsaNames[best_isa()], ")");
-    pinned_isa = isa;
-    return;
-  }
-  TORCH_CHECK(false, "set_bag_pooling_isa: 'name' must be 'auto', 'portable', 'avx2' or "
-              "'avx512', got '", name, "'");
-}
-
-std::string bag_pooling_isa() { return kIsaNames[pooling_isa()]; }
 
 TORCH_LIBRARY_IMPL(embedding_ext, CPU, m) {
   m.impl("embedding_bag_forward", &embedding_bag_forward_cpu);

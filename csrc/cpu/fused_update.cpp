@@ -13,16 +13,34 @@
 
 #include "../optimizer_rules.h"
 #include "common.h"
+#include "isa.h"
 #include "row_convert.h"
 
 namespace embedding_ext {
 namespace cpu {
 namespace {
 
+// sum of g[d]^2 in kLanes fixed lanes, then the lanes in order: the loop vectorises (a plain
+// running sum is a serial chain of dependent adds, ~4 cycles per element) and every
+// instruction set gives the same bits.
+template <typename acc_t>
+__attribute__((always_inline)) inline acc_t sum_of_squares(const acc_t* g, int64_t dim) {
+  constexpr int64_t kLanes = 16;
+  acc_t lanes[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= dim; d += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += g[d + l] * g[d + l];
+  }
+  acc_t total = 0;
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  for (; d < dim; ++d) total += g[d] * g[d];
+  return total;
+}
+
 // One row's update by kRule (optimizer_rules.h); s1/s2 point at the row's state. The rule is
 // a template parameter so that each loop is a plain vectorisable loop.
 template <int64_t kRule, typename scalar_t, typename acc_t>
-inline void apply_rule(const RuleScalars<acc_t>& r, int64_t dim, const acc_t* g, scalar_t* w,
+__attribute__((always_inline)) inline void apply_rule(const RuleScalars<acc_t>& r, int64_t dim, const acc_t* g, scalar_t* w,
                        acc_t* s1, acc_t* s2) {
   if constexpr (kRule == kRuleSgd) {
     for (int64_t d = 0; d < dim; ++d) w[d] = static_cast<scalar_t>(sgd_element(static_cast<acc_t>(w[d]), g[d], r));
@@ -35,16 +53,94 @@ inline void apply_rule(const RuleScalars<acc_t>& r, int64_t dim, const acc_t* g,
       w[d] = static_cast<scalar_t>(sparse_adam_element(static_cast<acc_t>(w[d]), g[d], s1[d], s2[d], r));
     }
   } else {
-    acc_t square_sum = 0;
-    for (int64_t d = 0; d < dim; ++d) square_sum += g[d] * g[d];
-    const acc_t scale = rowwise_adagrad_scale(square_sum, dim, s1[0], r);
+    const acc_t scale = rowwise_adagrad_scale(sum_of_squares(g, dim), dim, s1[0], r);
     for (int64_t d = 0; d < dim; ++d) w[d] = static_cast<scalar_t>(static_cast<acc_t>(w[d]) - g[d] * scale);
   }
 }
 
 // Rows this many segments ahead are prefetched (weight row, state rows, first gradient row):
-// every access here is random, so without it each row waits for DRAM in turn.
+// every access here is random, so without it each row waits for DRAM in turn. (Whole rows,
+// other distances and L2-only hints measured no better: bench/NOTES-cpu.md 10.2, 10.3.)
 constexpr int64_t kUpdatePrefetch = 8;
+
+// One update: the positions sorted by row (sort_by_row), segment s = one distinct row.
+template <typename scalar_t, typename state_t>
+struct UpdateArgs {
+  scalar_t* weight;
+  int64_t row_stride;
+  const scalar_t* grad;
+  int64_t dim;
+  const int64_t* rows;       // sorted row of each kept position
+  const int64_t* positions;  // its position in grad
+  const int64_t* heads;      // segment s is [heads[s], heads[s + 1])
+  bool scale_grad_by_freq;
+  RuleScalars<state_t> r;
+  state_t* s1;
+  state_t* s2;
+};
+
+// Segments [s0, s1_end): each row's gradient summed in position order into acc (dim
+// elements), then the rule applied once. A row seen once at full precision is updated from
+// its gradient row directly (the same values: a sum of one term, a count of one).
+// (Always inlined: each copy below compiles it for its instruction set.)
+template <int64_t kRule, typename scalar_t, typename state_t>
+__attribute__((always_inline)) inline void update_segments(const UpdateArgs<scalar_t, state_t>& a, int64_t s0, int64_t s_end,
+                            state_t* acc) {
+  const int64_t dim = a.dim;
+  const int64_t s1_row = kRule == kRuleRowWiseAdagrad ? 1 : dim;
+  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t state_bytes = dim * static_cast<int64_t>(sizeof(state_t));
+  for (int64_t s = s0; s < s_end; ++s) {
+    if (s + kUpdatePrefetch < s_end) {
+      const int64_t ahead = a.heads[s + kUpdatePrefetch], k_ahead = a.rows[ahead];
+      prefetch_row(a.weight + k_ahead * a.row_stride, row_bytes);
+      prefetch_row(a.grad + a.positions[ahead] * dim, row_bytes);
+      // (Row-wise Adagrad's state is one element per row, but its update waits on it: the
+      // row's multiplier needs it before any element of the row is written.)
+      if (a.s1 != nullptr) prefetch_row(a.s1 + k_ahead * s1_row, kRule == kRuleRowWiseAdagrad ? 1 : state_bytes);
+      if (a.s2 != nullptr) prefetch_row(a.s2 + k_ahead * dim, state_bytes);
+    }
+    const int64_t head = a.heads[s], count = a.heads[s + 1] - head;
+    const int64_t k = a.rows[head];
+    const state_t* g = acc;
+    if constexpr (std::is_same_v<scalar_t, state_t>) {
+      if (count == 1) g = a.grad + a.positions[head] * dim;
+    }
+    if (g == acc) {
+      std::fill(acc, acc + dim, state_t(0));
+      for (int64_t j = head; j < head + count; ++j) load_row<true>(a.grad + a.positions[j] * dim, acc, dim);
+      if (a.scale_grad_by_freq) {
+        const state_t c = static_cast<state_t>(count);
+        for (int64_t d = 0; d < dim; ++d) acc[d] /= c;
+      }
+    }
+    apply_rule<kRule, scalar_t, state_t>(a.r, dim, g, a.weight + k * a.row_stride,
+                                         a.s1 ? a.s1 + k * s1_row : nullptr,
+                                         a.s2 ? a.s2 + k * dim : nullptr);
+  }
+}
+
+// The copies of update_segments per instruction set (isa.h): wider vectors keep more of a
+// row's cache lines in flight (the loop waits on random rows from DRAM), ~25% on rows of 3 KB.
+template <int64_t kRule, typename scalar_t, typename state_t>
+__attribute__((noinline)) void update_segments_portable(const UpdateArgs<scalar_t, state_t>& a,
+                                                        int64_t s0, int64_t s_end, state_t* acc) {
+  update_segments<kRule>(a, s0, s_end, acc);
+}
+
+#if defined(__x86_64__)
+template <int64_t kRule, typename scalar_t, typename state_t>
+EMBEDDING_EXT_TARGET_AVX2 void update_segments_avx2(const UpdateArgs<scalar_t, state_t>& a,
+                                                    int64_t s0, int64_t s_end, state_t* acc) {
+  update_segments<kRule>(a, s0, s_end, acc);
+}
+
+template <int64_t kRule, typename scalar_t, typename state_t>
+EMBEDDING_EXT_TARGET_AVX512 void update_segments_avx512(const UpdateArgs<scalar_t, state_t>& a,
+                                                        int64_t s0, int64_t s_end, state_t* acc) {
+  update_segments<kRule>(a, s0, s_end, acc);
+}
+#endif
 
 template <int64_t kRule, typename scalar_t, typename state_t, typename index_t>
 void fused_update(scalar_t* weight, int64_t row_stride, const scalar_t* grad, const index_t* idx,
@@ -54,32 +150,18 @@ void fused_update(scalar_t* weight, int64_t row_stride, const scalar_t* grad, co
   const SortedLookups sorted = sort_by_row(idx, n, num_rows, padding_idx);
   const std::vector<int64_t> heads = segment_heads(sorted);
   const int64_t segments = static_cast<int64_t>(heads.size()) - 1;
-  const int64_t s1_row = kRule == kRuleRowWiseAdagrad ? 1 : dim;
-  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
-  const int64_t state_bytes = dim * static_cast<int64_t>(sizeof(state_t));
-  at::parallel_for(0, segments, grain_for(row_bytes * 4), [&](int64_t g0, int64_t g1) {
+  const UpdateArgs<scalar_t, state_t> args{weight, row_stride, grad, dim, sorted.rows.data(),
+                                           sorted.positions.data(), heads.data(),
+                                           scale_grad_by_freq, r, s1, s2};
+  const int isa = cpu_isa();
+  at::parallel_for(0, segments, grain_for(dim * static_cast<int64_t>(sizeof(scalar_t)) * 4),
+                   [&](int64_t g0, int64_t g1) {
     std::vector<state_t> acc(dim);
-    for (int64_t s = g0; s < g1; ++s) {
-      if (s + kUpdatePrefetch < g1) {
-        const int64_t ahead = heads[s + kUpdatePrefetch], k_ahead = sorted.rows[ahead];
-        prefetch_row(weight + k_ahead * row_stride, row_bytes);
-        prefetch_row(grad + sorted.positions[ahead] * dim, row_bytes);
-        if (s1 != nullptr && kRule != kRuleRowWiseAdagrad) prefetch_row(s1 + k_ahead * dim, state_bytes);
-        if (s2 != nullptr) prefetch_row(s2 + k_ahead * dim, state_bytes);
-      }
-      const int64_t k = sorted.rows[heads[s]];
-      std::fill(acc.begin(), acc.end(), state_t(0));
-      for (int64_t j = heads[s]; j < heads[s + 1]; ++j) {
-        load_row<true>(grad + sorted.positions[j] * dim, acc.data(), dim);
-      }
-      if (scale_grad_by_freq) {
-        const state_t count = static_cast<state_t>(heads[s + 1] - heads[s]);
-        for (int64_t d = 0; d < dim; ++d) acc[d] /= count;
-      }
-      apply_rule<kRule, scalar_t, state_t>(r, dim, acc.data(), weight + k * row_stride,
-                                           s1 ? s1 + k * s1_row : nullptr,
-                                           s2 ? s2 + k * dim : nullptr);
-    }
+#if defined(__x86_64__)
+    if (isa == kAvx512) return update_segments_avx512<kRule>(args, g0, g1, acc.data());
+    if (isa == kAvx2) return update_segments_avx2<kRule>(args, g0, g1, acc.data());
+#endif
+    update_segments_portable<kRule>(args, g0, g1, acc.data());
   });
 }
 
