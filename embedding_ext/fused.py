@@ -290,6 +290,15 @@ def refuse_inside_ddp(weight: Tensor) -> None:
             "per-rank tables, or shard the table (RowwiseParallel) and fuse there")
 
 
+# torch.compile: the fused lookups run eagerly, a graph break on each side (the rest of the
+# model compiles). Their backward is the optimizer's step, Python bookkeeping with side
+# effects (step counts, lazy state, the once-per-step check) that AOTAutograd would
+# otherwise trace once at compile time instead of running every step.
+_NOT_COMPILED = ("a fused optimizer's lookup runs eagerly (its backward is the optimizer "
+                 "step); compile without fullgraph=True, or unfuse")
+
+
+@torch.compiler.disable(reason=_NOT_COMPILED)
 def fused_lookup(input: Tensor, weight: Tensor, optimizer: FusedOptimizer,
                  padding_idx: int | None, max_norm: float | None, norm_type: float,
                  scale_grad_by_freq: bool) -> Tensor:
@@ -341,6 +350,7 @@ class FusedBagFunction(torch.autograd.Function):
         return None, None, None, None, grad_psw, None, None, None, None
 
 
+@torch.compiler.disable(reason=_NOT_COMPILED)
 def fused_bag_lookup(module, input: Tensor, offsets: Tensor | None,
                      per_sample_weights: Tensor | None, optimizer: FusedOptimizer) -> Tensor:
     """ee.EmbeddingBag's forward with a fused optimizer (modes sum and mean): the pooled
