@@ -69,8 +69,9 @@ def _extension():
     sources += [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cpu").glob("*.cpp"))]
     openmp = torch.backends.openmp.is_available()
     macros = [("EMBEDDING_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
-    # -ffp-contract=off: kernels compiled for AVX2+FMA at run time (bag pooling) give the same
-    # bits as their baseline x86-64 copies (no a*b+c fused into one rounding).
+    # -ffp-contract=off: the AVX2 / AVX-512 copies of the bag pooling and fused update loops
+    # (csrc/cpu/isa.h) give the same bits as their baseline x86-64 copies (no a*b+c fused
+    # into one rounding, whatever the target allows).
     # -fno-math-errno: sqrt may then be a vector instruction (nothing here reads errno; the
     # results are the same correctly rounded values). Without it GCC kept the fused
     # Adagrad/SparseAdam rules scalar (sqrtss + divss per element; bench/NOTES-cpu.md 10.2).

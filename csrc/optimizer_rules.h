@@ -10,6 +10,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include <ATen/MemoryOverlap.h>
+
 #include "checks.h"
 
 namespace embedding_ext {
@@ -92,6 +94,8 @@ inline int64_t check_fused_update_args(const at::Tensor& weight, const at::Tenso
   TORCH_CHECK(grad.scalar_type() == weight.scalar_type(), op, ": 'grad_output' must have "
               "weight's dtype ", weight.scalar_type(), ", got ", grad.scalar_type());
   check_same_device(grad, "grad_output", weight, "weight", op);
+  // The kernels read gradient rows while they write weight and state rows.
+  at::assert_no_overlap(weight, grad);
   TORCH_CHECK(weight.stride(1) == 1, op, ": 'weight' rows must be contiguous (stride(1) == 1)");
   TORCH_CHECK(rule >= kRuleSgd && rule <= kRuleRowWiseAdagrad, op, ": 'rule' must be 0 (SGD), "
               "1 (Adagrad), 2 (SparseAdam) or 3 (RowWiseAdagrad), got ", rule);
@@ -102,6 +106,7 @@ inline int64_t check_fused_update_args(const at::Tensor& weight, const at::Tenso
                                at::IntArrayRef shape) {
     TORCH_CHECK(state.has_value(), op, ": rule ", rule, " needs '", name, "'");
     const at::Tensor& s = *state;
+    at::assert_no_overlap(s, grad);
     TORCH_CHECK(s.scalar_type() == state_type && s.is_contiguous() && s.sizes() == shape &&
                     s.device() == weight.device(),
                 op, ": '", name, "' must be a contiguous ", state_type, " tensor of shape ",

@@ -316,7 +316,9 @@ def test_bad_id_changes_no_row():
 def test_every_instruction_set_gives_the_same_bits(rule, dtype):
     """The portable, AVX2 and AVX-512 copies of the CPU update (whichever this CPU runs) give
     bitwise the same rows and state: rows seen once (updated from their gradient row) and
-    many times, padding, scale_grad_by_freq, widths around the vector and lane sizes."""
+    many times, padding, scale_grad_by_freq, widths around the vector and lane sizes, with
+    inf, -0 and NaN in the gradient (NaN elements compared as NaN: which NaN operand's
+    payload an add keeps is not part of the contract)."""
     isas = cpu_isas()
     if len(isas) == 1:
         pytest.skip("this CPU runs only the portable copy")
@@ -327,8 +329,12 @@ def test_every_instruction_set_gives_the_same_bits(rule, dtype):
             ids = torch.randint(0, 50, (90,))
             ids[::4] = 9  # a hot row among rows seen once
             ids[1::7] = 3
+            counts = torch.bincount(ids[ids != padding_idx], minlength=50)
+            assert (counts == 1).any() and (counts > 1).any()
             grad = torch.randn(90, dim, dtype=dtype)
+            grad[0, 0], grad[1, -1], grad[2, dim // 2] = float("inf"), -0.0, float("nan")
             weight = torch.randn(50, dim, dtype=dtype)
+            weight[ids[2], 0] = -0.0
             states = [torch.rand(50, dim, dtype=state_dtype) if rule in (1, 2) else
                       torch.rand(50, dtype=state_dtype) if rule == 3 else None,
                       torch.rand(50, dim, dtype=state_dtype) if rule == 2 else None]
@@ -344,7 +350,9 @@ def test_every_instruction_set_gives_the_same_bits(rule, dtype):
                 for ours, base in zip(results[isa], results["portable"]):
                     bits = as_bits if ours.dtype == dtype else (
                         torch.int64 if ours.dtype == torch.float64 else torch.int32)
-                    assert torch.equal(ours.view(bits), base.view(bits)), (isa, dim, padding_idx)
+                    assert torch.equal(ours.isnan(), base.isnan()), (isa, dim, padding_idx)
+                    same = ours.view(bits) == base.view(bits)
+                    assert (same | base.isnan()).all(), (isa, dim, padding_idx)
             assert not torch.equal(results["portable"][0], weight)
 
 
@@ -423,7 +431,7 @@ class _TwoTableModel(torch.nn.Module):
 @pytest.mark.parametrize("optimizer_class, kwargs", CASES, ids=IDS)
 def test_a_compiled_model_with_fused_tables_trains_as_eager(optimizer_class, kwargs, device):
     """torch.compile of a model with a fused ee.Embedding and ee.EmbeddingBag: the fused
-    lookups run eagerly (a graph break each, no warning), the rest compiles through
+    lookups run eagerly (a graph break each, the only ones), the rest compiles through
     AOTAutograd, and every step updates the tables as the same model run eagerly (with
     fullgraph=True the error names the reason)."""
     eager = _TwoTableModel().double().to(device)
@@ -491,6 +499,20 @@ def test_fused_update_arguments_refused_alike_by_kernel_and_fake(fake, rule, sta
                     *[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
         else:
             torch.ops.embedding_ext.embedding_fused_update_(*args)
+
+
+@pytest.mark.parametrize("rule", [0, 1])
+def test_fused_update_refuses_a_gradient_that_shares_memory_with_what_it_writes(rule):
+    """The kernels read gradient rows while writing weight and state rows: a gradient
+    that aliases either is refused before anything is written."""
+    weight, state = torch.randn(6, 3), torch.zeros(6, 3)
+    before = weight.clone()
+    for grad in ([weight[1:5]] if rule == 0 else [weight[1:5], state[2:6]]):
+        with pytest.raises(RuntimeError, match="refer to a single memory location"):
+            torch.ops.embedding_ext.embedding_fused_update_(
+                weight, grad, torch.tensor([1, 2, 2, 5]), -1, False, rule,
+                state if rule else None, None, 0.1, 1e-8, 0.9, 0.99, 0.0, 1)
+    assert torch.equal(weight, before) and not state.any()
 
 
 # Bags (ee.EmbeddingBag, modes sum and mean): the positions' gradient rows go to the same

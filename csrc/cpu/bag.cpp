@@ -922,7 +922,6 @@ at::Tensor embedding_bag_per_sample_weights_backward_cpu(
 
 }  // namespace
 
-
 TORCH_LIBRARY_IMPL(embedding_ext, CPU, m) {
   m.impl("embedding_bag_forward", &embedding_bag_forward_cpu);
   m.impl("embedding_bag_dense_backward", &embedding_bag_dense_backward_cpu);

@@ -79,9 +79,11 @@ struct UpdateArgs {
   state_t* s2;
 };
 
-// Segments [s0, s1_end): each row's gradient summed in position order into acc (dim
+// Segments [s0, s_end): each row's gradient summed in position order into acc (dim
 // elements), then the rule applied once. A row seen once at full precision is updated from
-// its gradient row directly (the same values: a sum of one term, a count of one).
+// its gradient row directly: the same values (a sum of one term, a count of one) but for the
+// sign of a zero (a -0 gradient element stays -0 where 0 + -0 gave +0; torch.optim's
+// update reads it as given too).
 // (Always inlined: each copy below compiles it for its instruction set.)
 template <int64_t kRule, typename scalar_t, typename state_t>
 __attribute__((always_inline)) inline void update_segments(const UpdateArgs<scalar_t, state_t>& a, int64_t s0, int64_t s_end,
@@ -97,16 +99,19 @@ __attribute__((always_inline)) inline void update_segments(const UpdateArgs<scal
       prefetch_row(a.grad + a.positions[ahead] * dim, row_bytes);
       // (Row-wise Adagrad's state is one element per row, but its update waits on it: the
       // row's multiplier needs it before any element of the row is written.)
-      if (a.s1 != nullptr) prefetch_row(a.s1 + k_ahead * s1_row, kRule == kRuleRowWiseAdagrad ? 1 : state_bytes);
+      if (a.s1 != nullptr) {
+        prefetch_row(a.s1 + k_ahead * s1_row, kRule == kRuleRowWiseAdagrad ? sizeof(state_t) : state_bytes);
+      }
       if (a.s2 != nullptr) prefetch_row(a.s2 + k_ahead * dim, state_bytes);
     }
     const int64_t head = a.heads[s], count = a.heads[s + 1] - head;
     const int64_t k = a.rows[head];
+    const bool direct = std::is_same_v<scalar_t, state_t> && count == 1;
     const state_t* g = acc;
     if constexpr (std::is_same_v<scalar_t, state_t>) {
-      if (count == 1) g = a.grad + a.positions[head] * dim;
+      if (direct) g = a.grad + a.positions[head] * dim;
     }
-    if (g == acc) {
+    if (!direct) {
       std::fill(acc, acc + dim, state_t(0));
       for (int64_t j = head; j < head + count; ++j) load_row<true>(a.grad + a.positions[j] * dim, acc, dim);
       if (a.scale_grad_by_freq) {
@@ -160,6 +165,8 @@ void fused_update(scalar_t* weight, int64_t row_stride, const scalar_t* grad, co
 #if defined(__x86_64__)
     if (isa == kAvx512) return update_segments_avx512<kRule>(args, g0, g1, acc.data());
     if (isa == kAvx2) return update_segments_avx2<kRule>(args, g0, g1, acc.data());
+#else
+    (void)isa;
 #endif
     update_segments_portable<kRule>(args, g0, g1, acc.data());
   });

@@ -42,12 +42,12 @@ void set_cpu_isa(const std::string& name) {
   }
   for (int isa = kPortable; isa <= kAvx512; ++isa) {
     if (name != kIsaNames[isa]) continue;
-    TORCH_CHECK(isa <= best_isa(), "set_cpu_isa: this CPU has no ", name, " (best: ",
+    TORCH_CHECK(isa <= best_isa(), "_set_cpu_isa: this CPU has no ", name, " (best: ",
                 kIsaNames[best_isa()], ")");
     pinned_isa = isa;
     return;
   }
-  TORCH_CHECK(false, "set_cpu_isa: 'name' must be 'auto', 'portable', 'avx2' or 'avx512', got '",
+  TORCH_CHECK(false, "_set_cpu_isa: 'name' must be 'auto', 'portable', 'avx2' or 'avx512', got '",
               name, "'");
 }
 
