@@ -30,17 +30,26 @@ def guard_rank(rank: int, out_dir: str) -> None:
     timer.start()
 
 
+_out_dir = None  # this rank's folder (each rank is its own process)
+
+
 def start_group(rank: int, world: int, out_dir: str) -> None:
     """guard_rank, then a gloo group over a file store in this attempt's own folder (a fresh
     rendezvous, no port to race for)."""
+    global _out_dir
+    _out_dir = out_dir
     guard_rank(rank, out_dir)
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank,
                             world_size=world, timeout=COLLECTIVE_TIMEOUT)
 
 
 def end_group() -> None:
-    # Without this barrier torch 2.13's gloo can abort a rank whose peer has already torn
-    # the group down ("terminate called without an active exception", seen in CI).
+    """Called once the rank's work is done and its results are written: marks it done, then
+    tears the group down. Without the barrier torch 2.13's gloo can abort a rank whose peer
+    has already torn the group down ("terminate called without an active exception", seen
+    in CI); with it, torch 2.14's did so once in a clean-clone `make test` (2026-11-27):
+    run_ranks does not take an abort after every rank is marked done for a failure."""
+    open(os.path.join(_out_dir, f"done{dist.get_rank()}"), "w").close()
     dist.barrier()
     dist.destroy_process_group()
 
@@ -51,7 +60,7 @@ def run_ranks(worker, args: tuple, out_dir, world: int, deadline_s: float = DEAD
     mp.spawn."""
     ctx = mp.start_processes(worker, args=args, nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + deadline_s
-    while not ctx.join(timeout=1):
+    while not _join(ctx, out_dir, world):
         if time.monotonic() > deadline:
             running = [(r, p) for r, p in enumerate(ctx.processes) if p.is_alive()]
             for _, p in running:
@@ -63,6 +72,20 @@ def run_ranks(worker, args: tuple, out_dir, world: int, deadline_s: float = DEAD
             return "\n".join(f"rank {r} still running after {deadline_s} s:\n" + _stacks(out_dir, r)
                              for r, _ in running)
     return None
+
+
+def _join(ctx, out_dir, world: int) -> bool:
+    """ctx.join(timeout=1), except that a rank that died after every rank marked its work
+    done (end_group) is a crash in gloo's teardown, not the test's: warned, not raised."""
+    import warnings
+    try:
+        return ctx.join(timeout=1)
+    except mp.ProcessExitedException as err:
+        if all(os.path.exists(os.path.join(out_dir, f"done{r}")) for r in range(world)):
+            warnings.warn(f"a rank died in process-group teardown, after every rank's work was "
+                          f"done: {err}")
+            return True
+        raise
 
 
 def run_with_retry(worker, args_for, tmp_path, world: int, deadline_s: float = DEADLINE_S):
