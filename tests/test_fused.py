@@ -80,6 +80,26 @@ def test_matches_the_unfused_optimizer_over_steps(optimizer_class, kwargs, dtype
 
 
 @pytest.mark.parametrize("optimizer_class, kwargs", CASES, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("scale", [False, True])
+def test_a_sparsely_touched_table_matches_the_unfused_optimizer(optimizer_class, kwargs, dtype,
+                                                                scale):
+    """Under a quarter of the table's rows touched (SGD and row-wise Adagrad then update the
+    rows seen once first, in position order, then the rest by row): as unfused, with
+    duplicates, padding and scale_grad_by_freq, over steps."""
+    fused, plain = _pair(3000, 12, dtype, 5, scale)
+    opt = ee.fuse_optimizer(fused, optimizer_class, **kwargs)
+    ref = optimizer_class(plain.parameters(), **kwargs)
+    for _ in range(4):
+        ids = torch.randint(0, 3000, (4, 30))
+        ids[0, :4] = 9  # a row seen 4 times
+        ids[1, 1::6] = 5  # padding
+        ids[2, 7] = ids[3, 20]  # a row seen twice, far apart
+        _step_both(fused, opt, plain, ref, (ids,), torch.randn(4, 30, 12, dtype=dtype))
+        torch.testing.assert_close(fused.weight, plain.weight, **TOL[dtype])
+
+
+@pytest.mark.parametrize("optimizer_class, kwargs", CASES, ids=IDS)
 def test_max_norm_renorms_as_without_fusion(optimizer_class, kwargs):
     fused, plain = _pair(11, 5, torch.float64, 1, False, max_norm=0.7)
     opt = ee.fuse_optimizer(fused, optimizer_class, **kwargs)
@@ -324,20 +344,23 @@ def test_every_instruction_set_gives_the_same_bits(rule, dtype):
         pytest.skip("this CPU runs only the portable copy")
     as_bits = {torch.float64: torch.int64, torch.float32: torch.int32}.get(dtype, torch.int16)
     state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    for dim in [1, 7, 16, 24, 70, 128, 200]:
+    # 50 rows: most touched (walked by row); 1000: under a quarter touched (SGD and row-wise
+    # Adagrad then update the rows seen once first, in position order).
+    for dim, num_rows in [(1, 50), (7, 1000), (16, 50), (24, 1000), (70, 50), (128, 1000),
+                          (200, 50)]:
         for padding_idx, scale in [(-1, False), (3, True)]:
-            ids = torch.randint(0, 50, (90,))
+            ids = torch.randint(0, num_rows, (90,))
             ids[::4] = 9  # a hot row among rows seen once
             ids[1::7] = 3
-            counts = torch.bincount(ids[ids != padding_idx], minlength=50)
+            counts = torch.bincount(ids[ids != padding_idx], minlength=num_rows)
             assert (counts == 1).any() and (counts > 1).any()
             grad = torch.randn(90, dim, dtype=dtype)
             grad[0, 0], grad[1, -1], grad[2, dim // 2] = float("inf"), -0.0, float("nan")
-            weight = torch.randn(50, dim, dtype=dtype)
+            weight = torch.randn(num_rows, dim, dtype=dtype)
             weight[ids[2], 0] = -0.0
-            states = [torch.rand(50, dim, dtype=state_dtype) if rule in (1, 2) else
-                      torch.rand(50, dtype=state_dtype) if rule == 3 else None,
-                      torch.rand(50, dim, dtype=state_dtype) if rule == 2 else None]
+            states = [torch.rand(num_rows, dim, dtype=state_dtype) if rule in (1, 2) else
+                      torch.rand(num_rows, dtype=state_dtype) if rule == 3 else None,
+                      torch.rand(num_rows, dim, dtype=state_dtype) if rule == 2 else None]
 
             def run():
                 w = weight.clone()
