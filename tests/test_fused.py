@@ -97,6 +97,38 @@ def test_a_sparsely_touched_table_matches_the_unfused_optimizer(optimizer_class,
         ids[2, 7] = ids[3, 20]  # a row seen twice, far apart
         _step_both(fused, opt, plain, ref, (ids,), torch.randn(4, 30, 12, dtype=dtype))
         torch.testing.assert_close(fused.weight, plain.weight, **TOL[dtype])
+    ours, theirs = opt.state_dict()["state"], ref.state_dict()["state"]
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        for name in ours[k]:
+            torch.testing.assert_close(torch.as_tensor(ours[k][name]).double(),
+                                       torch.as_tensor(theirs[k][name]).double(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("rule", [0, 3], ids=["SGD", "RowWiseAdagrad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_rows_seen_once_in_position_order_give_the_bits_of_the_walk_by_row(rule, dtype):
+    """The same rows, state and gradient on a sparsely touched table (rows seen once go
+    first, in position order) and on a table of just the touched rows (walked by row): the
+    touched rows and their state come out bit for bit the same."""
+    ids = torch.randint(0, 4000, (200,))
+    ids[:5] = 17
+    ids[9::11] = 33
+    used, compact_ids = torch.unique(ids, return_inverse=True)  # order-preserving map
+    dim = 40
+    sparse_w = torch.randn(4000, dim, dtype=dtype)
+    compact_w = sparse_w[used].clone()
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    sparse_s = torch.rand(4000, dtype=state_dtype) if rule == 3 else None
+    compact_s = sparse_s[used].clone() if rule == 3 else None
+    grad = torch.randn(200, dim, dtype=dtype)
+    for w, s, i in ((sparse_w, sparse_s, ids), (compact_w, compact_s, compact_ids)):
+        ee.ops.embedding_fused_update_(w, grad, i, -1, False, rule, s, None, 0.1, 1e-8, 0.9,
+                                       0.999, 0.0, 1)
+    bits = {torch.float64: torch.int64, torch.float32: torch.int32}.get(dtype, torch.int16)
+    assert torch.equal(sparse_w[used].view(bits), compact_w.view(bits))
+    if rule == 3:
+        assert torch.equal(sparse_s[used], compact_s)
 
 
 @pytest.mark.parametrize("optimizer_class, kwargs", CASES, ids=IDS)

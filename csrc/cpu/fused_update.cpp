@@ -153,6 +153,9 @@ EMBEDDING_EXT_TARGET_AVX512 void update_segments_avx512(const UpdateArgs<scalar_
 inline void singles_first_in_position_order(SortedLookups& sorted, std::vector<int64_t>& heads,
                                             int64_t n) {
   const int64_t segments = static_cast<int64_t>(heads.size()) - 1;
+  int64_t singles = 0;
+  for (int64_t s = 0; s < segments; ++s) singles += heads[s + 1] - heads[s] == 1;
+  if (singles == 0) return;
   std::vector<int64_t> single_row(n, -1);  // by position: its row if the row is seen once
   for (int64_t s = 0; s < segments; ++s) {
     if (heads[s + 1] - heads[s] == 1) single_row[sorted.positions[heads[s]]] = sorted.rows[heads[s]];
