@@ -40,8 +40,9 @@ __attribute__((always_inline)) inline acc_t sum_of_squares(const acc_t* g, int64
 // One row's update by kRule (optimizer_rules.h); s1/s2 point at the row's state. The rule is
 // a template parameter so that each loop is a plain vectorisable loop.
 template <int64_t kRule, typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline void apply_rule(const RuleScalars<acc_t>& r, int64_t dim, const acc_t* g, scalar_t* w,
-                       acc_t* s1, acc_t* s2) {
+__attribute__((always_inline)) inline void apply_rule(const RuleScalars<acc_t>& r, int64_t dim,
+                                                      const acc_t* g, scalar_t* w, acc_t* s1,
+                                                      acc_t* s2) {
   if constexpr (kRule == kRuleSgd) {
     for (int64_t d = 0; d < dim; ++d) w[d] = static_cast<scalar_t>(sgd_element(static_cast<acc_t>(w[d]), g[d], r));
   } else if constexpr (kRule == kRuleAdagrad) {
@@ -86,8 +87,8 @@ struct UpdateArgs {
 // update reads it as given too).
 // (Always inlined: each copy below compiles it for its instruction set.)
 template <int64_t kRule, typename scalar_t, typename state_t>
-__attribute__((always_inline)) inline void update_segments(const UpdateArgs<scalar_t, state_t>& a, int64_t s0, int64_t s_end,
-                            state_t* acc) {
+__attribute__((always_inline)) inline void update_segments(
+    const UpdateArgs<scalar_t, state_t>& a, int64_t s0, int64_t s_end, state_t* acc) {
   const int64_t dim = a.dim;
   const int64_t s1_row = kRule == kRuleRowWiseAdagrad ? 1 : dim;
   const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
@@ -100,7 +101,8 @@ __attribute__((always_inline)) inline void update_segments(const UpdateArgs<scal
       // (Row-wise Adagrad's state is one element per row, but its update waits on it: the
       // row's multiplier needs it before any element of the row is written.)
       if (a.s1 != nullptr) {
-        prefetch_row(a.s1 + k_ahead * s1_row, kRule == kRuleRowWiseAdagrad ? sizeof(state_t) : state_bytes);
+        prefetch_row(a.s1 + k_ahead * s1_row,
+                     kRule == kRuleRowWiseAdagrad ? sizeof(state_t) : state_bytes);
       }
       if (a.s2 != nullptr) prefetch_row(a.s2 + k_ahead * dim, state_bytes);
     }
@@ -113,7 +115,9 @@ __attribute__((always_inline)) inline void update_segments(const UpdateArgs<scal
     }
     if (!direct) {
       std::fill(acc, acc + dim, state_t(0));
-      for (int64_t j = head; j < head + count; ++j) load_row<true>(a.grad + a.positions[j] * dim, acc, dim);
+      for (int64_t j = head; j < head + count; ++j) {
+        load_row<true>(a.grad + a.positions[j] * dim, acc, dim);
+      }
       if (a.scale_grad_by_freq) {
         const state_t c = static_cast<state_t>(count);
         for (int64_t d = 0; d < dim; ++d) acc[d] /= c;
@@ -158,7 +162,9 @@ inline void singles_first_in_position_order(SortedLookups& sorted, std::vector<i
   if (singles == 0) return;
   std::vector<int64_t> single_row(n, -1);  // by position: its row if the row is seen once
   for (int64_t s = 0; s < segments; ++s) {
-    if (heads[s + 1] - heads[s] == 1) single_row[sorted.positions[heads[s]]] = sorted.rows[heads[s]];
+    if (heads[s + 1] - heads[s] == 1) {
+      single_row[sorted.positions[heads[s]]] = sorted.rows[heads[s]];
+    }
   }
   const int64_t m = static_cast<int64_t>(sorted.rows.size());
   std::vector<int64_t> rows(m), positions(m), new_heads;
@@ -191,16 +197,14 @@ void fused_update(scalar_t* weight, int64_t row_stride, const scalar_t* grad, co
                   state_t* s2) {
   SortedLookups sorted = sort_by_row(idx, n, num_rows, padding_idx);
   std::vector<int64_t> heads = segment_heads(sorted);
+  const int64_t segments = static_cast<int64_t>(heads.size()) - 1;  // reordering keeps it
   // Where the touched rows are sparse in the table (under a quarter of its rows), walking
   // them by row has no locality to keep, and rows seen once go first in position order, so
   // that their gradient rows are read in order. For the rules whose state is at most one
   // element per row; Adagrad and SparseAdam (a state row each) measured no clear gain, and
   // a dense walk (50k x 768, 73% of rows touched) lost 15% (bench/NOTES-cpu.md 10.4).
   constexpr bool kRowStateOnly = kRule == kRuleSgd || kRule == kRuleRowWiseAdagrad;
-  if (kRowStateOnly && static_cast<int64_t>(heads.size() - 1) * 4 < num_rows) {
-    singles_first_in_position_order(sorted, heads, n);
-  }
-  const int64_t segments = static_cast<int64_t>(heads.size()) - 1;
+  if (kRowStateOnly && segments * 4 < num_rows) singles_first_in_position_order(sorted, heads, n);
   const UpdateArgs<scalar_t, state_t> args{weight, row_stride, grad, dim, sorted.rows.data(),
                                            sorted.positions.data(), heads.data(),
                                            scale_grad_by_freq, r, s1, s2};
