@@ -1,28 +1,15 @@
-"""``embedding()``: the same signature and semantics as ``torch.nn.functional.embedding``."""
+"""``embedding()`` and ``embedding_bag()``: the signatures and semantics of
+``torch.nn.functional.embedding`` / ``embedding_bag``. Arguments are checked here; DTensor
+tables go to distributed.py, plain ones to lookup.py."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import distributed, ops
-from .autograd import EmbeddingBagFunction, _EmbeddingBagEagerFunction
-from ._torch_private import direct_call
-
-# The lookup op; its autograd, forward-mode AD and torch.func support are in C++
-# (csrc/autograd.cpp). Called through its direct C++ entry: per-call cost matters for small
-# lookups (bench/NOTES-cpu.md); torch.compile traces it as the op.
-_embedding_direct = direct_call(torch.ops.embedding_ext.embedding.default)
-
-
-def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int:
-    """PyTorch's rule: ``-num_embeddings <= padding_idx < num_embeddings``, negatives wrap;
-    ``None`` becomes -1 ("no padding") for the kernels."""
-    if padding_idx is None:
-        return -1
-    if padding_idx >= num_embeddings or padding_idx < -num_embeddings:
-        raise AssertionError("Padding_idx must be within num_embeddings")
-    return padding_idx + num_embeddings if padding_idx < 0 else padding_idx
+from . import distributed, distributed_bag
+from .lookup import (_bag_layout, _embedding_direct, bag_arguments,  # noqa: F401 (tests)
+                     csr_may_end_early, embedding_bag_local, embedding_local,
+                     normalize_padding_idx)
 
 
 def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None,
@@ -48,88 +35,8 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None,
     if distributed.is_dtensor(weight, input):
         return distributed.embedding(input, weight, padding, max_norm, norm_type,
                                      scale_grad_by_freq, sparse)
-    if max_norm is not None:
-        input = renorm_rows(weight, input, max_norm, norm_type)
-    return _embedding_direct(weight, input, padding, bool(scale_grad_by_freq), bool(sparse))
-
-
-def renorm_rows(weight: Tensor, ids: Tensor, max_norm: float, norm_type: float) -> Tensor:
-    """max_norm: the rows ``ids`` references renormed in place, before the lookup; returns
-    the ids made contiguous (the renorm reads them once more: contiguous once for both)."""
-    ids = ids.contiguous()
-    with torch.no_grad():
-        ops.embedding_renorm_(weight, ids, max_norm, norm_type)
-    # As in PyTorch, the in-place renorm is visible to autograd's saved-tensor checks.
-    torch.autograd.graph.increment_version(weight)
-    return ids
-
-
-def _bag_layout(input: Tensor, offsets: Tensor | None, per_sample_weights: Tensor | None,
-                include_last_offset: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(1-D ids, CSR offsets with bags + 1 entries, 1-D per_sample_weights) from either
-    form F.embedding_bag takes; ids and offsets in one dtype (int64 if either is)."""
-    if input.dim() == 2:
-        if offsets is not None:
-            raise ValueError("embedding_bag: 'offsets' must be None for a 2-D input (each row "
-                             f"is a bag), got a tensor of shape {tuple(offsets.shape)}")
-        bags, length = input.shape
-        csr = torch.arange(bags + 1, device=input.device, dtype=input.dtype) * length
-        flat = input.reshape(-1)
-        psw = None if per_sample_weights is None else per_sample_weights.reshape(-1)
-        return flat, csr, psw
-    if input.dim() != 1:
-        raise ValueError(f"embedding_bag: 'input' must be 1-D (with offsets) or 2-D, got a "
-                         f"{input.dim()}-D tensor of shape {tuple(input.shape)}")
-    if offsets is None:
-        raise ValueError("embedding_bag: 'offsets' is required for a 1-D input")
-    if offsets.dim() != 1:
-        raise ValueError(f"embedding_bag: 'offsets' must be 1-D, got shape {tuple(offsets.shape)}")
-    if offsets.dtype != input.dtype and {offsets.dtype, input.dtype} <= {torch.int32, torch.int64}:
-        input, offsets = input.long(), offsets.long()
-    if not include_last_offset:
-        # Empty offsets: no bags (PyTorch: a (0, D) output), so CSR [0] and every id is in none.
-        end = input.shape[0] if offsets.numel() else 0
-        offsets = torch.cat([offsets, offsets.new_full((1,), end)])
-    return input, offsets, per_sample_weights
-
-
-def csr_may_end_early(input: Tensor, offsets: Tensor | None, include_last_offset: bool) -> bool:
-    """Whether _bag_layout's CSR can end before the last id (ids in no bag): with
-    include_last_offset, or with no offsets at all (CSR [0])."""
-    return input.dim() == 1 and (include_last_offset or offsets.numel() == 0)
-
-
-def bag_arguments(input: Tensor, weight: Tensor, offsets: Tensor | None,
-                  scale_grad_by_freq: bool, mode: str, sparse: bool,
-                  per_sample_weights: Tensor | None, include_last_offset: bool,
-                  padding_idx: int | None) -> tuple[Tensor, Tensor, Tensor | None, int]:
-    """embedding_bag's arguments checked (errors as F.embedding_bag's), in the kernels' form:
-    (1-D ids, CSR offsets, 1-D per_sample_weights or None, padding_idx or -1)."""
-    if mode not in ops.BAG_MODES:
-        raise ValueError(f"embedding_bag: 'mode' must be 'sum', 'mean' or 'max', got {mode!r}")
-    if mode == "max" and scale_grad_by_freq:
-        raise ValueError("embedding_bag: max mode does not support scaling the gradient by the "
-                         "frequency (scale_grad_by_freq=True), as in PyTorch")
-    if per_sample_weights is not None and mode != "sum":
-        raise NotImplementedError(
-            f"embedding_bag: 'per_sample_weights' is only supported in mode='sum', got "
-            f"mode={mode!r}")
-    if per_sample_weights is not None and per_sample_weights.shape != input.shape:
-        raise ValueError(f"embedding_bag: 'per_sample_weights' must have the shape of 'input' "
-                         f"{tuple(input.shape)}, got {tuple(per_sample_weights.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(f"embedding_bag: 'weight' must be 2-D, got a {weight.dim()}-D tensor "
-                         f"of shape {tuple(weight.shape)}")
-    if sparse and mode == "max":
-        raise ValueError("embedding_bag: max mode does not support sparse weights, as in PyTorch")
-    try:
-        padding = normalize_padding_idx(padding_idx, weight.shape[0])
-    except AssertionError:
-        raise RuntimeError(f"embedding_bag: 'padding_idx' must be within the number of "
-                           f"embeddings, {-weight.shape[0]} through {weight.shape[0] - 1}, but got "
-                           f"{padding_idx}") from None
-    ids, csr, psw = _bag_layout(input, offsets, per_sample_weights, include_last_offset)
-    return ids, csr, psw, padding
+    return embedding_local(input, weight, padding, max_norm, norm_type, scale_grad_by_freq,
+                           sparse)
 
 
 def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None,
@@ -157,13 +64,8 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None,
                                            sparse, per_sample_weights, include_last_offset,
                                            padding_idx)
     if distributed.is_dtensor(weight, ids, csr, psw):
-        return distributed.embedding_bag(ids, csr, weight, padding, max_norm, norm_type,
+        return distributed_bag.embedding_bag(ids, csr, weight, padding, max_norm, norm_type,
                                          scale_grad_by_freq, mode, sparse, psw)
-    if max_norm is not None:
-        ids = renorm_rows(weight, ids, max_norm, norm_type)
-    function = (EmbeddingBagFunction if torch._C._are_functorch_transforms_active()
-                else _EmbeddingBagEagerFunction)
-    output, _ = function.apply(weight, ids, csr, ops.BAG_MODES[mode], psw, padding,
-                               bool(scale_grad_by_freq), bool(sparse),
+    return embedding_bag_local(ids, csr, weight, padding, max_norm, norm_type,
+                               scale_grad_by_freq, mode, sparse, psw,
                                csr_may_end_early(input, offsets, include_last_offset))
-    return output

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import distributed, ops
 from .autograd import bag_sparse_gradient
+from .lookup import bag_arguments, csr_may_end_early, normalize_padding_idx, renorm_rows
 from .optim import RowWiseAdagrad
 
 _SGD, _ADAGRAD, _SPARSE_ADAM, _ROWWISE_ADAGRAD = 0, 1, 2, 3
@@ -73,6 +74,27 @@ def row_state_like(weight: Tensor, value: float, dtype: torch.dtype) -> Tensor:
     return torch.full(weight.shape[:1], value, dtype=dtype, device=weight.device)
 
 
+class Fusable:
+    """The base of the modules an optimizer can be fused into (ee.Embedding,
+    ee.EmbeddingBag) and what ee.fuse_optimizer needs of them: the weak reference to the
+    optimizer fused into its backward (None on the class: torch.compile sees a constant for
+    every unfused module), dropped from copies and pickles (which are not fused)."""
+
+    _ee_fused_ref = None
+
+    def _fused_optimizer(self):
+        if (self._ee_fused_ref is not None and torch.is_grad_enabled()
+                and self.weight.requires_grad):
+            return fused_optimizer_of(self)
+        return None
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles are not fused (and a weak reference cannot be pickled).
+        state = self.__dict__.copy()
+        state.pop("_ee_fused_ref", None)
+        return state
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """The optimizer of one ``ee.Embedding``'s weight, applied inside its backward.
 
@@ -95,11 +117,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, module: torch.nn.Module, optimizer_class: type, **kwargs: object):
-        from .module import Embedding, EmbeddingBag  # the module imports nothing from here
-        if not isinstance(module, (Embedding, EmbeddingBag)):
+        if not isinstance(module, Fusable):
             raise TypeError(f"fuse_optimizer: 'module' must be an ee.Embedding or "
                             f"ee.EmbeddingBag, got {type(module).__name__}")
-        if isinstance(module, EmbeddingBag) and module.mode == "max":
+        if isinstance(module, torch.nn.EmbeddingBag) and module.mode == "max":
             raise NotImplementedError(_MAX_MODE_REFUSAL)
         if optimizer_class not in _RULES:
             names = ", ".join(f"{c.__module__}.{c.__name__}" for c in _RULES)
@@ -304,7 +325,6 @@ def fused_lookup(input: Tensor, weight: Tensor, optimizer: FusedOptimizer,
                  scale_grad_by_freq: bool) -> Tensor:
     """ee.Embedding's forward with a fused optimizer: the lookup (after the max_norm renorm,
     as without fusion) whose backward is the optimizer's update."""
-    from .functional import normalize_padding_idx, renorm_rows
     refuse_inside_ddp(weight)
     padding = normalize_padding_idx(padding_idx, weight.shape[0])
     if distributed.is_dtensor(weight, input):
@@ -355,7 +375,6 @@ def fused_bag_lookup(module, input: Tensor, offsets: Tensor | None,
                      per_sample_weights: Tensor | None, optimizer: FusedOptimizer) -> Tensor:
     """ee.EmbeddingBag's forward with a fused optimizer (modes sum and mean): the pooled
     lookup (after the max_norm renorm, as without fusion) whose backward is the update."""
-    from .functional import bag_arguments, csr_may_end_early, renorm_rows
     weight = module.weight
     if module.mode == "max":
         raise NotImplementedError(_MAX_MODE_REFUSAL)

@@ -12,27 +12,7 @@ from .functional import embedding, embedding_bag
 from . import fused
 
 
-class _Fusable:
-    """What ee.fuse_optimizer needs of a module: the weak reference to the optimizer fused
-    into its backward (None on the class: torch.compile sees a constant for every unfused
-    module), dropped from copies and pickles (which are not fused)."""
-
-    _ee_fused_ref = None
-
-    def _fused_optimizer(self):
-        if (self._ee_fused_ref is not None and torch.is_grad_enabled()
-                and self.weight.requires_grad):
-            return fused.fused_optimizer_of(self)
-        return None
-
-    def __getstate__(self) -> dict:
-        # Copies and pickles are not fused (and a weak reference cannot be pickled).
-        state = self.__dict__.copy()
-        state.pop("_ee_fused_ref", None)
-        return state
-
-
-class Embedding(_Fusable, torch.nn.Embedding):
+class Embedding(fused.Fusable, torch.nn.Embedding):
     """Equivalent to :class:`torch.nn.Embedding`; see :func:`embedding_ext.embedding`."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
@@ -57,7 +37,7 @@ class Embedding(_Fusable, torch.nn.Embedding):
                          self.scale_grad_by_freq, self.sparse)
 
 
-class EmbeddingBag(_Fusable, torch.nn.EmbeddingBag):
+class EmbeddingBag(fused.Fusable, torch.nn.EmbeddingBag):
     """Equivalent to :class:`torch.nn.EmbeddingBag` on the CPU and CUDA; see
     :func:`embedding_ext.embedding_bag`. Construction, ``from_pretrained`` and
     ``state_dict`` are inherited unchanged."""
