@@ -5,7 +5,8 @@ Build with --no-build-isolation, against the torch that will import the binary (
 "Install"); the package then requires exactly that torch.
 
 Environment switches (all optional):
-  EMBEDDING_EXT_FORCE_CPU=1      build the C++ kernels only, even where CUDA could be built
+  EMBEDDING_EXT_FORCE_CPU=1      build the C++ kernels only (embedding_ext._C), even where
+                                 CUDA could be built (embedding_ext._C_cuda)
   TORCH_CUDA_ARCH_LIST="9.0"     the CUDA architectures; default "8.0;9.0+PTX" with no GPU
                                  visible (A100, H100/H200, PTX for newer cards)
   CUDA_HOME=/path                the CUDA toolkit; default: the one holding `nvcc` on PATH,
@@ -63,8 +64,12 @@ def _want_cuda():
         Path(_cuda_home) / "bin" / "nvcc").exists()
 
 
-def _extension():
-    with_cuda = _want_cuda()
+def _extensions():
+    """embedding_ext._C (the schemas, the CPU kernels, autograd, build facts) always; and
+    embedding_ext._C_cuda (the CUDA kernels and their runtime controls) where CUDA can be
+    built. Two binaries so that a CPU-only build (EMBEDDING_EXT_FORCE_CPU=1, the benchmark's
+    main job on a machine without a GPU) compiles _C with the same commands as a full build:
+    a later full build then compiles only the CUDA files."""
     sources = [str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.cpp"))]
     sources += [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cpu").glob("*.cpp"))]
     openmp = torch.backends.openmp.is_available()
@@ -77,18 +82,20 @@ def _extension():
     # Adagrad/SparseAdam rules scalar (sqrtss + divss per element; bench/NOTES-cpu.md 10.2).
     cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno"] + (["-fopenmp"] if openmp else [])
     link = (["-fopenmp"] if openmp else []) + _SHARED_LIBSTDCXX
-    if not with_cuda:
-        return CppExtension("embedding_ext._C", sources, define_macros=macros,
-                            extra_compile_args={"cxx": cxx}, extra_link_args=link)
+    extensions = [CppExtension("embedding_ext._C", sources, define_macros=macros,
+                               extra_compile_args={"cxx": cxx}, extra_link_args=link)]
+    if not _want_cuda():
+        return extensions
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "detected")
-    sources += [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cuda").glob("*.cu"))]
-    macros += [("EMBEDDING_EXT_WITH_CUDA", None),
-               ("EMBEDDING_EXT_CUDA_ARCH_LIST", f'"{arch_list}"')]
-    nvcc = ["-O3", "-lineinfo"]
-    return CUDAExtension("embedding_ext._C", sources, define_macros=macros,
-                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
+    cuda_sources = [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cuda").glob("*.cu"))]
+    cuda_sources += [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cuda").glob("*.cpp"))]
+    cuda_macros = macros + [("EMBEDDING_EXT_CUDA_ARCH_LIST", f'"{arch_list}"')]
+    extensions.append(CUDAExtension(
+        "embedding_ext._C_cuda", cuda_sources, define_macros=cuda_macros,
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]}, extra_link_args=link))
+    return extensions
 
 
 class BuildChecked(BuildExtension):
@@ -102,6 +109,14 @@ class BuildChecked(BuildExtension):
         # Always compile: without ninja, setuptools' up-to-date check could package a binary
         # that an earlier build made against another torch.
         self.force = True
+
+    def run(self):
+        super().run()
+        if self.inplace and not _want_cuda():
+            # A CUDA binary left by an earlier full build would be loaded next to this _C
+            # although it was not rebuilt with it.
+            for stale in (ROOT / "embedding_ext").glob("_C_cuda.*.so"):
+                stale.unlink()
 
     def build_extension(self, ext):
         super().build_extension(ext)
@@ -158,7 +173,7 @@ def _torch_requirement():
 
 
 setup(
-    ext_modules=[_extension()],
+    ext_modules=_extensions(),
     install_requires=_torch_requirement(),
     cmdclass={"build_ext": BuildChecked},
 )

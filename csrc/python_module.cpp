@@ -1,30 +1,19 @@
-// The Python module embedding_ext._C: how this binary was built, and the runtime controls
-// (CPU output cache, CUDA bad-index checks) that embedding_ext/__init__.py exposes as
-// documented functions. Kernels are not reached from here but through torch.ops.
+// The Python module embedding_ext._C: how this binary was built, and the CPU runtime controls
+// (output cache, instruction set) that embedding_ext/__init__.py exposes as documented
+// functions. Kernels are not reached from here but through torch.ops. The CUDA controls are
+// in embedding_ext._C_cuda (csrc/cuda/python_module.cpp).
 #include <torch/csrc/utils/pybind.h>
 
 #include "cpu/isa.h"
 #include "cpu/dense_backward.h"
 #include "cpu/output_allocator.h"
-#ifdef EMBEDDING_EXT_WITH_CUDA
-#include "cuda/index_errors.h"
-#endif
 
 #ifndef EMBEDDING_EXT_TORCH_VERSION
 #define EMBEDDING_EXT_TORCH_VERSION "unknown"
 #endif
-#ifndef EMBEDDING_EXT_CUDA_ARCH_LIST
-#define EMBEDDING_EXT_CUDA_ARCH_LIST ""
-#endif
 
 namespace embedding_ext {
 namespace {
-
-#ifdef EMBEDDING_EXT_WITH_CUDA
-// Waits for every device with a record and returns a recorded bad index's message, consuming
-// it ("" if none): Python raises the IndexError, so no C++ exception crosses this binding.
-std::string take_cuda_index_error() { return cuda::take_pending_index_error(/*synchronize=*/true); }
-#endif
 
 // Tests only: one named implementation of the CPU dense backward, so that a test comparing
 // the two knows which one ran (the op itself picks by dtype).
@@ -46,7 +35,6 @@ PYBIND11_MODULE(_C, mod) {
   namespace ee = embedding_ext;
   mod.doc() = "embedding_ext: build facts and runtime controls (kernels: torch.ops.embedding_ext)";
   mod.attr("torch_version") = EMBEDDING_EXT_TORCH_VERSION;
-  mod.attr("cuda_arch_list") = EMBEDDING_EXT_CUDA_ARCH_LIST;
 #ifdef _OPENMP
   mod.attr("with_openmp") = true;
 #else
@@ -61,13 +49,4 @@ PYBIND11_MODULE(_C, mod) {
   // benchmarks pin each in turn.
   mod.def("_set_cpu_isa", &ee::cpu::set_cpu_isa);
   mod.def("_cpu_isa", &ee::cpu::cpu_isa_name);
-
-#ifdef EMBEDDING_EXT_WITH_CUDA
-  mod.attr("with_cuda") = true;
-  mod.def("take_cuda_index_error", &ee::take_cuda_index_error);
-  mod.def("set_synchronous_index_checks", &ee::cuda::set_synchronous_index_checks);
-  mod.def("synchronous_index_checks", &ee::cuda::synchronous_index_checks);
-#else
-  mod.attr("with_cuda") = false;
-#endif
 }

@@ -5,6 +5,7 @@ our own C++ and CUDA kernels (registered as ``torch.ops.embedding_ext.*``).
     emb = ee.Embedding(50257, 768, padding_idx=0)   # same constructor as nn.Embedding
     out = ee.embedding(ids, weight)                  # same signature as F.embedding
 """
+import importlib
 import os
 
 import torch
@@ -20,12 +21,20 @@ except ImportError as exc:  # pragma: no cover - only without a build
         "in the repository, against the torch you import (README: Install)."
     ) from exc
 
-if _C.torch_version != torch.__version__:
-    raise ImportError(
-        f"embedding_ext: the compiled kernels were built against torch {_C.torch_version}, "
-        f"but torch {torch.__version__} is imported. Rebuild with "
-        "`pip install --no-build-isolation -e .` against this torch."
-    )
+try:
+    _C_cuda = importlib.import_module("._C_cuda", __name__)  # registers the CUDA kernels
+except ModuleNotFoundError as exc:
+    if exc.name != f"{__name__}._C_cuda":
+        raise
+    _C_cuda = None  # a build without the CUDA kernels
+
+for _binary in filter(None, (_C, _C_cuda)):
+    if _binary.torch_version != torch.__version__:
+        raise ImportError(
+            f"embedding_ext: the compiled kernels ({_binary.__name__}) were built against "
+            f"torch {_binary.torch_version}, but torch {torch.__version__} is imported. "
+            "Rebuild with `pip install --no-build-isolation -e .` against this torch."
+        )
 
 from . import ops  # noqa: E402  (registers fake kernels)
 from . import optim  # noqa: E402
@@ -40,21 +49,21 @@ def build_info() -> dict[str, object]:
     """How the loaded binary was built: backends, CUDA arch list, torch version."""
     return {
         "torch_version": _C.torch_version,
-        "backends": ["cpu"] + (["cuda"] if _C.with_cuda else []),
-        "cuda_arch_list": _C.cuda_arch_list or None,
+        "backends": ["cpu"] + (["cuda"] if _C_cuda else []),
+        "cuda_arch_list": _C_cuda.cuda_arch_list if _C_cuda else None,
         "openmp": _C.with_openmp,
     }
 
 
 # ---------------------------------------------------------------------------------------
-# Runtime controls (csrc/python_module.cpp). Each environment variable below only sets the
+# Runtime controls (csrc/python_module.cpp, csrc/cuda/python_module.cpp). Each environment variable below only sets the
 # initial value of a control that these functions change at any time.
 
 def check_cuda_index_errors() -> None:
     """Wait for the GPU and raise ``IndexError`` if any embedding_ext CUDA kernel met an
     out-of-range index since the last check (see README: "Bad indices on CUDA")."""
-    if _C.with_cuda and torch.cuda.is_available():
-        message = _C.take_cuda_index_error()
+    if _C_cuda and torch.cuda.is_available():
+        message = _C_cuda.take_cuda_index_error()
         if message:
             raise IndexError(message)
 
@@ -67,15 +76,15 @@ def set_synchronous_index_checks(enabled: bool) -> None:
     the call that met a bad index (costs a host synchronisation per call). Initially off, or
     on with ``EMBEDDING_EXT_SYNC_INDEX_CHECKS=1``. The CPU always raises from the call."""
     global _sync_checks_without_cuda
-    if _C.with_cuda:
-        _C.set_synchronous_index_checks(bool(enabled))
+    if _C_cuda:
+        _C_cuda.set_synchronous_index_checks(bool(enabled))
     else:
         _sync_checks_without_cuda = bool(enabled)
 
 
 def synchronous_index_checks() -> bool:
     """Whether synchronous CUDA index checks are on (see :func:`set_synchronous_index_checks`)."""
-    return _C.synchronous_index_checks() if _C.with_cuda else _sync_checks_without_cuda
+    return _C_cuda.synchronous_index_checks() if _C_cuda else _sync_checks_without_cuda
 
 
 def set_cpu_output_cache_limit(megabytes: float) -> None:
