@@ -1,9 +1,15 @@
 # Two commands do everything on a fresh machine (each installs what it needs, safe to rerun):
-#   make bench   the main job: verify against PyTorch, then benchmark (presets quick and bag;
-#                the bag preset adds FBGEMM's CPU kernels as a third column; then the fused
-#                optimizer step and the tensor-parallel step)
-#   make test    the test suite
+#   make bench   the main job: verify against PyTorch, then time one or two cases of every op
+#                family (lookup and its gradients, bags, the fused optimizer step, the
+#                tensor-parallel step) against PyTorch and FBGEMM's CPU kernels; one summary
+#                table and a plot in bench/out/. Builds the CPU kernels only where no GPU is
+#                visible (the CUDA kernels are compiled by `make test` and CI).
+#   make test    the test suite (builds the CUDA kernels too wherever torch is a CUDA build
+#                and nvcc exists)
 # Extra:
+#   make bench-full       the full sweeps: presets quick and bag at 1 and 2 threads, every
+#                         fused rule and shape, both tensor-parallel plans (about 15 minutes)
+#   make bench-results    the full sweeps, written to the committed bench/results/
 #   make test-cpu-torch   build and test against the CPU-only torch==2.13.0 (CI runs it)
 #   make test-gpu-torch   build (CUDA kernels included) and test against torch==2.11.0, the
 #                         version the GPU machines run (CI runs it)
@@ -13,21 +19,28 @@
 #   make package-check    the wheel installed into a fresh venv and self-checked there, pip's
 #                         refusal next to another torch, plain `pip install .` stopping (CI)
 #   make build            (re)build the extension in place
-#   make bench-results    the benchmark, written to the committed bench/results/ (make bench
-#                         writes to bench/out/, which git ignores)
 SHELL := /bin/bash
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 BENCH_ARGS ?= --preset quick,bag
+# No GPU visible: in-place builds compile the CUDA kernels for the H100/H200 only (the GPU
+# machines build their own; wheels take WHEEL_CUDA_ARCH), and the main job skips them.
+HAVE_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(HAVE_GPU),)
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+BENCH_BUILD := build-cpu
+else
+BENCH_BUILD := build
+endif
 # FBGEMM's CPU table-batched kernels, the bag preset's third column: installed for the
 # benchmark only (it pins no torch and is built against torch 2.14; the bench skips the
 # column where it does not import).
 FBGEMM_SPEC ?= fbgemm-gpu-cpu==1.9.0
 export MAX_JOBS ?= 2
 
-.PHONY: all setup build test bench bench-results test-cpu-torch test-gpu-torch gpu-dry-run wheel package-check clean
+.PHONY: all setup build build-cpu test bench bench-full bench-results test-cpu-torch test-gpu-torch gpu-dry-run wheel package-check clean
 
 all: test
 
@@ -42,10 +55,16 @@ setup: $(VENV)/.installed
 # An in-place build (ninja recompiles only what changed; one build folder per venv, so the
 # in-place _C module always matches $(VENV)'s torch), and a .pth that puts this checkout on
 # the venv's path.
+BUILD_IN_PLACE = $(PY) setup.py -q build_ext --inplace --build-temp build/$(notdir $(VENV)) \
+	&& echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/embedding_ext_checkout.pth" \
+	&& $(PY) -c "import embedding_ext as ee; print('embedding_ext build:', ee.build_info())"
+
 build: setup
-	$(PY) setup.py -q build_ext --inplace --build-temp build/$(notdir $(VENV))
-	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/embedding_ext_checkout.pth"
-	$(PY) -c "import embedding_ext as ee; print('embedding_ext build:', ee.build_info())"
+	$(BUILD_IN_PLACE)
+
+# The CPU kernels only (embedding_ext._C); a later `make build` compiles just the CUDA files.
+build-cpu: setup
+	EMBEDDING_EXT_FORCE_CPU=1 $(BUILD_IN_PLACE)
 
 test: build
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -54,9 +73,10 @@ $(VENV)/.fbgemm: $(VENV)/.installed
 	$(PY) -m pip install -q "$(FBGEMM_SPEC)" || echo "$(FBGEMM_SPEC) not installed: the bag preset runs without its FBGEMM column"
 	touch $@
 
-# After the presets: the fused optimizer step (issue 14) and the tensor-parallel step on 2
-# gloo ranks (issue 15), each verified before timing too.
-bench: build $(VENV)/.fbgemm
+bench: $(BENCH_BUILD) $(VENV)/.fbgemm
+	$(PY) -m bench.main
+
+bench-full: build $(VENV)/.fbgemm
 	$(PY) -m bench.run $(BENCH_ARGS)
 	$(PY) -m bench.fused_step --threads 1 --rounds 5
 	$(PY) -m bench.sharded --world 2

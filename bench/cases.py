@@ -93,14 +93,14 @@ GPU = [
     Case("rec-table", 10_000_000, 256, 65536, BF16, I64, "uniform", ops=(FORWARD, DENSE, SPARSE)),
     Case("rec-small-rows", 1_000_000, 16, 524288, F32, I32, "uniform",
          ops=(FORWARD, DENSE, SPARSE, FORWARD_SYNC)),
-    # Speed risks to measure (issue 11): a column-major table (our forward copies it to
+    # Speed risks to measure: a column-major table (our forward copies it to
     # rows first; PyTorch gathers in place), renorm over a 10M-row table (a V-sized claim
     # array zero-filled per call), and the deterministic backward's hot row (one row group
     # sums half the lookups).
     Case("rec-table", 1_000_000, 128, 524288, F32, I64, "uniform", ops=(FORWARD,),
          layout="columns"),
     Case("rec-table", 10_000_000, 64, 65536, F32, I64, "uniform", ops=(MAX_NORM,)),
-    # Pooled lookups (issue 13): bags of 32 over a 1M-row table, every mode.
+    # Pooled lookups: bags of 32 over a 1M-row table, every mode.
     Case("rec-bags", 1_000_000, 128, 524288, F32, bag_size=32, mode="sum", ops=BAG_OPS),
     Case("rec-bags", 1_000_000, 128, 524288, F32, bag_size=32, mode="mean", padding=True,
          distribution="zipf1.05", ops=BAG_OPS),
@@ -112,7 +112,7 @@ GPU = [
          ops=(BAG_FORWARD, BAG_FWD_BWD)),
 ]
 
-# Pooled lookups on a 2-core CPU (about 4 minutes at 1 and 2 threads): the issue's shape
+# Pooled lookups on a 2-core CPU (about 4 minutes at 1 and 2 threads): a recommender's shape
 # (V=1e6, D=64, 65,536 ids in bags of 32) in every mode, then wider rows, the other dtypes and
 # a smaller table (where the dense gradient's V x D zero-fill matters less).
 def _bags(dim: int, dtype: torch.dtype, mode: str, ops: tuple = BAG_OPS, name: str = "rec-bags",
@@ -136,7 +136,19 @@ BAG = [
     _bags(64, F32, "sum", name="rec-bags-small", num_embeddings=100_000, padding=True),
 ]
 
-PRESETS = {"quick": QUICK, "gpu": GPU, "bag": BAG}
+# The main job (`make bench`, bench/main.py): one or two representative cases per op family,
+# sized so that the whole job, set-up included, fits in a few minutes on a 2-core CPU.
+MAIN = [
+    Case("tiny", 100, 16, 8, F32, ops=(FORWARD, FWD_BWD)),
+    Case("gpt2-vocab", 50257, 768, 4096, F32, ops=(FORWARD, DENSE, FWD_BWD)),
+    Case("rec-table", 1_000_000, 64, 65536, F32, I32, "zipf1.05",
+         ops=(FORWARD, DENSE, SPARSE, MAX_NORM)),
+    Case("rec-table", 1_000_000, 128, 65536, F16, I64, "zipf1.05", ops=(FORWARD,)),
+    _bags(64, F32, "sum", (BAG_FORWARD, BAG_FWD_BWD_SPARSE)),
+    _bags(64, F32, "mean", FWD, padding=True),
+]
+
+PRESETS = {"quick": QUICK, "gpu": GPU, "bag": BAG, "main": MAIN}
 
 
 def make_indices(case: Case, device, generator: torch.Generator) -> torch.Tensor:

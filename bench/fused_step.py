@@ -1,4 +1,4 @@
-"""The fused training step (issue 14): forward + backward-with-update of ``ee.fuse_optimizer``
+"""The fused training step: forward + backward-with-update of ``ee.fuse_optimizer``
 against ``nn.Embedding(sparse=True)`` + the same torch optimizer, and FBGEMM's CPU TBE fused
 step (SGD, row-wise Adagrad; bags of one id) where installed. Every row is verified first:
 two steps from the same weights on the same ids must agree with PyTorch (and FBGEMM) before
@@ -105,8 +105,11 @@ def _fbgemm_step(fb, rule: str, weight: torch.Tensor, kwargs: dict):
     return step, (lambda: tbe.split_embedding_weights()[0])
 
 
-def run(threads: int, rounds: int, out: Path | None, device: str = "cpu") -> str:
+def run(threads: int, rounds: int, out: Path | None, device: str = "cpu", cases=None,
+        optimizers=None) -> tuple[str, list[dict]]:
+    """Verifies, then times every (case, optimizer); returns the report and its rows."""
     torch.set_num_threads(threads)
+    rows = []
     fb = _fbgemm() if device == "cpu" else None  # FBGEMM's CPU TBE: a CPU peer only
     gen = torch.Generator().manual_seed(0)
     where = (torch.cuda.get_device_name() if device == "cuda"
@@ -116,11 +119,11 @@ def run(threads: int, rounds: int, out: Path | None, device: str = "cpu") -> str
              "| V x D | optimizer | ours ms | torch sparse + optimizer ms | speed-up | "
              "FBGEMM ms | vs FBGEMM | peak extra MiB ours | peak extra MiB torch | table MiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for num_rows, dim in CASES:
+    for num_rows, dim in cases or CASES:
         base = torch.randn(num_rows, dim, generator=gen).to(device)
         batches = [(torch.randint(0, num_rows, (IDS,), generator=gen).to(device),
                     torch.randn(IDS, dim, generator=gen).to(device)) for _ in range(2)]
-        for name, cls, kwargs, fbgemm_rule in OPTIMIZERS:
+        for name, cls, kwargs, fbgemm_rule in optimizers or OPTIMIZERS:
             ours = ee.Embedding(num_rows, dim, _weight=base.clone())
             fused = ee.fuse_optimizer(ours, cls, **kwargs)
             plain = torch.nn.Embedding(num_rows, dim, sparse=True, _weight=base.clone())
@@ -161,9 +164,12 @@ def run(threads: int, rounds: int, out: Path | None, device: str = "cpu") -> str
             extra_ours = _peak_extra_mib(lambda: ours_step(ids, grad), device)
             extra_torch = _peak_extra_mib(lambda: torch_step(ids, grad), device)
             fb_cells = "- | -"
+            t_fb = float("nan")
             if results["fbgemm"]:
                 t_fb = statistics.median(results["fbgemm"])
                 fb_cells = f"{t_fb:.2f} | {t_fb / t_ours:.2f}x"
+            rows.append({"case": f"{num_rows} x {dim}, {IDS} ids", "optimizer": name,
+                         "ours_ms": t_ours, "torch_ms": t_torch, "peer_ms": t_fb})
             line = (f"| {num_rows} x {dim} | {name} | {t_ours:.2f} | {t_torch:.2f} | "
                     f"{t_torch / t_ours:.2f}x | {fb_cells} | {extra_ours:.1f} | "
                     f"{extra_torch:.1f} | {num_rows * dim * 4 / 2**20:.0f} |")
@@ -183,7 +189,7 @@ def run(threads: int, rounds: int, out: Path | None, device: str = "cpu") -> str
         out.mkdir(parents=True, exist_ok=True)
         name = f"fused-step-cpu-{threads}t.md" if device == "cpu" else "fused-step-cuda.md"
         (out / name).write_text(text)
-    return text
+    return text, rows
 
 
 def main() -> None:
@@ -196,7 +202,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.filter:
         CASES[:] = [c for c in CASES if args.filter in f"{c[0]}x{c[1]}"]
-    print(run(args.threads, args.rounds, args.out, args.device))
+    print(run(args.threads, args.rounds, args.out, args.device)[0])
 
 
 if __name__ == "__main__":

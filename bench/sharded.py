@@ -1,4 +1,4 @@
-"""Tensor-parallel embedding step (issue 15): forward + backward of ``ee.Embedding`` against
+"""Tensor-parallel embedding step: forward + backward of ``ee.Embedding`` against
 ``nn.Embedding`` under the same ``parallelize_module`` plan (RowwiseParallel to Replicate(),
 ColwiseParallel to Shard(-1)), `world` ranks on gloo (CPU). Per rank it also records the
 bytes of the weight's local shard and of its gradient, and the gradient's placement
@@ -50,7 +50,8 @@ def _placements(t) -> str:
         if hasattr(t, "placements") else "plain"
 
 
-def _rank(rank: int, world: int, rounds: int, steps: int, store: str, result_path: str):
+def _rank(rank: int, world: int, rounds: int, steps: int, store: str, result_path: str,
+          cases: list, plans: list):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
@@ -58,9 +59,9 @@ def _rank(rank: int, world: int, rounds: int, steps: int, store: str, result_pat
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (world,))
     rows = []
-    for V, D, n in CASES:
+    for V, D, n in cases:
         ids = torch.randint(0, V, (n // 512, 512), generator=torch.Generator().manual_seed(V))
-        for plan in PLANS:
+        for plan in plans:
             torch.manual_seed(0)
             single = torch.nn.Embedding(V, D)
             models = {"ours": ee.Embedding(V, D), "PyTorch": torch.nn.Embedding(V, D)}
@@ -134,6 +135,15 @@ def report(rows: list, world: int, rounds: int, steps: int, command: str) -> str
     return "\n".join(lines)
 
 
+def run(world: int, rounds: int, steps: int, cases=None, plans=None) -> list[dict]:
+    """Verifies, then times every (case, plan) on `world` gloo ranks; rank 0's rows."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "rows.json")
+        mp.spawn(_rank, args=(world, rounds, steps, os.path.join(tmp, "store"), result,
+                              cases or CASES, plans or PLANS), nprocs=world)
+        return json.loads(Path(result).read_text())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world", type=int, default=2)
@@ -144,11 +154,7 @@ def main(argv=None) -> int:
     if not dist.is_available():
         print("bench.sharded: torch.distributed is not available; skipped")
         return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        result = os.path.join(tmp, "rows.json")
-        mp.spawn(_rank, args=(args.world, args.rounds, args.steps, os.path.join(tmp, "store"),
-                              result), nprocs=args.world)
-        rows = json.loads(Path(result).read_text())
+    rows = run(args.world, args.rounds, args.steps)
     command = "python -m bench.sharded " + " ".join(
         f"--{k} {v}" for k, v in vars(args).items() if v is not None)
     text = report(rows, args.world, args.rounds, args.steps, command)
