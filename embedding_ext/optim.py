@@ -1,4 +1,4 @@
-"""Optimizers for embedding tables (issue 14).
+"""Optimizers for embedding tables, alone or fused into the backward (ee.fuse_optimizer).
 
 ``RowWiseAdagrad``: Adagrad with one accumulator per row, the rule of FBGEMM's
 ``EXACT_ROWWISE_ADAGRAD``: for each row ``k`` with gradient ``g`` (duplicates summed first),
