@@ -9,7 +9,8 @@
 # Extra:
 #   make bench-full       the full sweeps: presets quick and bag at 1 and 2 threads, every
 #                         fused rule and shape, both tensor-parallel plans (about 15 minutes)
-#   make bench-results    the full sweeps, written to the committed bench/results/
+#   make bench-results    the main job and the full sweeps, written to the committed
+#                         bench/results/
 #   make test-cpu-torch   build and test against the CPU-only torch==2.13.0 (CI runs it)
 #   make test-gpu-torch   build (CUDA kernels included) and test against torch==2.11.0, the
 #                         version the GPU machines run (CI runs it)
@@ -82,6 +83,7 @@ bench-full: build $(VENV)/.fbgemm
 	$(PY) -m bench.sharded --world 2
 
 bench-results: build $(VENV)/.fbgemm
+	$(PY) -m bench.main --out bench/results
 	$(PY) -m bench.run $(BENCH_ARGS) --out bench/results
 	$(PY) -m bench.fused_step --threads 1 --rounds 5 --out bench/results
 	$(PY) -m bench.sharded --world 2 --out bench/results

@@ -1,8 +1,8 @@
 """Build embedding_ext: the C++ kernels always, the CUDA kernels whenever torch is a CUDA
 build and nvcc is found (a visible GPU is not needed).
 
-Build with --no-build-isolation, against the torch that will import the binary (README,
-"Install"); the package then requires exactly that torch.
+Build with --no-build-isolation, against the torch that will import the binary
+(docs/install.md); the package then requires exactly that torch.
 
 Environment switches (all optional):
   EMBEDDING_EXT_FORCE_CPU=1      build the C++ kernels only (embedding_ext._C), even where
@@ -47,7 +47,7 @@ except ImportError:
         "embedding_ext: building needs the torch that will import it, and this build "
         "environment has none: pip's build isolation hides your installed packages. Install "
         "torch first, then build with `pip install --no-build-isolation .` (or `make wheel`); "
-        "see README, Install.")
+        "see docs/install.md.")
 import importlib.metadata  # noqa: E402
 
 from setuptools import setup  # noqa: E402
@@ -79,7 +79,7 @@ def _extensions():
     # into one rounding, whatever the target allows).
     # -fno-math-errno: sqrt may then be a vector instruction (nothing here reads errno; the
     # results are the same correctly rounded values). Without it GCC kept the fused
-    # Adagrad/SparseAdam rules scalar (sqrtss + divss per element; bench/NOTES-cpu.md 10.2).
+    # Adagrad/SparseAdam rules scalar (sqrtss + divss per element; bench/notes/cpu-fused.md 10.2).
     cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno"] + (["-fopenmp"] if openmp else [])
     link = (["-fopenmp"] if openmp else []) + _SHARED_LIBSTDCXX
     extensions = [CppExtension("embedding_ext._C", sources, define_macros=macros,

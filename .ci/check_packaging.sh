@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The install paths users take (README, "Install"), checked from the outside:
+# The install paths users take (docs/install.md), checked from the outside:
 # 1. `make wheel` (pip wheel --no-build-isolation) builds a wheel whose metadata requires
 #    exactly the torch it was built against, and carries py.typed and the binary;
 # 2. that wheel installs into a fresh virtual environment (pip brings the pinned torch) and

@@ -2,7 +2,7 @@
 target's ours and PyTorch's callables (the benchmark's own, verified first) under
 torch.profiler, one table of kernels (self device time) and host operators (self CPU time)
 per side, plus a wall-clock median over many calls (synchronised). For a prepared device
-call (bench/NOTES-cuda.md); on the CPU it runs the same code on the tiny targets only.
+call (bench/notes/cuda-bags-fused.md); on the CPU it runs the same code on the tiny targets only.
 
     python -m bench.gpu_profile [--device cuda] [--out DIR] [--iters 20]
 """

@@ -18,7 +18,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
     raise ImportError(
         "embedding_ext: the compiled module embedding_ext._C is missing or does not load "
         f"({exc}). Build it with `pip install --no-build-isolation -e .` (or `make build`) "
-        "in the repository, against the torch you import (README: Install)."
+        "in the repository, against the torch you import (docs/install.md)."
     ) from exc
 
 try:
@@ -61,7 +61,7 @@ def build_info() -> dict[str, object]:
 
 def check_cuda_index_errors() -> None:
     """Wait for the GPU and raise ``IndexError`` if any embedding_ext CUDA kernel met an
-    out-of-range index since the last check (see README: "Bad indices on CUDA")."""
+    out-of-range index since the last check (see docs/cuda-bad-indices.md)."""
     if _C_cuda and torch.cuda.is_available():
         message = _C_cuda.take_cuda_index_error()
         if message:
@@ -91,8 +91,8 @@ def set_cpu_output_cache_limit(megabytes: float) -> None:
     """Keep at most this many MiB of freed large CPU outputs for reuse (0: keep none).
 
     Large CPU outputs (>= 1 MiB: gathered rows, dense gradients) are taken from a cache of
-    recently freed buffers, which avoids the page faults of fresh memory (README, "CPU
-    memory"). Initially ``EMBEDDING_EXT_CPU_CACHE_MB`` (default 1024)."""
+    recently freed buffers, which avoids the page faults of fresh memory (docs/lookup.md,
+    "CPU memory"). Initially ``EMBEDDING_EXT_CPU_CACHE_MB`` (default 1024)."""
     if not megabytes >= 0:
         raise ValueError(f"set_cpu_output_cache_limit: 'megabytes' must be >= 0, got {megabytes}")
     _C.set_cpu_output_cache_limit(int(megabytes * 2**20))

@@ -148,7 +148,7 @@ class _EmbeddingBagEagerFunction(EmbeddingBagFunction):
     for eager calls from :func:`embedding_ext.embedding_bag`: when a Function defines
     ``setup_context``, ``Function.apply`` binds the arguments to ``forward``'s signature with
     ``inspect`` on every call (PyTorch 2.11-2.14), 30 us, eight times the op on a small bag
-    (bench/NOTES-cpu.md section 8). torch.func transforms need ``setup_context``: under
+    (bench/notes/cpu-bags.md section 9, item 3). torch.func transforms need ``setup_context``: under
     them the caller uses EmbeddingBagFunction itself. Same forward, context and backward."""
 
     setup_context = torch.autograd.Function.setup_context  # "not defined" to apply()

@@ -45,7 +45,7 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None,
                   per_sample_weights: Tensor | None = None, include_last_offset: bool = False,
                   padding_idx: int | None = None) -> Tensor:
     """Equivalent to :func:`torch.nn.functional.embedding_bag`, computed by embedding_ext's
-    CPU and CUDA kernels (README: "Bags").
+    CPU and CUDA kernels (docs/bags.md).
 
     Beyond PyTorch: offsets are validated (first 0, non-decreasing, none past the ids) with
     an error naming the bad entry (on CUDA without a synchronisation: raised as IndexError

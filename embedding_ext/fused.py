@@ -1,4 +1,4 @@
-"""``fuse_optimizer``: the optimizer step inside the lookup's backward (issue 14).
+"""``fuse_optimizer``: the optimizer step inside the lookup's backward.
 
     emb = ee.Embedding(V, D, padding_idx=0)
     opt = ee.fuse_optimizer(emb, torch.optim.SparseAdam, lr=1e-3)

@@ -13,7 +13,7 @@ from .autograd import EmbeddingBagFunction, _EmbeddingBagEagerFunction
 
 # The lookup op; its autograd, forward-mode AD and torch.func support are in C++
 # (csrc/autograd.cpp). Called through its direct C++ entry: per-call cost matters for small
-# lookups (bench/NOTES-cpu.md); torch.compile traces it as the op.
+# lookups (bench/notes/cpu-lookup.md, section 5); torch.compile traces it as the op.
 _embedding_direct = direct_call(torch.ops.embedding_ext.embedding.default)
 
 

@@ -127,7 +127,7 @@ def check_device(device: str, fn: Lookup = ee.embedding) -> list[tuple[str, bool
                 (ggo,) = torch.autograd.grad(gw, go, v)
                 grads.append(ggo)
             ours, theirs = grads
-            if freq:  # beyond PyTorch (README): ours is the true adjoint, scaled by 1/count
+            if freq:  # beyond PyTorch (docs/lookup.md): ours is the true adjoint, scaled by 1/count
                 theirs = theirs / counts[ids].unsqueeze(-1)
             ok = ok and _close(ours, theirs, 1e-5)
         return ok
