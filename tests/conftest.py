@@ -118,6 +118,16 @@ def assert_close(actual, expected, dtype):
     torch.testing.assert_close(actual.double(), expected.double(), **TOL[dtype])
 
 
+def call_op(op, args, fake: bool):
+    """op(*args); with fake=True on fake copies of the tensor arguments, so that the op's fake
+    kernel (what torch.compile traces) runs instead of its kernel."""
+    if not fake:
+        return op(*args)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        return op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+
+
 class RecordOps(TorchDispatchMode):
     """Records the name of every op that reaches the dispatcher (forward and backward)."""
 

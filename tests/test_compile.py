@@ -1,11 +1,13 @@
-"""torch.compile(fullgraph=True): compiled forward and backward equal eager."""
+"""torch.compile(fullgraph=True) of lookups and bags: compiled forward and backward equal eager."""
 import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import embedding_ext as ee
 from embedding_ext import reference
+from bags import make_bags
 from conftest import DEVICES, TOL, assert_close, make_indices, make_weight
 
 CASES = [dict(), dict(padding_idx=1, scale_grad_by_freq=True), dict(max_norm=1.0, padding_idx=0),
@@ -78,3 +80,26 @@ def test_compiled_module(device):
         assert_close(grad, reference.dense_backward(grad_out, idx, 20, 3, True), torch.float32)
         assert torch.equal(grad[3], torch.zeros(6, device=device))  # exactly zero, no NaN
         assert grad[7].abs().sum() > 0
+
+
+def test_compiles_fullgraph_with_gradients():
+    """torch.compile(fullgraph=True) through the module (static shapes, per_sample_weights,
+    padding) and the function (dynamic shapes, max mode): same outputs and gradients."""
+    torch._dynamo.reset()
+    ours = ee.EmbeddingBag(50, 8, mode="sum", padding_idx=0)
+    theirs = torch.nn.EmbeddingBag(50, 8, mode="sum", padding_idx=0)
+    theirs.load_state_dict(ours.state_dict())
+    ids, offsets = make_bags(50, padding_idx=0)
+    psw = torch.randn(ids.shape)
+    out = torch.compile(ours, fullgraph=True)(ids, offsets, psw)
+    expected = theirs(ids, offsets, psw)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+    lookup = torch.compile(lambda i, w: ee.embedding_bag(i, w, mode="max"), fullgraph=True,
+                           dynamic=True)
+    weight = make_weight(50, 8, torch.float32)
+    for length in (3, 4):
+        ids2d = torch.randint(0, 50, (6, length))
+        torch.testing.assert_close(lookup(ids2d, weight), F.embedding_bag(ids2d, weight, mode="max"))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import embedding_ext as ee
-from conftest import DEVICES, make_weight
+from conftest import DEVICES, call_op, make_weight
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -111,17 +111,9 @@ def test_backward_arguments(op, fake, num_weights, padding_idx, message):
     """One backward check (csrc/checks.h check_backward_args) for every backward op, and the
     fake kernels say the same. (A padding_idx no id can equal once let the CUDA sparse
     backward write outside its output.)"""
-    g, idx = torch.randn(2, 3), torch.tensor([0, 1])
-    call = getattr(torch.ops.embedding_ext, op)
-    if fake:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        with FakeTensorMode() as mode:
-            g, idx = mode.from_tensor(g), mode.from_tensor(idx)
-            with pytest.raises(RuntimeError, match=f"{op}: {message}"):
-                call(g, idx, num_weights, padding_idx, False)
-        return
-    with pytest.raises(RuntimeError, match=f"^{op}: {message}"):
-        call(g, idx, num_weights, padding_idx, False)
+    args = (torch.randn(2, 3), torch.tensor([0, 1]), num_weights, padding_idx, False)
+    with pytest.raises(RuntimeError, match=f"{op}: {message}" if fake else f"^{op}: {message}"):
+        call_op(getattr(torch.ops.embedding_ext, op), args, fake)
 
 
 def test_grad_output_shape():

@@ -49,16 +49,23 @@ def _gpt2(device):
     return transformers.GPT2LMHeadModel(config).to(device)
 
 
-def _train_lm(model, batches):
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+def _train(optimizers, loss_of, batches) -> list[float]:
+    """One step of every optimizer on loss_of(batch) for each batch in turn; the losses."""
     losses = []
-    for ids in batches:
-        opt.zero_grad()
-        loss = model(input_ids=ids, labels=ids).loss
+    for batch in batches:
+        for opt in optimizers:
+            opt.zero_grad()
+        loss = loss_of(batch)
         loss.backward()
-        opt.step()
+        for opt in optimizers:
+            opt.step()
         losses.append(loss.item())
     return losses
+
+
+def _train_lm(model, batches):
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    return _train([opt], lambda ids: model(input_ids=ids, labels=ids).loss, batches)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -97,16 +104,11 @@ class Recommender(torch.nn.Module):
 def _train_recommender(model, batches):
     sparse = torch.optim.SparseAdam([p for t in model.tables for p in t.parameters()], lr=1e-2)
     dense = torch.optim.Adam(model.mlp.parameters(), lr=1e-2)
-    losses = []
-    for ids, y in batches:
-        sparse.zero_grad()
-        dense.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(ids), y)
-        loss.backward()
-        sparse.step()
-        dense.step()
-        losses.append(loss.item())
-    return losses
+
+    def loss_of(batch):
+        ids, y = batch
+        return torch.nn.functional.binary_cross_entropy_with_logits(model(ids), y)
+    return _train([sparse, dense], loss_of, batches)
 
 
 @pytest.mark.parametrize("device", DEVICES)

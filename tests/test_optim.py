@@ -1,4 +1,4 @@
-"""ee.optim.RowWiseAdagrad (issue 14): the row-wise Adagrad rule against a float64 reference
+"""ee.optim.RowWiseAdagrad: the row-wise Adagrad rule against a float64 reference
 over many steps, with duplicates and padding, dense and sparse gradients, parameter groups,
 learning-rate changes, state_dict round trips and argument errors."""
 import copy
