@@ -224,7 +224,48 @@ at::Tensor embedding_below_autograd(const at::Tensor& weight, const at::Tensor& 
   return forward_op().call(weight, indices);
 }
 
+// The in-place ops bump the version of every tensor they write, after the kernel ran (a
+// call that raises changes nothing, the version included): autograd then refuses a backward
+// that would read a saved weight the op changed, however the op was called.
+void renorm_inplace(c10::DispatchKeySet keys, const at::Tensor& weight, const at::Tensor& indices,
+                    double max_norm, double norm_type) {
+  static const auto op = find_op<void(const at::Tensor&, const at::Tensor&, double, double)>(
+      "embedding_ext::embedding_renorm_");
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    op.redispatch(keys & c10::after_ADInplaceOrView_keyset, weight, indices, max_norm, norm_type);
+  }
+  torch::autograd::impl::bump_version(weight);
+}
+
+using FusedUpdateSig = void(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                            bool, int64_t, const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&, double, double, double, double,
+                            double, int64_t);
+
+void fused_update_inplace(c10::DispatchKeySet keys, const at::Tensor& weight,
+                          const at::Tensor& grad, const at::Tensor& indices, int64_t padding_idx,
+                          bool scale, int64_t rule, const std::optional<at::Tensor>& state1,
+                          const std::optional<at::Tensor>& state2, double lr, double eps,
+                          double beta1, double beta2, double lr_decay, int64_t step) {
+  static const auto op = find_op<FusedUpdateSig>("embedding_ext::embedding_fused_update_");
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    op.redispatch(keys & c10::after_ADInplaceOrView_keyset, weight, grad, indices, padding_idx,
+                  scale, rule, state1, state2, lr, eps, beta1, beta2, lr_decay, step);
+  }
+  torch::autograd::impl::bump_version(weight);
+  for (const auto* state : {&state1, &state2}) {
+    if (state->has_value()) torch::autograd::impl::bump_version(**state);
+  }
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(embedding_ext, ADInplaceOrView, m) {
+  m.impl("embedding_renorm_", &renorm_inplace);
+  m.impl("embedding_fused_update_", &fused_update_inplace);
+}
 
 TORCH_LIBRARY_IMPL(embedding_ext, CompositeExplicitAutograd, m) {
   m.impl("embedding", &embedding_below_autograd);

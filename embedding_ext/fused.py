@@ -245,9 +245,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                 bool(scale_grad_by_freq), self._rule, local[1], local[2], float(group["lr"]),
                 float(group.get("eps", 0.0)), float(betas[0]), float(betas[1]),
                 float(group.get("lr_decay", 0.0)), step)
-        # The weight changed in place: autograd's saved-tensor checks must see it (the op
-        # has no ADInplaceOrView kernel to do this).
-        torch.autograd.graph.increment_version(local[0])
         if state:
             state["step"] += 1
         self._updated = True

@@ -31,10 +31,8 @@ def renorm_rows(weight: Tensor, ids: Tensor, max_norm: float, norm_type: float) 
     """max_norm: the rows ``ids`` references renormed in place, before the lookup; returns
     the ids made contiguous (the renorm reads them once more: contiguous once for both)."""
     ids = ids.contiguous()
-    with torch.no_grad():
+    with torch.no_grad():  # the op bumps weight's version (autograd's saved-tensor checks)
         ops.embedding_renorm_(weight, ids, max_norm, norm_type)
-    # As in PyTorch, the in-place renorm is visible to autograd's saved-tensor checks.
-    torch.autograd.graph.increment_version(weight)
     return ids
 
 

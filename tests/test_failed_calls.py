@@ -1,0 +1,56 @@
+"""A call that raises changes nothing: the in-place ops (renorm, fused update, their bag
+forms) check every input before their first write, their fakes refuse what their kernels
+refuse, and the ops bump the versions of what they write however they are called."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import embedding_ext as ee
+
+ops = torch.ops.embedding_ext
+
+
+# --- The in-place ops bump the versions of what they write, called any way.
+
+def test_direct_renorm_bumps_the_weight_version():
+    weight = torch.full((3, 2), 3.0)
+    ops.embedding_renorm_(weight, torch.tensor([0]), 1.0, 2.0)
+    assert weight._version == 1
+
+
+def test_failed_renorm_keeps_the_version():
+    weight = torch.full((3, 2), 3.0)
+    with pytest.raises(IndexError):
+        ops.embedding_renorm_(weight, torch.tensor([0, 3]), 1.0, 2.0)
+    assert weight._version == 0 and torch.equal(weight, torch.full((3, 2), 3.0))
+
+
+def test_direct_renorm_of_a_saved_weight_fails_backward():
+    weight = torch.full((3, 2), 3.0, requires_grad=True)
+    out = (weight * weight).sum()  # saves weight
+    with torch.no_grad():
+        ops.embedding_renorm_(weight, torch.tensor([1]), 1.0, 2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+
+
+@pytest.mark.parametrize("rule", [0, 1, 2, 3])
+def test_direct_fused_update_bumps_weight_and_state_versions(rule):
+    weight = torch.ones(4, 3)
+    states = {0: (None, None), 1: (torch.zeros(4, 3), None),
+              2: (torch.zeros(4, 3), torch.zeros(4, 3)), 3: (torch.zeros(4), None)}[rule]
+    ops.embedding_fused_update_(weight, torch.ones(2, 3), torch.tensor([0, 2]), -1, False, rule,
+                                *states, 0.1, 1e-8, 0.9, 0.999, 0.0, 1)
+    assert weight._version == 1
+    assert [s._version for s in states if s is not None] == [1] * (rule in (1, 2, 3)) + [1] * (rule == 2)
+
+
+def test_direct_fused_update_of_a_saved_weight_fails_backward():
+    weight = torch.ones(4, 3, requires_grad=True)
+    out = (weight * weight).sum()
+    with torch.no_grad():
+        ops.embedding_fused_update_(weight, torch.ones(1, 3), torch.tensor([1]), -1, False, 0,
+                                    None, None, 0.1, 0.0, 0.0, 0.0, 0.0, 1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
