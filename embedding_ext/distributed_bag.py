@@ -8,7 +8,7 @@ from torch import Tensor
 from .distributed import (_check_ids, _local_ids, _local_shard, _mesh_and_placement,
                           _refuse_column_max_norm, _refuse_sparse, _renorm_owned_rows,
                           _row_shard, local_piece)
-from .lookup import embedding_bag_local
+from .lookup import check_bag_before_renorm, embedding_bag_local
 
 
 def _check_offsets(csr: Tensor, n: int, op: str) -> None:
@@ -46,6 +46,7 @@ def embedding_bag(ids: Tensor, csr: Tensor, weight, padding_idx: int, max_norm,
     _refuse_sparse(sparse, placement, op)
     if isinstance(placement, Replicate):
         if max_norm is not None:  # every rank renorms its whole copy alike
+            check_bag_before_renorm(local_piece(weight), ids, csr, mode, psw, padding_idx)
             _renorm_owned_rows(weight, ids, 0, weight.shape[0], max_norm, norm_type)
         out = embedding_bag_local(ids, csr, local_piece(weight), padding_idx, None,
                                   norm_type, scale_grad_by_freq, mode, False, psw, True)

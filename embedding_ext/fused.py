@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import distributed, ops
+from . import distributed, lookup, ops
 from .autograd import bag_sparse_gradient
 from .lookup import bag_arguments, csr_may_end_early, normalize_padding_idx, renorm_rows
 from .optim import RowWiseAdagrad
@@ -383,6 +383,7 @@ def fused_bag_lookup(module, input: Tensor, offsets: Tensor | None,
         raise NotImplementedError("fuse_optimizer: an ee.EmbeddingBag with a DTensor weight is "
                                   "not supported fused (ee.Embedding row-sharded is)")
     if module.max_norm is not None:
+        lookup.check_bag_before_renorm(weight, ids, csr, module.mode, psw, padding)
         ids = renorm_rows(weight, ids, module.max_norm, module.norm_type)
     return FusedBagFunction.apply(weight, ids, csr, ops.BAG_MODES[module.mode], psw, padding,
                                   bool(module.scale_grad_by_freq), optimizer,

@@ -36,6 +36,22 @@ def renorm_rows(weight: Tensor, ids: Tensor, max_norm: float, norm_type: float) 
     return ids
 
 
+def check_bag_before_renorm(weight: Tensor, ids: Tensor, csr: Tensor, mode: str,
+                            per_sample_weights: Tensor | None, padding_idx: int) -> None:
+    """Raises what the pooled lookup would raise for these inputs (bad offsets included),
+    before the max_norm renorm writes the weight: a call that raises changes nothing. On
+    the CPU the forward op's own checks run, on a zero-width view of the weight (no row is
+    read or pooled). Elsewhere its checks of shapes, dtypes and devices; the offsets' values
+    are checked by the CUDA kernels, asynchronously (reading them here would cost a host
+    synchronisation per call)."""
+    psw = None if per_sample_weights is None else per_sample_weights.detach()
+    if weight.device.type == "cpu":
+        ops.embedding_bag_forward(weight.detach()[:, :0], ids, csr, ops.BAG_MODES[mode], psw,
+                                  padding_idx)
+    else:
+        ops.check_bag_forward(weight, ids, csr, ops.BAG_MODES[mode], psw)
+
+
 def _bag_layout(input: Tensor, offsets: Tensor | None, per_sample_weights: Tensor | None,
                 include_last_offset: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """(1-D ids, CSR offsets with bags + 1 entries, 1-D per_sample_weights) from either
@@ -119,6 +135,7 @@ def embedding_bag_local(ids: Tensor, csr: Tensor, weight: Tensor, padding_idx: i
     """The pooled lookup of a plain weight from 1-D ids and CSR offsets (bag_arguments'
     form); ``csr_tail``: whether the CSR may end before the last id (csr_may_end_early)."""
     if max_norm is not None:
+        check_bag_before_renorm(weight, ids, csr, mode, per_sample_weights, padding_idx)
         ids = renorm_rows(weight, ids, max_norm, norm_type)
     function = (EmbeddingBagFunction if torch._C._are_functorch_transforms_active()
                 else _EmbeddingBagEagerFunction)

@@ -257,8 +257,9 @@ def _check_bag_mode(mode: int, op: str) -> None:
                  lambda: f"{op}: 'mode' must be 0 (sum), 1 (mean) or 2 (max), got {mode}")
 
 
-@torch.library.register_fake("embedding_ext::embedding_bag_forward")
-def _bag_forward_fake(weight, indices, offsets, mode, per_sample_weights, padding_idx):
+def check_bag_forward(weight: Tensor, indices: Tensor, offsets: Tensor, mode: int,
+                      per_sample_weights: Tensor | None) -> None:
+    """What embedding_bag_forward checks before reading any data (its fake's checks)."""
     op = "embedding_bag_forward"
     _check_weight(weight, op)
     _check_bag_mode(mode, op)
@@ -269,6 +270,11 @@ def _bag_forward_fake(weight, indices, offsets, mode, per_sample_weights, paddin
         torch._check(per_sample_weights.dtype == weight.dtype,
                      lambda: f"{op}: 'per_sample_weights' must have the dtype of 'weight' "
                              f"({weight.dtype}), got {per_sample_weights.dtype}")
+
+
+@torch.library.register_fake("embedding_ext::embedding_bag_forward")
+def _bag_forward_fake(weight, indices, offsets, mode, per_sample_weights, padding_idx):
+    check_bag_forward(weight, indices, offsets, mode, per_sample_weights)
     bags = offsets.shape[0] - 1
     out = weight.new_empty((bags, weight.shape[1]))
     arg_max = weight.new_empty((bags if mode == 2 else 0, weight.shape[1]), dtype=torch.int64)

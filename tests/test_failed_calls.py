@@ -11,6 +11,48 @@ import embedding_ext as ee
 ops = torch.ops.embedding_ext
 
 
+# --- A bag with max_norm checks its offsets (and the rest) before renorming.
+
+BAD_BAG_LAYOUTS = [
+    pytest.param([1], {}, "'offsets\\[0\\]' must be 0", id="first-offset-not-zero"),
+    pytest.param([0, 5], {"include_last_offset": True}, "past the end", id="offset-past-end"),
+    pytest.param([0, 2, 1], {"include_last_offset": True}, "non-decreasing", id="decreasing"),
+]
+
+
+@pytest.mark.parametrize("offsets, kwargs, message", BAD_BAG_LAYOUTS)
+def test_bag_with_max_norm_and_bad_offsets_leaves_weight_alone(offsets, kwargs, message):
+    weight = torch.full((2, 2), 3.0)
+    with pytest.raises(RuntimeError, match=message):
+        ee.embedding_bag(torch.tensor([0, 1]), weight, torch.tensor(offsets), max_norm=1.0,
+                         **kwargs)
+    assert torch.equal(weight, torch.full((2, 2), 3.0))
+    assert weight._version == 0
+
+
+def test_bag_module_with_max_norm_and_bad_offsets_leaves_weight_alone():
+    bag = ee.EmbeddingBag(4, 3, max_norm=0.5, mode="mean")
+    before = bag.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="must be 0"):
+        bag(torch.tensor([0, 1, 2]), torch.tensor([1, 2]))
+    assert torch.equal(bag.weight.detach(), before)
+
+
+def test_fused_bag_with_max_norm_and_bad_offsets_leaves_weight_alone():
+    bag = ee.EmbeddingBag(4, 3, max_norm=0.5)
+    ee.fuse_optimizer(bag, torch.optim.SGD, lr=0.1)
+    before = bag.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="must be 0"):
+        bag(torch.tensor([0, 1, 2]), torch.tensor([2]))
+    assert torch.equal(bag.weight.detach(), before)
+
+
+def test_bag_with_max_norm_still_renorms_good_calls():
+    weight = torch.full((2, 2), 3.0)
+    ee.embedding_bag(torch.tensor([0, 1]), weight, torch.tensor([0]), max_norm=1.0)
+    torch.testing.assert_close(weight.norm(dim=1), torch.ones(2))
+
+
 # --- The in-place ops bump the versions of what they write, called any way.
 
 def test_direct_renorm_bumps_the_weight_version():
