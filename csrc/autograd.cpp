@@ -80,10 +80,13 @@ at::Tensor sparse_gradient(const at::Tensor& grad, const at::Tensor& indices,
       "embedding_ext: double backward through sparse=True gradients is not supported; use "
       "sparse=False for higher-order gradients");
   at::Tensor rows, values;
-  if (padding_idx < 0 && !scale) {
+  if (padding_idx < 0 && !scale && indices.is_cpu()) {
     // Nothing to drop or scale: the values are grad_output itself (as in PyTorch), so no
-    // kernel and no copy. The forward already checked these ids, and autograd's version
-    // counter guarantees they have not changed since.
+    // kernel and no copy. The CPU forward raised on a bad id, and autograd's version
+    // counter guarantees these ids have not changed since. Not on CUDA: its forward only
+    // records a bad id, and the raw id in the gradient would send an optimizer's step out
+    // of bounds before any later call could raise; the kernel writes such an entry as a
+    // zero row 0 and reports it.
     rows = indices.reshape({1, -1}).to(at::kLong);
     values = grad.reshape_symint({rows.sym_size(1), grad.sym_size(-1)});
   } else {

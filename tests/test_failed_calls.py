@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import embedding_ext as ee
+from conftest import DEVICES, HAS_CUDA
 
 ops = torch.ops.embedding_ext
 
@@ -96,3 +97,33 @@ def test_direct_fused_update_of_a_saved_weight_fails_backward():
                                     None, None, 0.1, 0.0, 0.0, 0.0, 0.0, 1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.backward()
+
+
+# --- CUDA: a bad id never reaches a torch optimizer through the sparse gradient.
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible")
+def test_cuda_sparse_gradient_with_bad_id_and_sgd_keeps_context_usable():
+    weight = torch.nn.Parameter(torch.randn(5, 4, device="cuda"))
+    opt = torch.optim.SGD([weight], lr=0.1)
+    out = ee.embedding(torch.tensor([1, 7, 2], device="cuda"), weight, sparse=True)
+    with pytest.raises(IndexError, match="index 7 at position 1"):
+        ee.check_cuda_index_errors()  # the forward's report, so that the backward runs
+    out.sum().backward()
+    assert int(weight.grad.coalesce().indices().max()) < 5
+    opt.step()  # no out-of-bounds row: the bad entry is a zero row
+    with pytest.raises(IndexError, match="index 7 at position 1"):
+        ee.check_cuda_index_errors()
+    torch.cuda.synchronize()  # the context is still usable
+    good = torch.tensor([0, 4], device="cuda")
+    assert torch.equal(ee.embedding(good, weight), weight.detach()[good])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_gradient_of_good_ids_is_unchanged(device):
+    weight = torch.randn(5, 4, device=device, requires_grad=True)
+    ids = torch.tensor([1, 3, 1], device=device)
+    ee.embedding(ids, weight, sparse=True).sum().backward()
+    expected = torch.zeros(5, 4, device=device)
+    expected.index_add_(0, ids, torch.ones(3, 4, device=device))
+    torch.testing.assert_close(weight.grad.to_dense(), expected)
