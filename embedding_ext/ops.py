@@ -206,6 +206,11 @@ def _fused_update_fake(weight, grad_output, indices, padding_idx, scale_grad_by_
     torch._check(grad_output.dtype == weight.dtype,
                  lambda: f"{op}: 'grad_output' must have weight's dtype {weight.dtype}, got "
                          f"{grad_output.dtype}")
+    torch._check(grad_output.device == weight.device,
+                 lambda: f"{op}: 'grad_output' and 'weight' must be on the same device, got "
+                         f"{grad_output.device} and {weight.device}")
+    torch._check(weight.stride(1) == 1,
+                 lambda: f"{op}: 'weight' rows must be contiguous (stride(1) == 1)")
     torch._check(0 <= rule <= 3, lambda: f"{op}: 'rule' must be 0 (SGD), 1 (Adagrad), 2 "
                                          f"(SparseAdam) or 3 (RowWiseAdagrad), got {rule}")
     torch._check(step >= 1, lambda: f"{op}: 'step' must be >= 1, got {step}")
@@ -214,7 +219,7 @@ def _fused_update_fake(weight, grad_output, indices, padding_idx, scale_grad_by_
     def check_state(state, name, shape):
         torch._check(state is not None, lambda: f"{op}: rule {rule} needs '{name}'")
         torch._check(state.dtype == state_dtype and tuple(state.shape) == tuple(shape)
-                     and state.device == weight.device,
+                     and state.is_contiguous() and state.device == weight.device,
                      lambda: f"{op}: '{name}' must be a contiguous {state_dtype} tensor of "
                              f"shape {tuple(shape)} on {weight.device}, got {state.dtype} of "
                              f"shape {tuple(state.shape)} on {state.device}")
@@ -329,6 +334,9 @@ def _bag_sparse_backward_fake(grad_output, indices, offsets, num_weights, mode,
     _check_weight(grad_output, op)
     _check_bag(grad_output, "grad_output", indices, offsets, per_sample_weights, op)
     torch._check(num_weights >= 0, lambda: f"{op}: 'num_weights' must be >= 0, got {num_weights}")
+    torch._check(padding_idx < num_weights,
+                 lambda: f"{op}: 'padding_idx' must be < num_weights ({num_weights}), got "
+                         f"{padding_idx}")
     torch._check(grad_output.shape[0] == offsets.shape[0] - 1,
                  lambda: f"{op}: 'grad_output' must have one row per bag "
                          f"({offsets.shape[0] - 1}), got shape {tuple(grad_output.shape)}")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import embedding_ext as ee
-from conftest import DEVICES, HAS_CUDA
+from conftest import DEVICES, HAS_CUDA, call_op
 
 ops = torch.ops.embedding_ext
 
@@ -97,6 +97,35 @@ def test_direct_fused_update_of_a_saved_weight_fails_backward():
                                     None, None, 0.1, 0.0, 0.0, 0.0, 0.0, 1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.backward()
+
+
+# --- Fakes refuse what the kernels refuse.
+
+def _fused_args(weight, state1=None, rule=1):
+    state1 = torch.zeros(4, 3) if state1 is None else state1
+    return (weight, torch.ones(2, 3), torch.tensor([0, 2]), -1, False, rule, state1, None,
+            0.1, 1e-8, 0.9, 0.999, 0.0, 1)
+
+
+REFUSED = [
+    pytest.param(ops.embedding_bag_sparse_backward.default,
+                 lambda: (torch.ones(1, 3), torch.tensor([0, 1]), torch.tensor([0, 2]), 4, 0,
+                          None, 4, False),
+                 "padding_idx", id="bag-sparse-padding-idx-past-the-table"),
+    pytest.param(ops.embedding_fused_update_.default,
+                 lambda: _fused_args(torch.ones(3, 4).t()),
+                 "stride", id="fused-weight-rows-not-contiguous"),
+    pytest.param(ops.embedding_fused_update_.default,
+                 lambda: _fused_args(torch.ones(4, 3), torch.zeros(3, 4).t()),
+                 "contiguous", id="fused-state-not-contiguous"),
+]
+
+
+@pytest.mark.parametrize("fake", [False, True], ids=["kernel", "fake"])
+@pytest.mark.parametrize("op, make_args, message", REFUSED)
+def test_fake_refuses_what_the_kernel_refuses(op, make_args, message, fake):
+    with pytest.raises(RuntimeError, match=message):
+        call_op(op, make_args(), fake)
 
 
 # --- CUDA: a bad id never reaches a torch optimizer through the sparse gradient.
