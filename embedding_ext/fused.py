@@ -362,6 +362,11 @@ class FusedBagFunction(torch.autograd.Function):
             # One value per id in order: the ids themselves, so that a bad one stops the
             # update (the op names it row 0, a zero row SparseAdam would step).
             rows = ids.reshape(1, -1)[:, :values.shape[0]]
+        elif ids.is_cuda:
+            # With padding the op leaves bad ids out (reported): then every row is made bad,
+            # so the update changes nothing, not just the others (no synchronisation).
+            bad = ((ids < 0) | (ids >= ctx.num_weights)).any()
+            rows = rows.masked_fill(bad, -1)
         # Padding is already left out and the frequency scaling already in the values.
         ctx.optimizer._update(values, rows[0], -1, False)
         return None, None, None, None, grad_psw, None, None, None, None

@@ -156,3 +156,27 @@ def test_sparse_gradient_of_good_ids_is_unchanged(device):
     expected = torch.zeros(5, 4, device=device)
     expected.index_add_(0, ids, torch.ones(3, 4, device=device))
     torch.testing.assert_close(weight.grad.to_dense(), expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible")
+@pytest.mark.parametrize("optimizer_class, kwargs", [
+    (torch.optim.SGD, {"lr": 0.1}), (torch.optim.Adagrad, {"lr": 0.1}),
+    (torch.optim.SparseAdam, {"lr": 0.1})], ids=["sgd", "adagrad", "sparse-adam"])
+def test_cuda_fused_bag_with_padding_and_bad_id_updates_nothing(optimizer_class, kwargs):
+    bag = ee.EmbeddingBag(6, 4, mode="mean", padding_idx=0).cuda()
+    opt = ee.fuse_optimizer(bag, optimizer_class, **kwargs)
+    before = bag.weight.detach().clone()
+    out = bag(torch.tensor([1, 0, 9, 2], device="cuda"), torch.tensor([0, 2], device="cuda"))
+    with pytest.raises(IndexError, match="index 9 at position 2"):
+        ee.check_cuda_index_errors()  # the forward's report, so that the backward runs
+    out.sum().backward()
+    with pytest.raises(IndexError, match="index"):
+        ee.check_cuda_index_errors()
+    assert torch.equal(bag.weight.detach(), before)
+    assert all(torch.equal(v, torch.zeros_like(v)) for s in opt.state.values()
+               for k, v in s.items() if k == "exp_avg")
+    opt.step()
+    opt.zero_grad()
+    bag(torch.tensor([1, 0, 2], device="cuda"), torch.tensor([0, 2], device="cuda")).sum().backward()
+    assert not torch.equal(bag.weight.detach(), before)  # good ids still update
