@@ -344,3 +344,15 @@ def fused_lookup(input, weight, optimizer, padding_idx: int, max_norm, norm_type
     out = _RowShardFusedLookup.apply(weight, ids, first, local_padding,
                                      bool(scale_grad_by_freq), optimizer)
     return DTensor.from_local(out, mesh, [Partial()], run_check=False)
+
+
+def row_state_like(weight: Tensor, value: float, dtype: torch.dtype) -> Tensor:
+    """A (V,) state filled with `value`: for a row-sharded DTensor weight, a DTensor sharded
+    alike (this rank's rows); else a plain tensor on the weight's device."""
+    if is_dtensor(weight):
+        from torch.distributed.tensor import DTensor
+        local = weight.to_local()
+        rows = torch.full(local.shape[:1], value, dtype=dtype, device=local.device)
+        return DTensor.from_local(rows, weight.device_mesh, weight.placements, run_check=False,
+                                  shape=weight.shape[:1], stride=(1,))
+    return torch.full(weight.shape[:1], value, dtype=dtype, device=weight.device)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import distributed, lookup, ops
 from .autograd import bag_sparse_gradient
+from .fused_skips import SkippedUpdates
 from .lookup import bag_arguments, csr_may_end_early, normalize_padding_idx, renorm_rows
 from .optim import RowWiseAdagrad
 
@@ -60,18 +61,6 @@ def fused_optimizer_of(module: torch.nn.Module) -> "FusedOptimizer | None":
             "fully_shard, or an assignment); call ee.fuse_optimizer again after replacing it, "
             "and drop the old optimizer")
     return optimizer
-
-
-def row_state_like(weight: Tensor, value: float, dtype: torch.dtype) -> Tensor:
-    """A (V,) state filled with `value`: for a row-sharded DTensor weight, a DTensor sharded
-    alike (this rank's rows); else a plain tensor on the weight's device."""
-    if distributed.is_dtensor(weight):
-        from torch.distributed.tensor import DTensor
-        local = weight.to_local()
-        rows = torch.full(local.shape[:1], value, dtype=dtype, device=local.device)
-        return DTensor.from_local(rows, weight.device_mesh, weight.placements, run_check=False,
-                                  shape=weight.shape[:1], stride=(1,))
-    return torch.full(weight.shape[:1], value, dtype=dtype, device=weight.device)
 
 
 class Fusable:
@@ -139,6 +128,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._optimizer_class = optimizer_class
         self._updated = False  # since the last step()
         super().__init__([weight], defaults)
+        self._skips = SkippedUpdates(self)  # CUDA: step counts of skipped updates taken back
         if self._rule == _ADAGRAD:  # torch's Adagrad makes its state at construction
             self.state[weight] = {
                 "step": torch.tensor(0.0),
@@ -191,6 +181,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         given = dict(state_dict.get("state", {}).get(0, {}))
         super().load_state_dict(state_dict)
         self._updated = False
+        self._skips.forget()
         weight = self.param_groups[0]["params"][0]
         for name, value in given.items():
             if name != "step" and torch.is_tensor(value):
@@ -224,8 +215,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(weight, dtype=_state_dtype(weight))
             else:
                 state["step"] = torch.zeros((), dtype=torch.float32)
-                state["sum"] = row_state_like(weight, group["initial_accumulator_value"],
-                                              _state_dtype(weight))
+                state["sum"] = distributed.row_state_like(
+                    weight, group["initial_accumulator_value"], _state_dtype(weight))
         for name, value in state.items():  # follow the weight (module.to() after fusing)
             if name != "step" and (value.device != weight.device
                                    or value.dtype != _state_dtype(weight)):
@@ -233,6 +224,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         names = {_ADAGRAD: ("sum", None), _SPARSE_ADAM: ("exp_avg", "exp_avg_sq"),
                  _ROWWISE_ADAGRAD: ("sum", None)}.get(self._rule, (None, None))
         state1, state2 = (state[n] if n else None for n in names)
+        self._skips.settle()  # the last update's step, if it was skipped, taken back first
         step = int(state["step"]) + 1 if state else 1
         betas = group.get("betas", (0.0, 0.0))
         with torch.no_grad():
@@ -247,7 +239,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                 float(group.get("lr_decay", 0.0)), step)
         if state:
             state["step"] += 1
+            self._skips.launched(indices, local[0])
         self._updated = True
+
+    def state_dict(self) -> dict:
+        self._skips.settle()  # no step count of a skipped CUDA update
+        return super().state_dict()
 
     # torch.amp.GradScaler.step() hands an optimizer with this flag its state (the
     # attributes grad_scale and found_inf) instead of unscaling gradients it does not have:
@@ -272,6 +269,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._updated = False
+        self._skips.settle(wait=False)
         return loss
 
 

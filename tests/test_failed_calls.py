@@ -180,3 +180,33 @@ def test_cuda_fused_bag_with_padding_and_bad_id_updates_nothing(optimizer_class,
     opt.zero_grad()
     bag(torch.tensor([1, 0, 2], device="cuda"), torch.tensor([0, 2], device="cuda")).sum().backward()
     assert not torch.equal(bag.weight.detach(), before)  # good ids still update
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible")
+@pytest.mark.parametrize("optimizer_class", [
+    torch.optim.Adagrad, torch.optim.SparseAdam, ee.optim.RowWiseAdagrad],
+    ids=["adagrad", "sparse-adam", "rowwise-adagrad"])
+def test_cuda_fused_step_count_leaves_out_a_skipped_update(optimizer_class):
+    emb = ee.Embedding(6, 4).cuda()
+    ref = ee.Embedding(6, 4).cuda()
+    ref.weight.data.copy_(emb.weight.data)
+    opt = ee.fuse_optimizer(emb, optimizer_class, lr=0.1)
+    ref_opt = ee.fuse_optimizer(ref, optimizer_class, lr=0.1)
+    out = emb(torch.tensor([1, 9], device="cuda"))
+    with pytest.raises(IndexError, match="index 9 at position 1"):
+        ee.check_cuda_index_errors()  # the forward's report, so that the backward runs
+    out.sum().backward()  # the update meets the bad id: skipped
+    opt.step()
+    with pytest.raises(IndexError, match="index 9 at position 1"):
+        ee.check_cuda_index_errors()
+    assert int(opt.state_dict()["state"].get(0, {}).get("step", 0)) == 0
+    good = torch.tensor([1, 2, 1], device="cuda")
+    for module, optimizer in ((emb, opt), (ref, ref_opt)):
+        module(good).sum().backward()
+        optimizer.step()
+    assert int(opt.state_dict()["state"][0]["step"]) == 1
+    assert torch.equal(emb.weight.detach(), ref.weight.detach())
+    for name, value in ref_opt.state_dict()["state"][0].items():
+        assert torch.equal(torch.as_tensor(opt.state_dict()["state"][0][name]),
+                           torch.as_tensor(value)), name
