@@ -107,6 +107,53 @@ def _fused_args(weight, state1=None, rule=1):
             0.1, 1e-8, 0.9, 0.999, 0.0, 1)
 
 
+def _renorm_args(weight=None, indices=None, max_norm=1.0, norm_type=2.0):
+    return (torch.ones(4, 3) if weight is None else weight,
+            torch.tensor([0, 2]) if indices is None else indices, max_norm, norm_type)
+
+
+def _fused_case(rule=1, step=1, grad=None, state1=None, state2=None, indices=None):
+    return (torch.ones(4, 3), torch.ones(2, 3) if grad is None else grad,
+            torch.tensor([0, 2]) if indices is None else indices, -1, False, rule, state1,
+            state2, 0.1, 1e-8, 0.9, 0.999, 0.0, step)
+
+
+# Every argument check of the mutating ops, through kernel and fake alike.
+MUTATING_REFUSED = [
+    (ops.embedding_renorm_.default, lambda: _renorm_args(weight=torch.ones(4)), "2-D"),
+    (ops.embedding_renorm_.default, lambda: _renorm_args(indices=torch.tensor([0.0])), "int64"),
+    (ops.embedding_renorm_.default, lambda: _renorm_args(max_norm=-1.0), "max_norm"),
+    (ops.embedding_renorm_.default, lambda: _renorm_args(norm_type=0.0), "norm_type"),
+    (ops.embedding_fused_update_.default, lambda: _fused_case(rule=0, grad=torch.ones(3, 3)),
+     "grad_output"),
+    (ops.embedding_fused_update_.default, lambda: _fused_case(rule=0, grad=torch.ones(2, 5)),
+     "width"),
+    (ops.embedding_fused_update_.default,
+     lambda: _fused_case(rule=0, grad=torch.ones(2, 3, dtype=torch.float64)), "dtype"),
+    (ops.embedding_fused_update_.default, lambda: _fused_case(rule=4), "rule"),
+    (ops.embedding_fused_update_.default, lambda: _fused_case(rule=0, step=0), "step"),
+    (ops.embedding_fused_update_.default, lambda: _fused_case(rule=1), "state1"),
+    (ops.embedding_fused_update_.default,
+     lambda: _fused_case(rule=2, state1=torch.zeros(4, 3)), "state2"),
+    (ops.embedding_fused_update_.default,
+     lambda: _fused_case(rule=3, state1=torch.zeros(4, 3)), "state1"),
+    (ops.embedding_fused_update_.default,
+     lambda: _fused_case(rule=1, state1=torch.zeros(4, 3, dtype=torch.float64)), "state1"),
+]
+
+
+@pytest.mark.parametrize("fake", [False, True], ids=["kernel", "fake"])
+@pytest.mark.parametrize("op, make_args, message", MUTATING_REFUSED,
+                         ids=[f"{i}-{m}" for i, (_, _, m) in enumerate(MUTATING_REFUSED)])
+def test_mutating_ops_refuse_alike_and_change_nothing(op, make_args, message, fake):
+    args = make_args()
+    before = [a.clone() for a in args if isinstance(a, torch.Tensor)]
+    with pytest.raises(RuntimeError, match=message):
+        call_op(op, args, fake)
+    after = [a for a in args if isinstance(a, torch.Tensor)]
+    assert all(torch.equal(a, b) and a._version == 0 for a, b in zip(after, before))
+
+
 REFUSED = [
     pytest.param(ops.embedding_bag_sparse_backward.default,
                  lambda: (torch.ones(1, 3), torch.tensor([0, 1]), torch.tensor([0, 2]), 4, 0,
