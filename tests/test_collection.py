@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import embedding_ext as ee
 
-from conftest import FLOAT_DTYPES, INDEX_DTYPES, TOL, poison
+from conftest import FLOAT_DTYPES, INDEX_DTYPES, TOL, each_cpu_isa, poison
 
 MODES = ["sum", "mean", "max"]
 
@@ -157,6 +157,21 @@ def test_small_batches_empty_bags_and_padding(batch):
     for name in ebc._table_names:
         torch.testing.assert_close(ebc.embedding_bags[name].weight.grad.double(),
                                    ref_grad(ref_w, name), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_every_instruction_set_gives_the_same_bits(dtype):
+    ebc = make_ebc(dims=(5, 64, 33), rows=(9, 40, 7), padding=(None, 3, 1), dtype=dtype)
+    values, offsets = make_batch(ebc, 16, max_len=20)
+    psw_ebc = make_ebc(dims=(5, 64, 33), rows=(9, 40, 7), pooling=("sum",) * 3, dtype=dtype)
+    psw = torch.rand(values.shape[0]).to(dtype)
+    outs = each_cpu_isa(lambda: (ebc(values, offsets).detach(),
+                                 psw_ebc(values, offsets, psw).detach()))
+    first = next(iter(outs.values()))
+    for out in outs.values():
+        assert torch.equal(out[0], first[0]) and torch.equal(out[1], first[1])
+    torch.testing.assert_close(first[0].double(), reference(ebc, values, offsets)[0],
+                               **TOL[dtype])
 
 
 def test_matches_per_table_embedding_bag_loop():

@@ -1,7 +1,6 @@
-// CPU table-batched pooled lookup (embedding_bag_collection_*): every (feature, bag) of every
-// table in one parallel region, so a model with tens of small tables pays one thread start-up
-// and one dispatch per pass instead of one per table. The backward gives each table to one
-// task and sums its terms in position order: deterministic, no atomics.
+// CPU table-batched pooled lookup (embedding_bag_collection_forward): every (feature, bag) of
+// every table in one parallel region, so a model with tens of small tables pays one thread
+// start-up and one dispatch per pass instead of one per table.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -10,25 +9,16 @@
 #include <algorithm>
 #include <atomic>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
+#include "bag_collection.h"
 #include "common.h"
+#include "isa.h"
 #include "row_convert.h"
 
 namespace embedding_ext {
 namespace cpu {
-namespace {
-
-// Everything the kernels need once the arguments are checked. Tables are described by
-// their shapes only, so the forward and both backwards share it.
-struct Layout {
-  int64_t features = 0, tables = 0, batch = 0, total_dim = 0, max_dim = 0, n = 0;
-  std::vector<int64_t> table_of, col_of;   // per feature
-  std::vector<int64_t> rows, dims, mode, pad;  // per table
-  std::vector<std::vector<int64_t>> features_of;  // per table, in feature order
-  bool any_max = false;
-  at::Tensor values, offsets;  // contiguous; offsets int64
-};
 
 Layout make_layout(const std::vector<int64_t>& rows, const std::vector<int64_t>& dims,
                    const at::Tensor& values, const at::Tensor& offsets,
@@ -89,6 +79,8 @@ Layout make_layout(const std::vector<int64_t>& rows, const std::vector<int64_t>&
   return L;
 }
 
+namespace {
+
 // The IndexError for the first bad id: which bag holds the position tells the feature.
 [[noreturn]] void throw_collection_index_error(const Layout& L, int64_t value, int64_t pos,
                                                const char* op) {
@@ -101,77 +93,136 @@ Layout make_layout(const std::vector<int64_t>& rows, const std::vector<int64_t>&
   __builtin_unreachable();
 }
 
-// Rows fetched ahead while pooling a bag, as in the single-table kernel.
-constexpr int64_t kAhead = 8;
+// Ids fetched ahead while pooling. The cursor runs across bag and feature boundaries:
+// Criteo-like batches have one id per bag, so prefetching within a bag would never fire.
+constexpr int64_t kAhead = 12;
+
+template <typename scalar_t, typename index_t>
+struct PoolTask {
+  const Layout& L;
+  const std::vector<const scalar_t*>& weights;
+  const index_t* idx;
+  const int64_t* off;
+  const scalar_t* psw;
+  scalar_t* out;
+  int64_t* arg_pos;
+  std::atomic<int64_t>* first_bad;
+};
+
+// Bags [begin, end) of the flattened (feature, bag) range. Always inlined into one copy per
+// instruction set (isa.h), so the row loops below compile to AVX2 / AVX-512 there.
+template <typename scalar_t, typename index_t>
+__attribute__((always_inline)) inline void pool_bags(const PoolTask<scalar_t, index_t>& c,
+                                                     int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Layout& L = c.L;
+  std::vector<acc_t> acc_buffer(L.max_dim);
+  std::vector<int64_t> won(L.max_dim);
+  acc_t* __restrict acc = acc_buffer.data();
+  // The prefetch cursor: position `ahead` in bag `ahead_bag`.
+  int64_t ahead_bag = begin, ahead = c.off[begin];
+  const int64_t last = c.off[end];
+  auto prefetch_next = [&]() {
+    if (ahead >= last) return;
+    while (ahead >= c.off[ahead_bag + 1]) ++ahead_bag;
+    const int64_t t = L.table_of[ahead_bag / L.batch];
+    const uint64_t k = static_cast<uint64_t>(static_cast<int64_t>(c.idx[ahead]));
+    if (k < static_cast<uint64_t>(L.rows[t])) {
+      prefetch_row(c.weights[t] + k * L.dims[t], L.dims[t] * sizeof(scalar_t));
+    }
+    ++ahead;
+  };
+  for (int64_t j = 0; j < kAhead; ++j) prefetch_next();
+  for (int64_t fb = begin; fb < end; ++fb) {
+    const int64_t f = fb / L.batch, b = fb - f * L.batch, t = L.table_of[f];
+    const int64_t dim = L.dims[t], pad = L.pad[t], mode = L.mode[t];
+    const uint64_t num_rows = static_cast<uint64_t>(L.rows[t]);
+    const scalar_t* w = c.weights[t];
+    scalar_t* o = c.out + b * L.total_dim + L.col_of[f];
+    const int64_t s = c.off[fb], e = c.off[fb + 1];
+    int64_t count = 0;
+    if (mode == kBagMax) {
+      std::fill(won.begin(), won.begin() + dim, int64_t(-1));
+    } else {
+      std::fill(acc, acc + dim, acc_t(0));
+    }
+    for (int64_t i = s; i < e; ++i) {
+      prefetch_next();
+      const int64_t k = static_cast<int64_t>(c.idx[i]);
+      if (static_cast<uint64_t>(k) >= num_rows) {
+        record_bad(*c.first_bad, i);
+        break;
+      }
+      if (k == pad) continue;
+      ++count;
+      const scalar_t* __restrict row = w + k * dim;
+      if (mode == kBagMax) {
+        for (int64_t d = 0; d < dim; ++d) {
+          const acc_t v = static_cast<acc_t>(row[d]);
+          if (won[d] < 0 || v > acc[d]) {
+            acc[d] = v;
+            won[d] = i;
+          }
+        }
+      } else if (c.psw != nullptr) {
+        const acc_t weight = static_cast<acc_t>(c.psw[i]);
+        for (int64_t d = 0; d < dim; ++d) acc[d] += weight * static_cast<acc_t>(row[d]);
+      } else if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        for (int64_t d = 0; d < dim; ++d) acc[d] += row[d];
+      } else {
+        load_row<true>(row, acc, dim);  // fp16/bf16: the fast conversions of row_convert.h
+      }
+    }
+    if (mode == kBagMax) {
+      int64_t* a = c.arg_pos + b * L.total_dim + L.col_of[f];
+      for (int64_t d = 0; d < dim; ++d) {
+        o[d] = won[d] < 0 ? scalar_t(0) : static_cast<scalar_t>(acc[d]);
+        a[d] = won[d];
+      }
+    } else {
+      const acc_t scale = (mode == kBagMean && count > 0) ? acc_t(1) / acc_t(count) : acc_t(1);
+      store_row(acc, scale, o, dim);
+    }
+  }
+}
+
+template <typename scalar_t, typename index_t>
+void pool_bags_portable(const PoolTask<scalar_t, index_t>& c, int64_t begin, int64_t end) {
+  pool_bags(c, begin, end);
+}
+
+#if defined(__x86_64__)
+template <typename scalar_t, typename index_t>
+EMBEDDING_EXT_TARGET_AVX2 void pool_bags_avx2(const PoolTask<scalar_t, index_t>& c,
+                                              int64_t begin, int64_t end) {
+  pool_bags(c, begin, end);
+}
+
+template <typename scalar_t, typename index_t>
+EMBEDDING_EXT_TARGET_AVX512 void pool_bags_avx512(const PoolTask<scalar_t, index_t>& c,
+                                                  int64_t begin, int64_t end) {
+  pool_bags(c, begin, end);
+}
+#endif
 
 template <typename scalar_t, typename index_t>
 void pool_all(const Layout& L, const std::vector<const scalar_t*>& weights, const scalar_t* psw,
               scalar_t* out, int64_t* arg_pos, const char* op) {
-  using acc_t = at::opmath_type<scalar_t>;
   const index_t* idx = L.values.const_data_ptr<index_t>();
-  const int64_t* off = L.offsets.const_data_ptr<int64_t>();
   const int64_t bags = L.features * L.batch;
   std::atomic<int64_t> first_bad{L.n};
+  const PoolTask<scalar_t, index_t> task{L, weights, idx, L.offsets.const_data_ptr<int64_t>(),
+                                         psw, out, arg_pos, &first_bad};
+  auto run = &pool_bags_portable<scalar_t, index_t>;
+#if defined(__x86_64__)
+  if (cpu_isa() == kAvx512) run = &pool_bags_avx512<scalar_t, index_t>;
+  if (cpu_isa() == kAvx2) run = &pool_bags_avx2<scalar_t, index_t>;
+#endif
   // A bag's work is about its ids times its row bytes; size tasks from the average.
   const int64_t ids_per_bag = bags > 0 ? std::max<int64_t>(1, L.n / bags) : 1;
   const int64_t avg_dim = L.features > 0 ? std::max<int64_t>(1, L.total_dim / L.features) : 1;
   const int64_t grain = grain_for(ids_per_bag * avg_dim * static_cast<int64_t>(sizeof(scalar_t)));
-  at::parallel_for(0, bags, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(L.max_dim);
-    std::vector<int64_t> won(L.max_dim);
-    for (int64_t fb = begin; fb < end; ++fb) {
-      const int64_t f = fb / L.batch, b = fb - f * L.batch, t = L.table_of[f];
-      const int64_t dim = L.dims[t], pad = L.pad[t], mode = L.mode[t];
-      const uint64_t num_rows = static_cast<uint64_t>(L.rows[t]);
-      const scalar_t* w = weights[t];
-      scalar_t* o = out + b * L.total_dim + L.col_of[f];
-      const int64_t s = off[fb], e = off[fb + 1];
-      int64_t count = 0;
-      if (mode == kBagMax) {
-        std::fill(won.begin(), won.begin() + dim, int64_t(-1));
-      } else {
-        std::fill(acc.begin(), acc.begin() + dim, acc_t(0));
-      }
-      for (int64_t i = s; i < e; ++i) {
-        const int64_t k = static_cast<int64_t>(idx[i]);
-        if (static_cast<uint64_t>(k) >= num_rows) {
-          record_bad(first_bad, i);
-          break;
-        }
-        if (i + kAhead < e) {
-          const uint64_t next = static_cast<uint64_t>(static_cast<int64_t>(idx[i + kAhead]));
-          if (next < num_rows) prefetch_row(w + next * dim, dim * sizeof(scalar_t));
-        }
-        if (k == pad) continue;
-        ++count;
-        const scalar_t* row = w + k * dim;
-        if (mode == kBagMax) {
-          for (int64_t d = 0; d < dim; ++d) {
-            const acc_t v = static_cast<acc_t>(row[d]);
-            if (won[d] < 0 || v > acc[d]) {
-              acc[d] = v;
-              won[d] = i;
-            }
-          }
-        } else if (psw != nullptr) {
-          const acc_t c = static_cast<acc_t>(psw[i]);
-          for (int64_t d = 0; d < dim; ++d) acc[d] += c * static_cast<acc_t>(row[d]);
-        } else {
-          load_row<true>(row, acc.data(), dim);
-        }
-      }
-      if (mode == kBagMax) {
-        int64_t* a = arg_pos + b * L.total_dim + L.col_of[f];
-        for (int64_t d = 0; d < dim; ++d) {
-          o[d] = won[d] < 0 ? scalar_t(0) : static_cast<scalar_t>(acc[d]);
-          a[d] = won[d];
-        }
-      } else {
-        const acc_t scale = (mode == kBagMean && count > 0) ? acc_t(1) / acc_t(count) : acc_t(1);
-        store_row(acc.data(), scale, o, dim);
-      }
-    }
-  });
+  at::parallel_for(0, bags, grain, [&](int64_t begin, int64_t end) { run(task, begin, end); });
   const int64_t bad = first_bad.load();
   if (bad < L.n) throw_collection_index_error(L, static_cast<int64_t>(idx[bad]), bad, op);
 }
@@ -220,165 +271,10 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_collection_forward_cpu(
   return {out, arg_pos};
 }
 
-// Calls visit(i, k, coef, g) for every non-padding id i (row k) of table t's features, in
-// position order, where g is its bag's grad_output slice and coef its sum/mean factor; max
-// mode passes coef 0 and leaves the choice of columns to the caller (arg_pos).
-template <typename scalar_t, typename index_t, typename Visit>
-void for_each_term(const Layout& L, int64_t t, const scalar_t* grad, const scalar_t* psw,
-                   Visit&& visit) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const index_t* idx = L.values.const_data_ptr<index_t>();
-  const int64_t* off = L.offsets.const_data_ptr<int64_t>();
-  const int64_t pad = L.pad[t], mode = L.mode[t];
-  for (int64_t f : L.features_of[t]) {
-    for (int64_t b = 0; b < L.batch; ++b) {
-      const int64_t s = off[f * L.batch + b], e = off[f * L.batch + b + 1];
-      const scalar_t* g = grad + b * L.total_dim + L.col_of[f];
-      int64_t count = 0;
-      if (mode == kBagMean) {
-        for (int64_t i = s; i < e; ++i) count += static_cast<int64_t>(idx[i]) != pad;
-      }
-      const acc_t scale = count > 0 ? acc_t(1) / acc_t(count) : acc_t(1);
-      for (int64_t i = s; i < e; ++i) {
-        const int64_t k = static_cast<int64_t>(idx[i]);
-        if (k == pad) continue;
-        const acc_t coef = mode == kBagMax ? acc_t(0)
-                           : psw != nullptr ? static_cast<acc_t>(psw[i])
-                                            : scale;
-        visit(i, k, coef, b, f, g);
-      }
-    }
-  }
-}
-
-template <bool kSparse>
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> collection_backward(
-    const at::Tensor& grad_output, const at::Tensor& values, const at::Tensor& offsets,
-    const at::Tensor& arg_max, at::IntArrayRef feature_table, at::IntArrayRef modes,
-    at::IntArrayRef padding_idx, const c10::optional<at::Tensor>& per_sample_weights,
-    c10::SymIntArrayRef num_weights, at::IntArrayRef dims, const char* op) {
-  TORCH_CHECK(num_weights.size() == dims.size(), op, ": 'num_weights' and 'dims' must both have "
-              "one entry per table, got ", num_weights.size(), " and ", dims.size());
-  std::vector<int64_t> rows, dim_list(dims.begin(), dims.end());
-  for (size_t t = 0; t < num_weights.size(); ++t) {
-    rows.push_back(num_weights[t].expect_int());
-    TORCH_CHECK(rows.back() >= 0 && dims[t] >= 0, op, ": table ", t, " must have rows >= 0 and "
-                "dim >= 0, got (", rows.back(), ", ", dims[t], ")");
-  }
-  TORCH_CHECK(grad_output.dim() == 2, op, ": 'grad_output' must be 2-D (B, sum D), got shape ",
-              grad_output.sizes());
-  Layout L = make_layout(rows, dim_list, values, offsets, feature_table, modes, padding_idx,
-                         per_sample_weights, grad_output.size(0), op);
-  check_same_device(grad_output, "grad_output", values, "values", op);
-  TORCH_CHECK(grad_output.size(1) == L.total_dim, op,
-              ": 'grad_output' must have shape (B, sum of the features' dims = ", L.total_dim,
-              "), got ", grad_output.sizes());
-  TORCH_CHECK(!L.any_max || (arg_max.scalar_type() == at::kLong &&
-                             arg_max.sizes() == grad_output.sizes()), op,
-              ": 'arg_max' must be int64 of grad_output's shape ", grad_output.sizes(),
-              " when a table is in max mode, got ", arg_max.scalar_type(), " ", arg_max.sizes());
-  const at::Tensor grad = grad_output.contiguous();
-  const at::Tensor arg_pos = L.any_max ? arg_max.contiguous() : arg_max;
-  at::Tensor psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
-  if (psw.defined()) {
-    TORCH_CHECK(psw.scalar_type() == grad.scalar_type(), op, ": 'per_sample_weights' must have "
-                "grad_output's dtype (", grad.scalar_type(), "), got ", psw.scalar_type());
-  }
-  std::vector<at::Tensor> first(L.tables), second(kSparse ? L.tables : 0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
-                                  "embedding_bag_collection", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_options = grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const scalar_t* g_all = grad.const_data_ptr<scalar_t>();
-    const scalar_t* p = psw.defined() ? psw.const_data_ptr<scalar_t>() : nullptr;
-    const int64_t* ap = L.any_max ? arg_pos.const_data_ptr<int64_t>() : nullptr;
-    AT_DISPATCH_INDEX_TYPES(L.values.scalar_type(), "embedding_bag_collection", [&] {
-      // One task per table: each table's gradient has one writer, so no atomics and a fixed
-      // summation order. (Tables differ in size; at::parallel_for hands out ranges, so the
-      // balance is only as good as the table sizes allow.)
-      at::parallel_for(0, L.tables, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t dim = L.dims[t];
-          const bool is_max = L.mode[t] == kBagMax;
-          if (!kSparse) {
-            at::Tensor acc = at::zeros({L.rows[t], dim}, acc_options);
-            acc_t* G = acc.data_ptr<acc_t>();
-            for_each_term<scalar_t, index_t>(L, t, g_all, p, [&](int64_t i, int64_t k, acc_t c,
-                                                               int64_t b, int64_t f,
-                                                               const scalar_t* g) {
-              acc_t* dst = G + k * dim;
-              if (is_max) {
-                const int64_t* a = ap + b * L.total_dim + L.col_of[f];
-                for (int64_t d = 0; d < dim; ++d) {
-                  if (a[d] == i) dst[d] += static_cast<acc_t>(g[d]);
-                }
-              } else {
-                for (int64_t d = 0; d < dim; ++d) dst[d] += c * static_cast<acc_t>(g[d]);
-              }
-            });
-            first[t] = acc.scalar_type() == grad.scalar_type() ? acc : acc.to(grad.scalar_type());
-          } else {
-            int64_t nnz = 0;
-            for_each_term<scalar_t, index_t>(
-                L, t, g_all, p,
-                [&](int64_t, int64_t, acc_t, int64_t, int64_t, const scalar_t*) { ++nnz; });
-            at::Tensor row_ids = at::empty({nnz}, grad.options().dtype(at::kLong));
-            at::Tensor vals = at::empty({nnz, dim}, grad.options());
-            int64_t* r = row_ids.data_ptr<int64_t>();
-            scalar_t* v = vals.data_ptr<scalar_t>();
-            int64_t j = 0;
-            for_each_term<scalar_t, index_t>(L, t, g_all, p, [&](int64_t i, int64_t k, acc_t c,
-                                                               int64_t b, int64_t f,
-                                                               const scalar_t* g) {
-              r[j] = k;
-              scalar_t* dst = v + j * dim;
-              if (is_max) {
-                const int64_t* a = ap + b * L.total_dim + L.col_of[f];
-                for (int64_t d = 0; d < dim; ++d) dst[d] = a[d] == i ? g[d] : scalar_t(0);
-              } else {
-                for (int64_t d = 0; d < dim; ++d) {
-                  dst[d] = static_cast<scalar_t>(c * static_cast<acc_t>(g[d]));
-                }
-              }
-              ++j;
-            });
-            first[t] = row_ids;
-            second[t] = vals;
-          }
-        }
-      });
-    });
-  });
-  return {first, second};
-}
-
-std::vector<at::Tensor> embedding_bag_collection_dense_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& values, const at::Tensor& offsets,
-    const at::Tensor& arg_max, at::IntArrayRef feature_table, at::IntArrayRef modes,
-    at::IntArrayRef padding_idx, const c10::optional<at::Tensor>& per_sample_weights,
-    c10::SymIntArrayRef num_weights, at::IntArrayRef dims) {
-  return std::get<0>(collection_backward<false>(
-      grad_output, values, offsets, arg_max, feature_table, modes, padding_idx,
-      per_sample_weights, num_weights, dims, "embedding_bag_collection_dense_backward"));
-}
-
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>
-embedding_bag_collection_sparse_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& values, const at::Tensor& offsets,
-    const at::Tensor& arg_max, at::IntArrayRef feature_table, at::IntArrayRef modes,
-    at::IntArrayRef padding_idx, const c10::optional<at::Tensor>& per_sample_weights,
-    c10::SymIntArrayRef num_weights, at::IntArrayRef dims) {
-  return collection_backward<true>(grad_output, values, offsets, arg_max, feature_table, modes,
-                                   padding_idx, per_sample_weights, num_weights, dims,
-                                   "embedding_bag_collection_sparse_backward");
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(embedding_ext, CPU, m) {
   m.impl("embedding_bag_collection_forward", &embedding_bag_collection_forward_cpu);
-  m.impl("embedding_bag_collection_dense_backward", &embedding_bag_collection_dense_backward_cpu);
-  m.impl("embedding_bag_collection_sparse_backward", &embedding_bag_collection_sparse_backward_cpu);
 }
 
 }  // namespace cpu
