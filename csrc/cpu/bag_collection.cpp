@@ -15,6 +15,7 @@
 #include "bag_collection.h"
 #include "common.h"
 #include "isa.h"
+#include "output_allocator.h"
 #include "row_convert.h"
 
 namespace embedding_ext {
@@ -93,9 +94,10 @@ namespace {
   __builtin_unreachable();
 }
 
-// Ids fetched ahead while pooling. The cursor runs across bag and feature boundaries:
-// Criteo-like batches have one id per bag, so prefetching within a bag would never fire.
-constexpr int64_t kAhead = 12;
+// Prefetching: the first kAhead rows of the bag kAheadBags work items ahead (Criteo-like
+// batches have one id per bag, so prefetching only within a bag would never fire), and
+// within a bag the row kAhead ids ahead.
+constexpr int64_t kAhead = 4, kAheadBags = 8;
 
 template <typename scalar_t, typename index_t>
 struct PoolTask {
@@ -109,8 +111,8 @@ struct PoolTask {
   std::atomic<int64_t>* first_bad;
 };
 
-// Bags [begin, end) of the flattened (feature, bag) range. Always inlined into one copy per
-// instruction set (isa.h), so the row loops below compile to AVX2 / AVX-512 there.
+// Work items [begin, end) of the flattened (bag, feature) range. Always inlined into one copy
+// per instruction set (isa.h), so the row loops below compile to AVX2 / AVX-512 there.
 template <typename scalar_t, typename index_t>
 __attribute__((always_inline)) inline void pool_bags(const PoolTask<scalar_t, index_t>& c,
                                                      int64_t begin, int64_t end) {
@@ -119,35 +121,45 @@ __attribute__((always_inline)) inline void pool_bags(const PoolTask<scalar_t, in
   std::vector<acc_t> acc_buffer(L.max_dim);
   std::vector<int64_t> won(L.max_dim);
   acc_t* __restrict acc = acc_buffer.data();
-  // The prefetch cursor: position `ahead` in bag `ahead_bag`.
-  int64_t ahead_bag = begin, ahead = c.off[begin];
-  const int64_t last = c.off[end];
-  auto prefetch_next = [&]() {
-    if (ahead >= last) return;
-    while (ahead >= c.off[ahead_bag + 1]) ++ahead_bag;
-    const int64_t t = L.table_of[ahead_bag / L.batch];
-    const uint64_t k = static_cast<uint64_t>(static_cast<int64_t>(c.idx[ahead]));
+  const int64_t features = L.features;
+  auto prefetch = [&](int64_t t, int64_t pos) {
+    const uint64_t k = static_cast<uint64_t>(static_cast<int64_t>(c.idx[pos]));
     if (k < static_cast<uint64_t>(L.rows[t])) {
       prefetch_row(c.weights[t] + k * L.dims[t], L.dims[t] * sizeof(scalar_t));
     }
-    ++ahead;
   };
-  for (int64_t j = 0; j < kAhead; ++j) prefetch_next();
-  for (int64_t fb = begin; fb < end; ++fb) {
-    const int64_t f = fb / L.batch, b = fb - f * L.batch, t = L.table_of[f];
+  // Work item = b * features + f: bag-major, so that the output is written row after row
+  // (feature-major order wrote a 256-byte slice into every row of a large output per
+  // feature: a TLB and cache miss per bag). Features and bags are counted, not divided.
+  int64_t b = begin / features, f = begin - b * features;
+  int64_t ahead_b = b, ahead_f = f;  // the item kAheadBags ahead of (b, f)
+  for (int64_t j = 0; j < kAheadBags; ++j) {
+    if (++ahead_f == features) {
+      ahead_f = 0;
+      ++ahead_b;
+    }
+  }
+  for (int64_t item = begin; item < end; ++item) {
+    if (item + kAheadBags < end) {
+      const int64_t bag = ahead_f * L.batch + ahead_b;
+      const int64_t ps = c.off[bag], pe = std::min(c.off[bag + 1], ps + kAhead);
+      for (int64_t i = ps; i < pe; ++i) prefetch(L.table_of[ahead_f], i);
+    }
+    if (++ahead_f == features) {
+      ahead_f = 0;
+      ++ahead_b;
+    }
+    const int64_t fb = f * L.batch + b;
+    const int64_t t = L.table_of[f];
     const int64_t dim = L.dims[t], pad = L.pad[t], mode = L.mode[t];
     const uint64_t num_rows = static_cast<uint64_t>(L.rows[t]);
     const scalar_t* w = c.weights[t];
     scalar_t* o = c.out + b * L.total_dim + L.col_of[f];
     const int64_t s = c.off[fb], e = c.off[fb + 1];
     int64_t count = 0;
-    if (mode == kBagMax) {
-      std::fill(won.begin(), won.begin() + dim, int64_t(-1));
-    } else {
-      std::fill(acc, acc + dim, acc_t(0));
-    }
+    if (mode == kBagMax) std::fill(won.begin(), won.begin() + dim, int64_t(-1));
     for (int64_t i = s; i < e; ++i) {
-      prefetch_next();
+      if (i + kAhead < e) prefetch(t, i + kAhead);
       const int64_t k = static_cast<int64_t>(c.idx[i]);
       if (static_cast<uint64_t>(k) >= num_rows) {
         record_bad(*c.first_bad, i);
@@ -165,12 +177,24 @@ __attribute__((always_inline)) inline void pool_bags(const PoolTask<scalar_t, in
           }
         }
       } else if (c.psw != nullptr) {
+        // The first row initialises the accumulators (0 + x == x; only a -0.0 row keeps its
+        // sign), which saves clearing them for every bag.
         const acc_t weight = static_cast<acc_t>(c.psw[i]);
-        for (int64_t d = 0; d < dim; ++d) acc[d] += weight * static_cast<acc_t>(row[d]);
+        if (count == 1) {
+          for (int64_t d = 0; d < dim; ++d) acc[d] = weight * static_cast<acc_t>(row[d]);
+        } else {
+          for (int64_t d = 0; d < dim; ++d) acc[d] += weight * static_cast<acc_t>(row[d]);
+        }
       } else if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        for (int64_t d = 0; d < dim; ++d) acc[d] += row[d];
+        if (count == 1) {
+          for (int64_t d = 0; d < dim; ++d) acc[d] = row[d];
+        } else {
+          for (int64_t d = 0; d < dim; ++d) acc[d] += row[d];
+        }
+      } else if (count == 1) {
+        load_row<false>(row, acc, dim);  // fp16/bf16: the fast conversions of row_convert.h
       } else {
-        load_row<true>(row, acc, dim);  // fp16/bf16: the fast conversions of row_convert.h
+        load_row<true>(row, acc, dim);
       }
     }
     if (mode == kBagMax) {
@@ -179,9 +203,15 @@ __attribute__((always_inline)) inline void pool_bags(const PoolTask<scalar_t, in
         o[d] = won[d] < 0 ? scalar_t(0) : static_cast<scalar_t>(acc[d]);
         a[d] = won[d];
       }
+    } else if (count == 0) {
+      std::fill(o, o + dim, scalar_t(0));
     } else {
       const acc_t scale = (mode == kBagMean && count > 0) ? acc_t(1) / acc_t(count) : acc_t(1);
       store_row(acc, scale, o, dim);
+    }
+    if (++f == features) {
+      f = 0;
+      ++b;
     }
   }
 }
@@ -252,7 +282,9 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_collection_forward_cpu(
   }
   Layout L = make_layout(rows, dims, values, offsets, feature_table, modes, padding_idx,
                          per_sample_weights, batch_size.expect_int(), op);
-  at::Tensor out = at::empty({L.batch, L.total_dim}, weights[0].options());
+  // From the cache of freed large outputs: a fresh (B, sum D) block page-faulted on every
+  // call (output_allocator.h).
+  at::Tensor out = empty_output({L.batch, L.total_dim}, weights[0].options());
   const auto long_options = values.options().dtype(at::kLong);
   // -1 in the columns of sum/mean features too: every element of every output is written.
   at::Tensor arg_pos = L.any_max ? at::full({L.batch, L.total_dim}, -1, long_options)
