@@ -94,10 +94,12 @@ namespace {
   __builtin_unreachable();
 }
 
-// Prefetching: the first kAhead rows of the bag kAheadBags work items ahead (Criteo-like
-// batches have one id per bag, so prefetching only within a bag would never fire), and
-// within a bag the row kAhead ids ahead.
-constexpr int64_t kAhead = 4, kAheadBags = 8;
+// Prefetching: about kAhead rows ahead of the pooling, as the single-table kernel. Within a
+// bag, the row kAhead ids ahead; across bags (Criteo-like batches have one id per bag, so
+// prefetching only within a bag would never fire), the first kAhead rows of the bag
+// `ahead_bags` work items ahead, that distance set from the average bag so that it too is
+// about kAhead rows.
+constexpr int64_t kAhead = 16;
 
 template <typename scalar_t, typename index_t>
 struct PoolTask {
@@ -109,6 +111,7 @@ struct PoolTask {
   scalar_t* out;
   int64_t* arg_pos;
   std::atomic<int64_t>* first_bad;
+  int64_t ahead_bags;
 };
 
 // Work items [begin, end) of the flattened (bag, feature) range. Always inlined into one copy
@@ -132,15 +135,15 @@ __attribute__((always_inline)) inline void pool_bags(const PoolTask<scalar_t, in
   // (feature-major order wrote a 256-byte slice into every row of a large output per
   // feature: a TLB and cache miss per bag). Features and bags are counted, not divided.
   int64_t b = begin / features, f = begin - b * features;
-  int64_t ahead_b = b, ahead_f = f;  // the item kAheadBags ahead of (b, f)
-  for (int64_t j = 0; j < kAheadBags; ++j) {
+  int64_t ahead_b = b, ahead_f = f;  // the item c.ahead_bags ahead of (b, f)
+  for (int64_t j = 0; j < c.ahead_bags; ++j) {
     if (++ahead_f == features) {
       ahead_f = 0;
       ++ahead_b;
     }
   }
   for (int64_t item = begin; item < end; ++item) {
-    if (item + kAheadBags < end) {
+    if (item + c.ahead_bags < end) {
       const int64_t bag = ahead_f * L.batch + ahead_b;
       const int64_t ps = c.off[bag], pe = std::min(c.off[bag + 1], ps + kAhead);
       for (int64_t i = ps; i < pe; ++i) prefetch(L.table_of[ahead_f], i);
@@ -241,8 +244,10 @@ void pool_all(const Layout& L, const std::vector<const scalar_t*>& weights, cons
   const index_t* idx = L.values.const_data_ptr<index_t>();
   const int64_t bags = L.features * L.batch;
   std::atomic<int64_t> first_bad{L.n};
+  const int64_t ahead_bags = std::clamp<int64_t>(kAhead * bags / std::max<int64_t>(1, L.n), 1,
+                                                 kAhead);
   const PoolTask<scalar_t, index_t> task{L, weights, idx, L.offsets.const_data_ptr<int64_t>(),
-                                         psw, out, arg_pos, &first_bad};
+                                         psw, out, arg_pos, &first_bad, ahead_bags};
   auto run = &pool_bags_portable<scalar_t, index_t>;
 #if defined(__x86_64__)
   if (cpu_isa() == kAvx512) run = &pool_bags_avx512<scalar_t, index_t>;
