@@ -11,6 +11,7 @@
 
 #include "bag_collection.h"
 #include "common.h"
+#include "output_allocator.h"
 
 namespace embedding_ext {
 namespace cpu {
@@ -97,7 +98,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> collection_backward
           const int64_t dim = L.dims[t];
           const bool is_max = L.mode[t] == kBagMax;
           if (!kSparse) {
-            at::Tensor acc = at::zeros({L.rows[t], dim}, acc_options);
+            // A cached block (output_allocator.h), zeroed: fresh V x D blocks page-faulted
+            // on every step.
+            at::Tensor acc = empty_output({L.rows[t], dim}, acc_options).zero_();
             acc_t* G = acc.data_ptr<acc_t>();
             for_each_term<scalar_t, index_t>(L, t, g_all, p, [&](int64_t i, int64_t k, acc_t c,
                                                                int64_t b, int64_t f,
