@@ -224,8 +224,9 @@ def test_sparse_gradient_trains_like_dense():
         torch.testing.assert_close(sparse.state_dict()[key], value)
 
 
-def test_errors_name_the_argument_and_mutate_nothing():
-    ebc = make_ebc()
+@pytest.mark.parametrize("dims", [(3, 8, 5), (16, 64, 128)])  # the general and fixed-width loops
+def test_errors_name_the_argument_and_mutate_nothing(dims):
+    ebc = make_ebc(dims=dims)
     values, offsets = make_batch(ebc, 3)
     with pytest.raises(ValueError, match="'offsets'.*features \\* B \\+ 1"):
         ebc(values, offsets[:-1])

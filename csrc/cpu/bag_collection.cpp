@@ -114,6 +114,42 @@ struct PoolTask {
   int64_t ahead_bags;
 };
 
+// One fp32 sum/mean bag whose row width is known at compile time: the accumulators stay in
+// registers for the whole bag (with a run-time width they went back to memory after every
+// row). The same operations in the same order as the general loop below, so the same bits.
+template <int kDim, typename index_t>
+__attribute__((always_inline)) inline void sum_bag_fixed(const float* w, const index_t* idx,
+                                                         int64_t s, int64_t e, uint64_t num_rows,
+                                                         int64_t pad, bool mean, float* o,
+                                                         std::atomic<int64_t>& first_bad) {
+  float acc[kDim] = {};  // every lane is set by the first row; the zeros quiet -Wuninitialized
+  int64_t count = 0;
+  for (int64_t i = s; i < e; ++i) {
+    if (i + kAhead < e) {
+      const uint64_t next = static_cast<uint64_t>(static_cast<int64_t>(idx[i + kAhead]));
+      if (next < num_rows) prefetch_row(w + next * kDim, kDim * sizeof(float));
+    }
+    const int64_t k = static_cast<int64_t>(idx[i]);
+    if (static_cast<uint64_t>(k) >= num_rows) {
+      record_bad(first_bad, i);
+      break;
+    }
+    if (k == pad) continue;
+    const float* __restrict row = w + k * kDim;
+    if (++count == 1) {
+      for (int d = 0; d < kDim; ++d) acc[d] = row[d];
+    } else {
+      for (int d = 0; d < kDim; ++d) acc[d] += row[d];
+    }
+  }
+  if (count == 0) {
+    for (int d = 0; d < kDim; ++d) o[d] = 0.f;
+    return;
+  }
+  const float scale = mean ? 1.f / static_cast<float>(count) : 1.f;
+  for (int d = 0; d < kDim; ++d) o[d] = acc[d] * scale;
+}
+
 // Work items [begin, end) of the flattened (bag, feature) range. Always inlined into one copy
 // per instruction set (isa.h), so the row loops below compile to AVX2 / AVX-512 there.
 template <typename scalar_t, typename index_t>
@@ -142,6 +178,12 @@ __attribute__((always_inline)) inline void pool_bags(const PoolTask<scalar_t, in
       ++ahead_b;
     }
   }
+  auto next_item = [&]() {
+    if (++f == features) {
+      f = 0;
+      ++b;
+    }
+  };
   for (int64_t item = begin; item < end; ++item) {
     if (item + c.ahead_bags < end) {
       const int64_t bag = ahead_f * L.batch + ahead_b;
@@ -159,6 +201,20 @@ __attribute__((always_inline)) inline void pool_bags(const PoolTask<scalar_t, in
     const scalar_t* w = c.weights[t];
     scalar_t* o = c.out + b * L.total_dim + L.col_of[f];
     const int64_t s = c.off[fb], e = c.off[fb + 1];
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (mode != kBagMax && c.psw == nullptr && (dim == 16 || dim == 64 || dim == 128)) {
+        const bool mean = mode == kBagMean;
+        if (dim == 16) {
+          sum_bag_fixed<16>(w, c.idx, s, e, num_rows, pad, mean, o, *c.first_bad);
+        } else if (dim == 64) {
+          sum_bag_fixed<64>(w, c.idx, s, e, num_rows, pad, mean, o, *c.first_bad);
+        } else {
+          sum_bag_fixed<128>(w, c.idx, s, e, num_rows, pad, mean, o, *c.first_bad);
+        }
+        next_item();
+        continue;
+      }
+    }
     int64_t count = 0;
     if (mode == kBagMax) std::fill(won.begin(), won.begin() + dim, int64_t(-1));
     for (int64_t i = s; i < e; ++i) {
@@ -212,10 +268,7 @@ __attribute__((always_inline)) inline void pool_bags(const PoolTask<scalar_t, in
       const acc_t scale = (mode == kBagMean && count > 0) ? acc_t(1) / acc_t(count) : acc_t(1);
       store_row(acc, scale, o, dim);
     }
-    if (++f == features) {
-      f = 0;
-      ++b;
-    }
+    next_item();
   }
 }
 
