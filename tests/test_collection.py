@@ -316,3 +316,18 @@ def test_hypothesis_tables_dims_modes(tables, batch, seed):
     for name in ebc._table_names:
         torch.testing.assert_close(ebc.embedding_bags[name].weight.grad.double(),
                                    ref_grad(ref_w, name), **TOL[torch.float32])
+
+
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    ebc = make_ebc()
+    values, offsets = make_batch(ebc, 4)
+    eager = ebc(values, offsets)
+    eager.square().sum().backward()
+    eager_grads = [p.grad.clone() for p in ebc.parameters()]
+    ebc.zero_grad()
+    compiled = torch.compile(ebc, fullgraph=True)(values, offsets)
+    torch.testing.assert_close(compiled, eager)
+    compiled.square().sum().backward()
+    for p, g in zip(ebc.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g)
