@@ -124,6 +124,8 @@ def _per_sample_weights_grad(grad, values, offsets, weights, feature_table, padd
     return out
 
 
+# The C++ IndexError names the feature and table by index (csrc/cpu/bag_collection.cpp:
+# throw_collection_index_error); the module adds their names. Keep the two in step.
 _BAD_ID = re.compile(r"feature (\d+), bag \d+\) is out of range for table (\d+)")
 
 
