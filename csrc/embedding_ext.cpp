@@ -99,4 +99,36 @@ TORCH_LIBRARY(embedding_ext, m) {
   m.def(
       "embedding_bag_per_sample_weights_backward(Tensor grad_output, Tensor weight, "
       "Tensor indices, Tensor offsets, int padding_idx) -> Tensor");
+
+  // --- The table-batched pooled lookup (ee.EmbeddingBagCollection): F features, each pooled
+  // from table feature_table[f] of `weights` (T tables, any mix of dims, one dtype).
+  // `values` holds every id, feature-major; `offsets` has F * B + 1 CSR entries, bag f * B + b
+  // being values[offsets[f*B+b]:offsets[f*B+b+1]]. modes[t] (0 sum, 1 mean, 2 max) and
+  // padding_idx[t] (< 0: none) are per table, with embedding_bag_forward's rules.
+
+  // output (B, sum of the features' dims) in the tables' dtype, feature f's bag b in row b,
+  // columns [col_f, col_f + D_f) (features in order); pooled in fp32 (fp64 for fp64).
+  // arg_max (B, sum D) int64 when some table is in max mode: the position in `values` each
+  // output element came from (-1: an empty bag, or a sum/mean feature's column), else empty.
+  // An id outside its own table's range raises IndexError naming the feature, the table,
+  // the id and its position.
+  m.def(
+      "embedding_bag_collection_forward(Tensor[] weights, Tensor values, Tensor offsets, "
+      "int[] feature_table, int[] modes, int[] padding_idx, Tensor? per_sample_weights, "
+      "SymInt batch_size) -> (Tensor output, Tensor arg_max)");
+
+  // Dense gradients of every table, (num_weights[t], dims[t]) each, in grad_output's dtype;
+  // each table's terms are summed in position order (deterministic).
+  m.def(
+      "embedding_bag_collection_dense_backward(Tensor grad_output, Tensor values, "
+      "Tensor offsets, Tensor arg_max, int[] feature_table, int[] modes, int[] padding_idx, "
+      "Tensor? per_sample_weights, SymInt[] num_weights, int[] dims) -> Tensor[]");
+
+  // Sparse gradients of every table: rows[t] (nnz_t,) int64 and values[t] (nnz_t, dims[t]),
+  // one entry per non-padding id of the table's features, in position order (max mode: the
+  // columns that id did not win are 0). The caller wraps them in uncoalesced COO tensors.
+  m.def(
+      "embedding_bag_collection_sparse_backward(Tensor grad_output, Tensor values, "
+      "Tensor offsets, Tensor arg_max, int[] feature_table, int[] modes, int[] padding_idx, "
+      "Tensor? per_sample_weights, SymInt[] num_weights, int[] dims) -> (Tensor[], Tensor[])");
 }

@@ -39,6 +39,7 @@ for _binary in filter(None, (_C, _C_cuda)):
 from . import ops  # noqa: E402  (registers fake kernels)
 from . import optim  # noqa: E402
 from .autograd import EmbeddingBagFunction, EmbeddingFunction  # noqa: E402
+from .collection import EmbeddingBagCollection, EmbeddingBagConfig  # noqa: E402
 from .functional import embedding, embedding_bag  # noqa: E402
 from .fused import FusedOptimizer, fuse_optimizer  # noqa: E402
 from .module import Embedding, EmbeddingBag  # noqa: E402
@@ -116,6 +117,8 @@ __all__ = [
     "EmbeddingBag",
     "EmbeddingFunction",
     "EmbeddingBagFunction",
+    "EmbeddingBagCollection",
+    "EmbeddingBagConfig",
     "embedding",
     "embedding_bag",
     "optim",

@@ -1,0 +1,244 @@
+"""Many tables in one call: ee.EmbeddingBagCollection against a per-table loop of
+F.embedding_bag, a per-table loop of ee.embedding_bag and FBGEMM's CPU TBE (when importable).
+
+    python -m bench.collection --threads 1 --rounds 15 [--cap 200000] [--json out.json]
+
+Cases: "criteo" (26 tables of Criteo's cardinalities capped to --cap rows, D=64, B=2048, one
+id per feature) and "dlrm" (8 tables, dims 16/64/128, 1-30 ids per bag, B=512). Ops: forward,
+forward+backward with dense gradients, forward+backward with sparse gradients (FBGEMM: its
+fused exact-SGD step, its only CPU training path with sparse updates). Every column is checked
+against ours before timing; times are medians of alternating rounds (one call per column per
+round), in ms.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+import embedding_ext as ee
+
+# The 26 categorical features of Criteo's Kaggle display-advertising data (rows per table).
+CRITEO_ROWS = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593,
+               3194, 27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
+OPS = ("forward", "fwd+bwd dense", "fwd+bwd sparse")
+
+
+def make_case(name: str, cap: int, seed: int = 0):
+    """(label, tables [(rows, dim, pooling)], batch, lengths per feature) of a case."""
+    gen = torch.Generator().manual_seed(seed)
+    if name == "criteo":
+        tables = [(min(r, cap), 64, "sum") for r in CRITEO_ROWS]
+        batch = 2048
+        lengths = [torch.ones(batch, dtype=torch.long) for _ in tables]
+        label = f"criteo 26 tables (rows<={cap}) D=64 B=2048 1 id"
+    elif name == "dlrm":
+        dims = [16, 64, 128, 16, 64, 128, 64, 16]
+        tables = [(min(100_000, cap), d, "sum") for d in dims]
+        batch = 512
+        lengths = [torch.randint(1, 31, (batch,), generator=gen) for _ in tables]
+        label = f"dlrm 8 tables (rows<={min(100_000, cap)}) D=16/64/128 B=512 1-30 ids"
+    else:
+        raise ValueError(f"unknown case {name!r}")
+    values = torch.cat([torch.randint(0, r, (int(n.sum()),), generator=gen)
+                        for (r, _, _), n in zip(tables, lengths)])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cat(lengths).cumsum(0)])
+    return label, tables, batch, values, offsets
+
+
+def _fbgemm():
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from fbgemm_gpu.split_embedding_configs import EmbOptimType
+            from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
+            from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+                ComputeDevice, DenseTableBatchedEmbeddingBagsCodegen, EmbeddingLocation,
+                SplitTableBatchedEmbeddingBagsCodegen)
+    except Exception:  # noqa: BLE001 - any import failure means "no peer column"
+        return None
+    return dict(EmbOptimType=EmbOptimType, PoolingMode=PoolingMode, ComputeDevice=ComputeDevice,
+                Dense=DenseTableBatchedEmbeddingBagsCodegen, EmbeddingLocation=EmbeddingLocation,
+                Split=SplitTableBatchedEmbeddingBagsCodegen)
+
+
+def build_columns(tables, batch, values, offsets):
+    """{column: {op: callable returning (output, [weight gradients])}}."""
+    configs = [ee.EmbeddingBagConfig(r, d, [f"f{t}"], name=f"t{t}", pooling=p)
+               for t, (r, d, p) in enumerate(tables)]
+    dense = ee.EmbeddingBagCollection(configs)
+    sparse = ee.EmbeddingBagCollection(configs, sparse=True)
+    sparse.load_state_dict(dense.state_dict())
+    weights = [dense.embedding_bags[f"t{t}"].weight for t in range(len(tables))]
+    sparse_weights = [sparse.embedding_bags[f"t{t}"].weight for t in range(len(tables))]
+    grad = torch.randn(batch, sum(d for _, d, _ in tables))
+    # Per-table slices for the loops: local offsets, as a caller of the loop would keep them.
+    parts = []
+    for t in range(len(tables)):
+        s, e = int(offsets[t * batch]), int(offsets[(t + 1) * batch])
+        parts.append((values[s:e], offsets[t * batch:(t + 1) * batch] - s))
+
+    def run(fn, ws, backward):
+        for w in ws:
+            w.grad = None
+        out = fn()
+        if backward:
+            out.backward(grad)
+        return out, [w.grad for w in ws]
+
+    def f_loop(ws, sp):
+        return lambda: torch.cat([F.embedding_bag(v, w, o, mode="sum", sparse=sp)
+                                  for (v, o), w in zip(parts, ws)], 1)
+
+    def ee_loop(ws, sp):
+        return lambda: torch.cat([ee.embedding_bag(v, w, o, mode="sum", sparse=sp)
+                                  for (v, o), w in zip(parts, ws)], 1)
+
+    cols = {
+        "ours": {"forward": lambda: run(lambda: dense(values, offsets), weights, False),
+                 "fwd+bwd dense": lambda: run(lambda: dense(values, offsets), weights, True),
+                 "fwd+bwd sparse": lambda: run(lambda: sparse(values, offsets), sparse_weights,
+                                               True)},
+        "F.embedding_bag loop": {
+            "forward": lambda: run(f_loop(weights, False), weights, False),
+            "fwd+bwd dense": lambda: run(f_loop(weights, False), weights, True),
+            "fwd+bwd sparse": lambda: run(f_loop(sparse_weights, True), sparse_weights, True)},
+        "ee.embedding_bag loop": {
+            "forward": lambda: run(ee_loop(weights, False), weights, False),
+            "fwd+bwd dense": lambda: run(ee_loop(weights, False), weights, True),
+            "fwd+bwd sparse": lambda: run(ee_loop(sparse_weights, True), sparse_weights, True)},
+    }
+    fb = _fbgemm()
+    if fb is not None and all(d % 4 == 0 for _, d, _ in tables):
+        cols["FBGEMM TBE"] = _fbgemm_columns(fb, tables, weights, values, offsets, grad)
+    return cols
+
+
+def _fbgemm_columns(fb, tables, weights, values, offsets, grad):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense = fb["Dense"]([(r, d) for r, d, _ in tables], pooling_mode=fb["PoolingMode"].SUM,
+                            use_cpu=True)
+        with torch.no_grad():
+            dense.weights.copy_(torch.cat([w.detach().reshape(-1) for w in weights]))
+        # The training TBE updates its tables in the backward (exact SGD); lr 0 keeps the
+        # tables fixed so every round does the same work on the same data.
+        split = fb["Split"]([(r, d, fb["EmbeddingLocation"].HOST, fb["ComputeDevice"].CPU)
+                             for r, d, _ in tables], pooling_mode=fb["PoolingMode"].SUM,
+                            optimizer=fb["EmbOptimType"].EXACT_SGD, learning_rate=0.0)
+        for dst, w in zip(split.split_embedding_weights(), weights):
+            dst.copy_(w.detach())
+
+    def dense_step(backward):
+        dense.weights.grad = None
+        out = dense(values, offsets)
+        if backward:
+            out.backward(grad)
+        grads = None
+        if backward:
+            flat, grads, at = dense.weights.grad, [], 0
+            for r, d, _ in tables:
+                grads.append(flat[at:at + r * d].view(r, d))
+                at += r * d
+        return out, grads
+
+    def fused_step():
+        out = split(values, offsets)
+        out.backward(grad)
+        return out, None
+
+    return {"forward": lambda: dense_step(False), "fwd+bwd dense": lambda: dense_step(True),
+            "fwd+bwd sparse": fused_step}
+
+
+def verify(cols, op):
+    """Every column's output (and weight gradients, where it gives them) equal to ours."""
+    out, grads = cols["ours"][op]()
+    for name, col in cols.items():
+        other, other_grads = col[op]()
+        torch.testing.assert_close(other, out, atol=1e-4, rtol=1e-4,
+                                   msg=lambda m: f"{name} {op}: output differs: {m}")
+        if grads and other_grads:
+            for g, h in zip(grads, other_grads):
+                if g is None or h is None:
+                    continue
+                torch.testing.assert_close(h.to_dense() if h.is_sparse else h,
+                                           g.to_dense() if g.is_sparse else g, atol=1e-4,
+                                           rtol=1e-4,
+                                           msg=lambda m: f"{name} {op}: gradient differs: {m}")
+
+
+def time_case(name: str, cap: int, rounds: int, ops=OPS) -> list[dict]:
+    label, tables, batch, values, offsets = make_case(name, cap)
+    cols = build_columns(tables, batch, values, offsets)
+    rows = []
+    for op in ops:
+        verify(cols, op)
+        for col in cols.values():  # warm-up
+            col[op]()
+        times = {c: [] for c in cols}
+        for _ in range(rounds):
+            for c, col in cols.items():
+                start = time.perf_counter()
+                col[op]()
+                times[c].append(time.perf_counter() - start)
+        medians = {c: statistics.median(t) * 1e3 for c, t in times.items()}
+        rows.append(dict(case=name, label=label, op=op, ms=medians))
+    return rows
+
+
+def collection_rows(threads: int = 1, rounds: int = 9, cap: int = 200_000) -> list[dict]:
+    """The summary rows of the main benchmark job: forward of both cases, ms per call;
+    torch_ms is the F.embedding_bag loop, peer_ms FBGEMM's TBE (None where not importable)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = []
+        for name in ("criteo", "dlrm"):
+            for row in time_case(name, cap, rounds, ops=("forward",)):
+                out.append(dict(family="collection", case=f"{row['label']} {row['op']}",
+                                ours_ms=row["ms"]["ours"],
+                                torch_ms=row["ms"]["F.embedding_bag loop"],
+                                peer_ms=row["ms"].get("FBGEMM TBE")))
+        return out
+    finally:
+        torch.set_num_threads(previous)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--cap", type=int, default=200_000, help="most rows of a table")
+    parser.add_argument("--cases", default="criteo,dlrm")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), CPU, median of {args.rounds} "
+          f"alternating rounds, ms per call")
+    all_rows = []
+    for name in args.cases.split(","):
+        rows = time_case(name, args.cap, args.rounds)
+        all_rows += rows
+        print(f"\n{rows[0]['label']}")
+        cols = list(rows[0]["ms"])
+        print(f"{'op':16s}" + "".join(f"{c:>24s}" for c in cols) + "   loop/ours  FBGEMM/ours")
+        for row in rows:
+            ms = row["ms"]
+            peer = ms.get("FBGEMM TBE")
+            ratio = f"{peer / ms['ours']:11.2f}" if peer else "          -"
+            print(f"{row['op']:16s}" + "".join(f"{ms[c]:24.3f}" for c in cols)
+                  + f"   {ms['F.embedding_bag loop'] / ms['ours']:9.2f}  {ratio}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(all_rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+// CPU gradients of the table-batched pooled lookup (embedding_bag_collection_dense_backward,
+// _sparse_backward): every table in one call, each table given to one task that sums its
+// terms in position order, so the result is deterministic and needs no atomics.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "bag_collection.h"
+#include "common.h"
+#include "output_allocator.h"
+
+namespace embedding_ext {
+namespace cpu {
+namespace {
+
+// Calls visit(i, k, coef, g) for every non-padding id i (row k) of table t's features, in
+// position order, where g is its bag's grad_output slice and coef its sum/mean factor; max
+// mode passes coef 0 and leaves the choice of columns to the caller (arg_pos).
+template <typename scalar_t, typename index_t, typename Visit>
+void for_each_term(const Layout& L, int64_t t, const scalar_t* grad, const scalar_t* psw,
+                   Visit&& visit) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const index_t* idx = L.values.const_data_ptr<index_t>();
+  const int64_t* off = L.offsets.const_data_ptr<int64_t>();
+  const int64_t pad = L.pad[t], mode = L.mode[t];
+  for (int64_t f : L.features_of[t]) {
+    for (int64_t b = 0; b < L.batch; ++b) {
+      const int64_t s = off[f * L.batch + b], e = off[f * L.batch + b + 1];
+      const scalar_t* g = grad + b * L.total_dim + L.col_of[f];
+      int64_t count = 0;
+      if (mode == kBagMean) {
+        for (int64_t i = s; i < e; ++i) count += static_cast<int64_t>(idx[i]) != pad;
+      }
+      const acc_t scale = count > 0 ? acc_t(1) / acc_t(count) : acc_t(1);
+      for (int64_t i = s; i < e; ++i) {
+        const int64_t k = static_cast<int64_t>(idx[i]);
+        if (k == pad) continue;
+        const acc_t coef = mode == kBagMax ? acc_t(0)
+                           : psw != nullptr ? static_cast<acc_t>(psw[i])
+                                            : scale;
+        visit(i, k, coef, b, f, g);
+      }
+    }
+  }
+}
+
+template <bool kSparse>
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> collection_backward(
+    const at::Tensor& grad_output, const at::Tensor& values, const at::Tensor& offsets,
+    const at::Tensor& arg_max, at::IntArrayRef feature_table, at::IntArrayRef modes,
+    at::IntArrayRef padding_idx, const c10::optional<at::Tensor>& per_sample_weights,
+    c10::SymIntArrayRef num_weights, at::IntArrayRef dims, const char* op) {
+  TORCH_CHECK(num_weights.size() == dims.size(), op, ": 'num_weights' and 'dims' must both have "
+              "one entry per table, got ", num_weights.size(), " and ", dims.size());
+  std::vector<int64_t> rows, dim_list(dims.begin(), dims.end());
+  for (size_t t = 0; t < num_weights.size(); ++t) {
+    rows.push_back(num_weights[t].expect_int());
+    TORCH_CHECK(rows.back() >= 0 && dims[t] >= 0, op, ": table ", t, " must have rows >= 0 and "
+                "dim >= 0, got (", rows.back(), ", ", dims[t], ")");
+  }
+  TORCH_CHECK(grad_output.dim() == 2, op, ": 'grad_output' must be 2-D (B, sum D), got shape ",
+              grad_output.sizes());
+  Layout L = make_layout(rows, dim_list, values, offsets, feature_table, modes, padding_idx,
+                         per_sample_weights, grad_output.size(0), op);
+  check_same_device(grad_output, "grad_output", values, "values", op);
+  TORCH_CHECK(grad_output.size(1) == L.total_dim, op,
+              ": 'grad_output' must have shape (B, sum of the features' dims = ", L.total_dim,
+              "), got ", grad_output.sizes());
+  TORCH_CHECK(!L.any_max || (arg_max.scalar_type() == at::kLong &&
+                             arg_max.sizes() == grad_output.sizes()), op,
+              ": 'arg_max' must be int64 of grad_output's shape ", grad_output.sizes(),
+              " when a table is in max mode, got ", arg_max.scalar_type(), " ", arg_max.sizes());
+  const at::Tensor grad = grad_output.contiguous();
+  const at::Tensor arg_pos = L.any_max ? arg_max.contiguous() : arg_max;
+  at::Tensor psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
+  if (psw.defined()) {
+    TORCH_CHECK(psw.scalar_type() == grad.scalar_type(), op, ": 'per_sample_weights' must have "
+                "grad_output's dtype (", grad.scalar_type(), "), got ", psw.scalar_type());
+  }
+  std::vector<at::Tensor> first(L.tables), second(kSparse ? L.tables : 0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                  "embedding_bag_collection", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_options = grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const scalar_t* g_all = grad.const_data_ptr<scalar_t>();
+    const scalar_t* p = psw.defined() ? psw.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t* ap = L.any_max ? arg_pos.const_data_ptr<int64_t>() : nullptr;
+    AT_DISPATCH_INDEX_TYPES(L.values.scalar_type(), "embedding_bag_collection", [&] {
+      // One task per table: each table's gradient has one writer, so no atomics and a fixed
+      // summation order. (Tables differ in size; at::parallel_for hands out ranges, so the
+      // balance is only as good as the table sizes allow.)
+      at::parallel_for(0, L.tables, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t dim = L.dims[t];
+          const bool is_max = L.mode[t] == kBagMax;
+          if (!kSparse) {
+            // A cached block (output_allocator.h), zeroed: fresh V x D blocks page-faulted
+            // on every step.
+            at::Tensor acc = empty_output({L.rows[t], dim}, acc_options).zero_();
+            acc_t* G = acc.data_ptr<acc_t>();
+            for_each_term<scalar_t, index_t>(L, t, g_all, p, [&](int64_t i, int64_t k, acc_t c,
+                                                               int64_t b, int64_t f,
+                                                               const scalar_t* g) {
+              acc_t* dst = G + k * dim;
+              if (is_max) {
+                const int64_t* a = ap + b * L.total_dim + L.col_of[f];
+                for (int64_t d = 0; d < dim; ++d) {
+                  if (a[d] == i) dst[d] += static_cast<acc_t>(g[d]);
+                }
+              } else {
+                for (int64_t d = 0; d < dim; ++d) dst[d] += c * static_cast<acc_t>(g[d]);
+              }
+            });
+            first[t] = acc.scalar_type() == grad.scalar_type() ? acc : acc.to(grad.scalar_type());
+          } else {
+            int64_t nnz = 0;
+            for_each_term<scalar_t, index_t>(
+                L, t, g_all, p,
+                [&](int64_t, int64_t, acc_t, int64_t, int64_t, const scalar_t*) { ++nnz; });
+            at::Tensor row_ids = at::empty({nnz}, grad.options().dtype(at::kLong));
+            at::Tensor vals = at::empty({nnz, dim}, grad.options());
+            int64_t* r = row_ids.data_ptr<int64_t>();
+            scalar_t* v = vals.data_ptr<scalar_t>();
+            int64_t j = 0;
+            for_each_term<scalar_t, index_t>(L, t, g_all, p, [&](int64_t i, int64_t k, acc_t c,
+                                                               int64_t b, int64_t f,
+                                                               const scalar_t* g) {
+              r[j] = k;
+              scalar_t* dst = v + j * dim;
+              if (is_max) {
+                const int64_t* a = ap + b * L.total_dim + L.col_of[f];
+                for (int64_t d = 0; d < dim; ++d) dst[d] = a[d] == i ? g[d] : scalar_t(0);
+              } else {
+                for (int64_t d = 0; d < dim; ++d) {
+                  dst[d] = static_cast<scalar_t>(c * static_cast<acc_t>(g[d]));
+                }
+              }
+              ++j;
+            });
+            first[t] = row_ids;
+            second[t] = vals;
+          }
+        }
+      });
+    });
+  });
+  return {first, second};
+}
+
+std::vector<at::Tensor> embedding_bag_collection_dense_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& values, const at::Tensor& offsets,
+    const at::Tensor& arg_max, at::IntArrayRef feature_table, at::IntArrayRef modes,
+    at::IntArrayRef padding_idx, const c10::optional<at::Tensor>& per_sample_weights,
+    c10::SymIntArrayRef num_weights, at::IntArrayRef dims) {
+  return std::get<0>(collection_backward<false>(
+      grad_output, values, offsets, arg_max, feature_table, modes, padding_idx,
+      per_sample_weights, num_weights, dims, "embedding_bag_collection_dense_backward"));
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>
+embedding_bag_collection_sparse_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& values, const at::Tensor& offsets,
+    const at::Tensor& arg_max, at::IntArrayRef feature_table, at::IntArrayRef modes,
+    at::IntArrayRef padding_idx, const c10::optional<at::Tensor>& per_sample_weights,
+    c10::SymIntArrayRef num_weights, at::IntArrayRef dims) {
+  return collection_backward<true>(grad_output, values, offsets, arg_max, feature_table, modes,
+                                   padding_idx, per_sample_weights, num_weights, dims,
+                                   "embedding_bag_collection_sparse_backward");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(embedding_ext, CPU, m) {
+  m.impl("embedding_bag_collection_dense_backward", &embedding_bag_collection_dense_backward_cpu);
+  m.impl("embedding_bag_collection_sparse_backward", &embedding_bag_collection_sparse_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace embedding_ext

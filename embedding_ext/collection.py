@@ -1,0 +1,231 @@
+"""Many tables in one call: :class:`EmbeddingBagCollection`, TorchRec's names, our kernels.
+
+Every feature of every table is pooled by one op (one parallel region on the CPU), and the
+backward gives every table its gradient from one op. See docs/collections.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import collection_ops
+from .module import EmbeddingBag
+
+_MODES = {"sum": 0, "mean": 1, "max": 2}
+
+
+def _pooling_name(pooling: Any) -> str:
+    """"sum"/"mean"/"max" from a string or an enum such as TorchRec's PoolingType (by name,
+    so torchrec is never imported here)."""
+    name = getattr(pooling, "name", pooling)
+    if not isinstance(name, str) or name.lower() not in _MODES:
+        raise ValueError(f"EmbeddingBagConfig: 'pooling' must be 'sum', 'mean' or 'max' (or "
+                         f"PoolingType.SUM/MEAN), got {pooling!r}")
+    return name.lower()
+
+
+@dataclasses.dataclass
+class EmbeddingBagConfig:
+    """One table: ``num_embeddings`` x ``embedding_dim``, looked up by every feature in
+    ``feature_names``, pooled by ``pooling``; ``padding_idx`` rows are left out of pools."""
+
+    num_embeddings: int
+    embedding_dim: int
+    feature_names: list[str]
+    name: str = ""
+    pooling: Any = "sum"
+    padding_idx: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.feature_names, str):
+            raise TypeError("EmbeddingBagConfig: 'feature_names' must be a list of names, got "
+                            f"the string {self.feature_names!r}")
+        self.feature_names = list(self.feature_names)
+        if not self.feature_names:
+            raise ValueError(f"EmbeddingBagConfig {self.name!r}: 'feature_names' must name at "
+                             "least one feature")
+        if self.num_embeddings < 1 or self.embedding_dim < 1:
+            raise ValueError(f"EmbeddingBagConfig {self.name!r}: 'num_embeddings' and "
+                             f"'embedding_dim' must be >= 1, got {self.num_embeddings} and "
+                             f"{self.embedding_dim}")
+        self.pooling = _pooling_name(self.pooling)
+        if self.padding_idx is not None:
+            if not -self.num_embeddings <= self.padding_idx < self.num_embeddings:
+                raise ValueError(f"EmbeddingBagConfig {self.name!r}: 'padding_idx' must be in "
+                                 f"[-{self.num_embeddings}, {self.num_embeddings}), got "
+                                 f"{self.padding_idx}")
+            self.padding_idx %= self.num_embeddings
+
+
+class EmbeddingBagCollectionFunction(torch.autograd.Function):
+    """The pooled lookup of every feature, with one backward op for every table's gradient.
+    Inputs: ``(layout, values, offsets, per_sample_weights, batch_size, *weights)`` where
+    layout is ``(feature_table, modes, padding_idx, sparse)``."""
+
+    @staticmethod
+    def forward(ctx, layout, values, offsets, per_sample_weights, batch_size, *weights):
+        feature_table, modes, padding_idx, _ = layout
+        out, arg_max = collection_ops.collection_forward(
+            weights, values, offsets, feature_table, modes, padding_idx, per_sample_weights,
+            batch_size)
+        ctx.layout = layout
+        ctx.save_for_backward(values, offsets, arg_max, per_sample_weights, *weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, offsets, arg_max, psw, *weights = ctx.saved_tensors
+        feature_table, modes, padding_idx, sparse = ctx.layout
+        rows = [w.shape[0] for w in weights]
+        dims = [w.shape[1] for w in weights]
+        args = (grad, values, offsets, arg_max, feature_table, modes, padding_idx, psw, rows,
+                dims)
+        weight_grads: list[Tensor | None] = [None] * len(weights)
+        if any(ctx.needs_input_grad[5:]):
+            if sparse:
+                ids, vals = collection_ops.collection_sparse_backward(*args)
+                weight_grads = [torch.sparse_coo_tensor(i.unsqueeze(0), v, (n, d),
+                                                        check_invariants=False)
+                                for i, v, n, d in zip(ids, vals, rows, dims)]
+            else:
+                weight_grads = list(collection_ops.collection_dense_backward(*args))
+        psw_grad = None
+        if psw is not None and ctx.needs_input_grad[3]:
+            psw_grad = _per_sample_weights_grad(grad, values, offsets, weights, feature_table,
+                                                padding_idx)
+        return (None, None, None, psw_grad, None, *weight_grads)
+
+
+def _per_sample_weights_grad(grad, values, offsets, weights, feature_table, padding_idx):
+    """d out / d psw[i] = <grad[bag of i, feature's columns], weight[values[i]]>, feature by
+    feature (0 at padding ids and at ids in no bag)."""
+    batch = grad.shape[0]
+    out = torch.zeros(values.shape[0], dtype=grad.dtype, device=grad.device)
+    col = 0
+    off = offsets.long()
+    for f, t in enumerate(feature_table):
+        w = weights[t]
+        dim = w.shape[1]
+        s, e = int(off[f * batch]), int(off[(f + 1) * batch])
+        lengths = off[f * batch + 1:(f + 1) * batch + 1] - off[f * batch:(f + 1) * batch]
+        bag_of = torch.repeat_interleave(torch.arange(batch, device=grad.device), lengths)
+        ids = values[s:e].long()
+        dots = (w.detach()[ids].to(grad.dtype) * grad[bag_of, col:col + dim]).sum(1)
+        if padding_idx[t] >= 0:
+            dots = dots.masked_fill(ids == padding_idx[t], 0)
+        out[s:e] = dots
+        col += dim
+    return out
+
+
+# The C++ IndexError names the feature and table by index (csrc/cpu/bag_collection.cpp:
+# throw_collection_index_error); the module adds their names. Keep the two in step.
+_BAD_ID = re.compile(r"feature (\d+), bag \d+\) is out of range for table (\d+)")
+
+
+class EmbeddingBagCollection(torch.nn.Module):
+    """TorchRec's ``EmbeddingBagCollection`` on embedding_ext's table-batched kernels.
+
+    ``forward(values, offsets, per_sample_weights=None)`` takes the batch feature-major (as
+    TorchRec's ``KeyedJaggedTensor``): bag ``f * B + b`` of feature ``f`` (in
+    :attr:`feature_names` order) is ``values[offsets[f*B+b]:offsets[f*B+b+1]]``; it returns
+    ``(B, sum of the features' dims)``, features side by side in that order.
+    With ``sparse=True`` the tables get sparse COO gradients."""
+
+    def __init__(self, tables: Sequence[EmbeddingBagConfig],
+                 device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32, *, sparse: bool = False) -> None:
+        super().__init__()
+        self._configs = list(tables)
+        if not self._configs:
+            raise ValueError("EmbeddingBagCollection: 'tables' must hold at least one "
+                             "EmbeddingBagConfig")
+        self.sparse = bool(sparse)
+        self.embedding_bags = torch.nn.ModuleDict()
+        self.feature_names: list[str] = []
+        self._table_names: list[str] = []
+        feature_table = []
+        for t, cfg in enumerate(self._configs):
+            if not isinstance(cfg, EmbeddingBagConfig):
+                cfg = self._configs[t] = _config_from(cfg)
+            name = cfg.name or f"t_{t}"
+            if name in self.embedding_bags:
+                raise ValueError(f"EmbeddingBagCollection: two tables are named {name!r}")
+            table = EmbeddingBag(cfg.num_embeddings, cfg.embedding_dim, mode=cfg.pooling,
+                                 padding_idx=cfg.padding_idx, sparse=self.sparse,
+                                 device=device, dtype=dtype)
+            # TorchRec's initialisation (uniform in +-sqrt(1/V)), so trained models start alike.
+            with torch.no_grad():
+                bound = math.sqrt(1.0 / cfg.num_embeddings)
+                table.weight.uniform_(-bound, bound)
+                if cfg.padding_idx is not None:
+                    table.weight[cfg.padding_idx].zero_()
+            self.embedding_bags[name] = table
+            self._table_names.append(name)
+            for feature in cfg.feature_names:
+                if feature in self.feature_names:
+                    raise ValueError(f"EmbeddingBagCollection: feature {feature!r} is listed "
+                                     "by two tables")
+                self.feature_names.append(feature)
+                feature_table.append(t)
+        self._feature_table = tuple(feature_table)
+        self._modes = tuple(_MODES[c.pooling] for c in self._configs)
+        self._padding = tuple(-1 if c.padding_idx is None else c.padding_idx
+                              for c in self._configs)
+        self._feature_dims = [self._configs[t].embedding_dim for t in feature_table]
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return list(self._configs)
+
+    def is_weighted(self) -> bool:
+        return False
+
+    def forward(self, values: Tensor, offsets: Tensor,
+                per_sample_weights: Tensor | None = None) -> Tensor:
+        num_features = len(self.feature_names)
+        if offsets.dim() != 1 or offsets.shape[0] < 1 or (offsets.shape[0] - 1) % num_features:
+            raise ValueError(f"EmbeddingBagCollection: 'offsets' must be 1-D with "
+                             f"features * B + 1 entries ({num_features} features), got shape "
+                             f"{tuple(offsets.shape)}")
+        batch = (offsets.shape[0] - 1) // num_features
+        weights = [self.embedding_bags[n].weight for n in self._table_names]
+        if per_sample_weights is not None:
+            per_sample_weights = per_sample_weights.to(weights[0].dtype)
+        layout = (self._feature_table, self._modes, self._padding, self.sparse)
+        try:
+            return EmbeddingBagCollectionFunction.apply(layout, values, offsets,
+                                                        per_sample_weights, batch, *weights)
+        except IndexError as exc:
+            match = _BAD_ID.search(str(exc))
+            if match is None:
+                raise
+            feature = self.feature_names[int(match.group(1))]
+            table = self._table_names[int(match.group(2))]
+            raise IndexError(f"EmbeddingBagCollection: feature {feature!r} (table {table!r}): "
+                             f"{exc}") from None
+
+    def split(self, out: Tensor) -> dict[str, Tensor]:
+        """``{feature: (B, D)}`` views of a :meth:`forward` output."""
+        if out.dim() != 2 or out.shape[1] != sum(self._feature_dims):
+            raise ValueError(f"EmbeddingBagCollection.split: 'out' must have shape (B, "
+                             f"{sum(self._feature_dims)}), got {tuple(out.shape)}")
+        return dict(zip(self.feature_names, torch.split(out, self._feature_dims, dim=1)))
+
+    def extra_repr(self) -> str:
+        return f"features={len(self.feature_names)}, sparse={self.sparse}"
+
+
+def _config_from(cfg: Any) -> EmbeddingBagConfig:
+    """Our config from an object with TorchRec's config fields (e.g. its EmbeddingBagConfig)."""
+    try:
+        return EmbeddingBagConfig(cfg.num_embeddings, cfg.embedding_dim, list(cfg.feature_names),
+                                  name=cfg.name, pooling=cfg.pooling)
+    except AttributeError as exc:
+        raise TypeError(f"EmbeddingBagCollection: 'tables' must hold EmbeddingBagConfig "
+                        f"objects, got {type(cfg).__name__}") from exc
