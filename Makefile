@@ -8,7 +8,8 @@
 #                and nvcc exists)
 # Extra:
 #   make bench-full       the full sweeps: presets quick and bag at 1 and 2 threads, every
-#                         fused rule and shape, both tensor-parallel plans (about 15 minutes)
+#                         fused rule and shape, both tensor-parallel plans, the many-table
+#                         collection's cases (about 20 minutes)
 #   make bench-results    the main job and the full sweeps, written to the committed
 #                         bench/results/
 #   make test-cpu-torch   build and test against the CPU-only torch==2.13.0 (CI runs it)
@@ -81,12 +82,14 @@ bench-full: build $(VENV)/.fbgemm
 	$(PY) -m bench.run $(BENCH_ARGS)
 	$(PY) -m bench.fused_step --threads 1 --rounds 5
 	$(PY) -m bench.sharded --world 2
+	$(PY) -m bench.collection --threads 1
 
 bench-results: build $(VENV)/.fbgemm
 	$(PY) -m bench.main --out bench/results
 	$(PY) -m bench.run $(BENCH_ARGS) --out bench/results
 	$(PY) -m bench.fused_step --threads 1 --rounds 5 --out bench/results
 	$(PY) -m bench.sharded --world 2 --out bench/results
+	$(PY) -m bench.collection --threads 1 --json bench/results/collection-cpu.json
 
 test-cpu-torch:
 	$(MAKE) test VENV=.venv-cpu TORCH_SPEC=torch==2.13.0 PYTEST_ARGS="$(PYTEST_ARGS)"

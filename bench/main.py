@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import fused_step, run, sharded
+from . import collection, fused_step, run, sharded
 from .cases import (BAG_FORWARD, BAG_FWD_BWD_SPARSE, DENSE, FORWARD, FWD_BWD, MAX_NORM, SPARSE)
 
 FAMILIES = {
@@ -52,6 +52,10 @@ def summary_rows(device: str, threads: int, rounds: int) -> list[dict]:
     _, fused = fused_step.run(threads, rounds + 2, None, device, FUSED_CASES, FUSED_RULES)
     rows += [_row(f"fused step: {r['optimizer']}", r["case"], r["ours_ms"], r["torch_ms"],
                   r["peer_ms"]) for r in fused]
+    if device == "cpu":  # the table-batched collection has CPU kernels only so far
+        rows += [_row("collection forward (many tables)", r["case"], r["ours_ms"], r["torch_ms"],
+                      math.nan if r["peer_ms"] is None else r["peer_ms"])
+                 for r in collection.collection_rows(threads, rounds + 4)]
     if device == "cpu" and torch.distributed.is_available():
         for r in sharded.run(2, rounds, 5, SHARDED_CASES, SHARDED_PLANS):
             rows.append(_row("tensor-parallel step, 2 ranks", f"{r['V']}x{r['D']} {r['ids']} ids "
@@ -127,7 +131,8 @@ def main(argv=None) -> int:
               "vs FBGEMM = FBGEMM ms / ours ms "
               + (f"(fbgemm_gpu {fbgemm}'s CPU table-batched kernels: a one-table TBE for bags, "
                  "its fused exact SGD / row-wise Adagrad step for the bag backward and the "
-                 "fused steps)" if fbgemm else "(FBGEMM not installed: no column)")
+                 "fused steps, its many-table TBE for the collection; the collection's PyTorch "
+                 "column is a per-table F.embedding_bag loop)" if fbgemm else "(FBGEMM not installed: no column)")
               + f". Every row verified against PyTorch before timing.\n\nCommand: `{command}`\n")
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
