@@ -1,8 +1,8 @@
-// CPU optimizer step fused into the lookup's backward (embedding_fused_update_, issue 14):
-// positions grouped by row (sort_by_row), each row's gradient summed in fp32 (fp64 for fp64)
-// in position order, then the rule applied once to the row and its state. No gradient
-// tensor exists; extra memory is O(ids). Rows are split across threads, each row written
-// by one thread: deterministic.
+// CPU optimizer step fused into the lookup's backward (embedding_fused_update_, the step of
+// ee.fuse_optimizer): positions grouped by row (sort_by_row), each row's gradient summed in
+// fp32 (fp64 for fp64) in position order, then the rule applied once to the row and its
+// state. No gradient tensor exists; extra memory is O(ids). Rows are split across threads,
+// each row written by one thread: deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

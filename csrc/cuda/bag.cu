@@ -402,10 +402,11 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_sparse_backward_cuda(
   const at::Tensor psw = per_sample_weights.has_value()
                              ? per_sample_weights->to(grad.scalar_type()).contiguous() : at::Tensor();
   // Without padding: one entry per position, as PyTorch's sparse gradient, so the size is
-  // known and nothing synchronises (run 4b: the compaction's nonzero made this row 0.56x
-  // PyTorch on an H200 though its kernels were faster). position_gradients writes zero rows
-  // for ids in no bag (the CSR tail) and for bad ids, whose row number becomes 0 so that
-  // the COO tensor stays inside the table (the forward and the probe report them).
+  // known and nothing synchronises (the compaction's nonzero made this row 0.56x PyTorch on
+  // an H200 though its kernels were faster: bench/NOTES-cuda.md, run 4b). position_gradients
+  // writes zero rows for ids in no bag (the CSR tail) and for bad ids, whose row number
+  // becomes 0 so that the COO tensor stays inside the table (the forward and the probe
+  // report them).
   const bool every_position = padding_idx < 0 && num_rows > 0;
   at::Tensor rows, bag_of, row_ids;
   AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {

@@ -162,9 +162,9 @@ __global__ void row_keys_kernel(const index_t* __restrict__ idx, int64_t n, int6
 // The ids' positions stably sorted by row, for the kernels that sum each row's positions in
 // a fixed order. Bad ids are reported (and set *any_bad) and sort as row num_rows, so the
 // radix sort needs only the bits of num_rows, as PyTorch's own embedding backward sorts:
-// 20 bits for a 1e6-row table instead of 64, 3 radix passes instead of 8 (run 4b: at::sort
-// was 68 of a fused SGD step's 113 us on an H200). Sorted rows equal to num_rows are bad
-// ids; every consumer skips rows out of range. Past cub's int32 element count, or a table
+// 20 bits for a 1e6-row table instead of 64, 3 radix passes instead of 8 (at::sort was 68
+// of a fused SGD step's 113 us on an H200: bench/NOTES-cuda.md, run 4b). Sorted rows equal
+// to num_rows are bad ids; every consumer skips rows out of range. Past cub's int32 element count, or a table
 // whose row count index_t cannot hold: the probe, then at::sort of the ids themselves (bad
 // ids then sort to either end, also out of range).
 struct SortedRows {
