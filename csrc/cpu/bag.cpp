@@ -31,22 +31,6 @@ namespace {
 
 constexpr int64_t kSum = kBagSum, kMean = kBagMean, kMax = kBagMax;
 
-// The checked inputs every bag op starts from: flat contiguous ids, int64 CSR offsets.
-struct BagInputs {
-  at::Tensor indices, offsets;  // offsets: int64, contiguous
-  int64_t n, bags;
-};
-
-BagInputs bag_inputs(const at::Tensor& table, const char* table_name, const at::Tensor& indices,
-                     const at::Tensor& offsets,
-                     const c10::optional<at::Tensor>& per_sample_weights, const char* op) {
-  check_bag_args(table, table_name, indices, offsets, per_sample_weights, op);
-  BagInputs in{indices.contiguous(), offsets.to(at::kLong).contiguous(), indices.size(0),
-               offsets.size(0) - 1};
-  check_bag_offsets(in.offsets.const_data_ptr<int64_t>(), in.bags + 1, in.n, op);
-  return in;
-}
-
 // 1 / (non-padding entries of each bag), 0 for an empty bag: mean mode's coefficients.
 template <typename acc_t, typename index_t>
 std::vector<acc_t> mean_coefficients(const index_t* idx, const int64_t* off, int64_t bags,
@@ -621,23 +605,19 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_forward_cpu(
     const at::Tensor& weight_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
     int64_t mode, const c10::optional<at::Tensor>& per_sample_weights, int64_t padding_idx) {
   constexpr const char* op = "embedding_bag_forward";
-  check_weight_2d(weight_in, op);
-  check_bag_mode(mode, op);
-  const BagInputs in = bag_inputs(weight_in, "weight", indices_in, offsets_in, per_sample_weights, op);
-  check_bag_sample_weights(per_sample_weights, weight_in, mode, op);
+  const BagInputs in = bag_forward_inputs(weight_in, indices_in, offsets_in, mode, per_sample_weights, op);
   at::Tensor psw;
   if (per_sample_weights.has_value()) psw = per_sample_weights->contiguous();
   const at::Tensor weight = weight_in.stride(1) == 1 ? weight_in : weight_in.contiguous();
-  const int64_t num_rows = weight.size(0), dim = weight.size(1);
-  at::Tensor out = empty_output({in.bags, dim}, weight.options());
-  at::Tensor arg_max = at::empty({mode == kMax ? in.bags : 0, dim},
+  at::Tensor out = empty_output({in.bags, in.dim}, weight.options());
+  at::Tensor arg_max = at::empty({mode == kMax ? in.bags : 0, in.dim},
                                  weight.options().dtype(at::kLong));
   AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
     const index_t* idx = in.indices.const_data_ptr<index_t>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
       pool_bags<scalar_t, index_t>(
-          weight.const_data_ptr<scalar_t>(), weight.stride(0), num_rows, idx, in.n,
-          in.offsets.const_data_ptr<int64_t>(), in.bags, dim, mode,
+          weight.const_data_ptr<scalar_t>(), weight.stride(0), in.num_rows, idx, in.n,
+          in.offsets.const_data_ptr<int64_t>(), in.bags, in.dim, mode,
           psw.defined() ? psw.const_data_ptr<scalar_t>() : nullptr, padding_idx,
           out.mutable_data_ptr<scalar_t>(), mode == kMax ? arg_max.mutable_data_ptr<int64_t>() : nullptr,
           op);
@@ -719,12 +699,10 @@ at::Tensor embedding_bag_dense_backward_cpu(
     const c10::optional<at::Tensor>& per_sample_weights, int64_t padding_idx,
     bool scale_grad_by_freq) {
   constexpr const char* op = "embedding_bag_dense_backward";
-  check_bag_mode(mode, op);
-  check_weight_2d(grad_in, op, "grad_output");
-  const BagInputs in = bag_inputs(grad_in, "grad_output", indices_in, offsets_in, per_sample_weights, op);
-  const int64_t num_rows = check_bag_gradient_args(grad_in, in.bags, num_weights, padding_idx, op);
-  const int64_t dim = grad_in.size(1);
-  check_bag_dense_gradient_mode(mode, scale_grad_by_freq, grad_in, arg_max_in, in.bags, dim, op);
+  const BagInputs in = bag_dense_gradient_inputs(grad_in, indices_in, offsets_in, arg_max_in,
+                                                 num_weights, mode, per_sample_weights,
+                                                 padding_idx, scale_grad_by_freq, op);
+  const int64_t num_rows = in.num_rows, dim = in.dim;
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor arg_max = mode == kMax ? arg_max_in.contiguous() : arg_max_in;
   at::Tensor psw;
@@ -797,12 +775,9 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_sparse_backward_cpu(
     c10::SymInt num_weights, int64_t mode, const c10::optional<at::Tensor>& per_sample_weights,
     int64_t padding_idx, bool scale_grad_by_freq) {
   constexpr const char* op = "embedding_bag_sparse_backward";
-  check_bag_mode(mode, op);
-  TORCH_CHECK(mode != kMax, op, ": max mode (2) has no sparse gradient (as in PyTorch)");
-  check_weight_2d(grad_in, op, "grad_output");
-  const BagInputs in = bag_inputs(grad_in, "grad_output", indices_in, offsets_in, per_sample_weights, op);
-  const int64_t num_rows = check_bag_gradient_args(grad_in, in.bags, num_weights, padding_idx, op);
-  const int64_t dim = grad_in.size(1);
+  const BagInputs in = bag_gradient_inputs(grad_in, indices_in, offsets_in, num_weights, mode,
+                                           per_sample_weights, padding_idx, /*sparse=*/true, op);
+  const int64_t num_rows = in.num_rows, dim = in.dim;
   const at::Tensor grad = grad_in.contiguous();
   at::Tensor psw;
   if (per_sample_weights.has_value()) psw = per_sample_weights->to(grad.scalar_type()).contiguous();
@@ -883,17 +858,14 @@ at::Tensor embedding_bag_per_sample_weights_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& weight_in, const at::Tensor& indices_in,
     const at::Tensor& offsets_in, int64_t padding_idx) {
   constexpr const char* op = "embedding_bag_per_sample_weights_backward";
-  check_weight_2d(weight_in, op);
-  check_weight_2d(grad_in, op, "grad_output");
-  const BagInputs in = bag_inputs(weight_in, "weight", indices_in, offsets_in, c10::nullopt, op);
-  check_bag_sample_weight_gradient_args(grad_in, weight_in, in.bags, op);
+  const BagInputs in = bag_sample_weight_gradient_inputs(grad_in, weight_in, indices_in, offsets_in, op);
   const at::Tensor weight = weight_in.stride(1) == 1 ? weight_in : weight_in.contiguous();
   const at::Tensor grad = grad_in.to(weight.scalar_type()).contiguous();
-  const int64_t dim = weight.size(1);
+  const int64_t dim = in.dim;
   at::Tensor out = at::empty({in.n}, weight.options());
   AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
     const index_t* idx = in.indices.const_data_ptr<index_t>();
-    check_index_range(idx, in.n, weight.size(0), op);
+    check_index_range(idx, in.n, in.num_rows, op);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const std::vector<int64_t> bag_of = bag_of_positions(in.offsets.const_data_ptr<int64_t>(), in.bags, in.n);

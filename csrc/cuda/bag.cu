@@ -207,35 +207,21 @@ __global__ void sample_weight_gradients_kernel(const scalar_t* __restrict__ grad
   }
 }
 
-// The checked inputs of a CUDA bag op: contiguous ids, int64 CSR offsets on the device.
-struct CudaBagInputs {
-  at::Tensor indices, offsets;
-  int64_t n, bags;
-};
-
-CudaBagInputs cuda_bag_inputs(const at::Tensor& table, const char* table_name,
-                              const at::Tensor& indices, const at::Tensor& offsets,
-                              const c10::optional<at::Tensor>& per_sample_weights, const char* op) {
-  check_bag_args(table, table_name, indices, offsets, per_sample_weights, op);
-  return {indices.contiguous(), offsets.to(at::kLong).contiguous(), indices.size(0),
-          offsets.size(0) - 1};
-}
-
 // Where every position pools to, and (with scale_grad_by_freq) the in-bag row counts.
 struct BagLayout {
   at::Tensor bag_of, bag_count, counts;
 };
 
 template <typename index_t>
-BagLayout bag_layout(const CudaBagInputs& in, int64_t num_rows, int64_t padding_idx,
-                     bool with_counts, const LaunchScope& scope) {
+BagLayout bag_layout(const BagInputs& in, int64_t padding_idx, bool with_counts,
+                     const LaunchScope& scope) {
   const auto opts = in.indices.options();
   BagLayout l{at::full({in.n}, -1, opts.dtype(at::kLong)), at::zeros({in.bags}, opts.dtype(at::kLong)),
-              with_counts ? at::zeros({num_rows}, opts.dtype(at::kInt)) : at::Tensor()};
+              with_counts ? at::zeros({in.num_rows}, opts.dtype(at::kInt)) : at::Tensor()};
   const RowLaunch launch = row_launch(in.bags, 32);
   bag_layout_kernel<index_t><<<launch.grid, launch.block, 0, scope.stream>>>(
       in.indices.const_data_ptr<index_t>(), in.offsets.const_data_ptr<int64_t>(), in.bags, in.n,
-      num_rows, padding_idx, l.bag_of.mutable_data_ptr<int64_t>(),
+      in.num_rows, padding_idx, l.bag_of.mutable_data_ptr<int64_t>(),
       reinterpret_cast<unsigned long long*>(l.bag_count.mutable_data_ptr<int64_t>()),
       with_counts ? l.counts.mutable_data_ptr<int>() : nullptr, scope.sink);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -249,9 +235,9 @@ struct TypeTag {
 
 // Each position's gradient row (n, D) in grad's dtype (fp32 with fp32_rows, for fp16/bf16
 // grads): what the lookup's backward ops take.
-at::Tensor position_gradients(const at::Tensor& grad, const CudaBagInputs& in, const BagLayout& l,
-                              int64_t num_rows, int64_t mode, const at::Tensor& psw,
-                              int64_t padding_idx, bool fp32_rows, const LaunchScope& scope) {
+at::Tensor position_gradients(const at::Tensor& grad, const BagInputs& in, const BagLayout& l,
+                              int64_t mode, const at::Tensor& psw, int64_t padding_idx,
+                              bool fp32_rows, const LaunchScope& scope) {
   constexpr const char* op = "embedding_bag position gradients";
   const int64_t dim = grad.size(1);
   at::Tensor rows = at::empty({in.n, dim}, fp32_rows ? grad.options().dtype(at::kFloat) : grad.options());
@@ -266,7 +252,7 @@ at::Tensor position_gradients(const at::Tensor& grad, const CudaBagInputs& in, c
             l.bag_of.const_data_ptr<int64_t>(),
             reinterpret_cast<const unsigned long long*>(l.bag_count.const_data_ptr<int64_t>()),
             psw.defined() ? psw.const_data_ptr<scalar_t>() : nullptr,
-            l.counts.defined() ? l.counts.const_data_ptr<int>() : nullptr, in.n, num_rows, dim,
+            l.counts.defined() ? l.counts.const_data_ptr<int>() : nullptr, in.n, in.num_rows, dim,
             mode, padding_idx, rows.mutable_data_ptr<rows_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
@@ -281,15 +267,11 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_forward_cuda(
     const at::Tensor& weight_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
     int64_t mode, const c10::optional<at::Tensor>& per_sample_weights, int64_t padding_idx) {
   constexpr const char* op = "embedding_bag_forward";
-  check_weight_2d(weight_in, op);
-  check_bag_mode(mode, op);
-  const CudaBagInputs in = cuda_bag_inputs(weight_in, "weight", indices_in, offsets_in,
-                                           per_sample_weights, op);
-  check_bag_sample_weights(per_sample_weights, weight_in, mode, op);
+  const BagInputs in = bag_forward_inputs(weight_in, indices_in, offsets_in, mode, per_sample_weights, op);
   LaunchScope scope(weight_in, op);
   const at::Tensor weight = weight_in.stride(1) == 1 ? weight_in : weight_in.contiguous();
   const at::Tensor psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
-  const int64_t num_rows = weight.size(0), dim = weight.size(1);
+  const int64_t num_rows = in.num_rows, dim = in.dim;
   at::Tensor out = at::empty({in.bags, dim}, weight.options());
   at::Tensor arg_max = at::empty({mode == kBagMax ? in.bags : 0, dim}, weight.options().dtype(at::kLong));
   AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
@@ -297,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_forward_cuda(
     // Every id is range-checked, also those past the last offset (in no bag).
     probe_indices(idx, in.n, num_rows, scope);
     if (dim == 0) {  // nothing to pool; the offsets are still checked
-      bag_layout<index_t>(in, num_rows, padding_idx, false, scope);
+      bag_layout<index_t>(in, padding_idx, false, scope);
       return;
     }
     if (in.bags == 0) {
@@ -327,14 +309,11 @@ at::Tensor embedding_bag_dense_backward_cuda(
     const c10::optional<at::Tensor>& per_sample_weights, int64_t padding_idx,
     bool scale_grad_by_freq) {
   constexpr const char* op = "embedding_bag_dense_backward";
-  check_bag_mode(mode, op);
-  check_weight_2d(grad_in, op, "grad_output");
-  TORCH_CHECK(grad_in.is_cuda(), op, ": 'grad_output' must be a CUDA tensor here, got ", grad_in.device());
-  const CudaBagInputs in = cuda_bag_inputs(grad_in, "grad_output", indices_in, offsets_in,
-                                           per_sample_weights, op);
-  const int64_t num_rows = check_bag_gradient_args(grad_in, in.bags, num_weights, padding_idx, op);
-  const int64_t dim = grad_in.size(1);
-  check_bag_dense_gradient_mode(mode, scale_grad_by_freq, grad_in, arg_max_in, in.bags, dim, op);
+  check_cuda_grad_output(grad_in, op);
+  const BagInputs in = bag_dense_gradient_inputs(grad_in, indices_in, offsets_in, arg_max_in,
+                                                 num_weights, mode, per_sample_weights,
+                                                 padding_idx, scale_grad_by_freq, op);
+  const int64_t num_rows = in.num_rows, dim = in.dim;
   LaunchScope scope(grad_in, op);
   const at::Tensor grad = grad_in.contiguous();
   if (mode == kBagMax) {
@@ -367,8 +346,8 @@ at::Tensor embedding_bag_dense_backward_cuda(
   const bool reduced = grad.scalar_type() == at::kHalf || grad.scalar_type() == at::kBFloat16;
   at::Tensor rows;
   AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
-    const BagLayout l = bag_layout<index_t>(in, num_rows, padding_idx, scale_grad_by_freq, scope);
-    rows = position_gradients(grad, in, l, num_rows, mode, psw, padding_idx, reduced, scope);
+    const BagLayout l = bag_layout<index_t>(in, padding_idx, scale_grad_by_freq, scope);
+    rows = position_gradients(grad, in, l, mode, psw, padding_idx, reduced, scope);
   });
   if (reduced) {
     at::Tensor result = sorted_row_sums({rows, in.indices, num_rows, dim, in.n}, padding_idx,
@@ -390,13 +369,10 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_sparse_backward_cuda(
     c10::SymInt num_weights, int64_t mode, const c10::optional<at::Tensor>& per_sample_weights,
     int64_t padding_idx, bool scale_grad_by_freq) {
   constexpr const char* op = "embedding_bag_sparse_backward";
-  check_bag_mode(mode, op);
-  TORCH_CHECK(mode != kBagMax, op, ": max mode (2) has no sparse gradient (as in PyTorch)");
-  check_weight_2d(grad_in, op, "grad_output");
-  TORCH_CHECK(grad_in.is_cuda(), op, ": 'grad_output' must be a CUDA tensor here, got ", grad_in.device());
-  const CudaBagInputs in = cuda_bag_inputs(grad_in, "grad_output", indices_in, offsets_in,
-                                           per_sample_weights, op);
-  const int64_t num_rows = check_bag_gradient_args(grad_in, in.bags, num_weights, padding_idx, op);
+  check_cuda_grad_output(grad_in, op);
+  const BagInputs in = bag_gradient_inputs(grad_in, indices_in, offsets_in, num_weights, mode,
+                                           per_sample_weights, padding_idx, /*sparse=*/true, op);
+  const int64_t num_rows = in.num_rows;
   LaunchScope scope(grad_in, op);
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor psw = per_sample_weights.has_value()
@@ -411,8 +387,8 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_sparse_backward_cuda(
   at::Tensor rows, bag_of, row_ids;
   AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
     probe_indices(in.indices.const_data_ptr<index_t>(), in.n, num_rows, scope);  // bad ids: no value
-    const BagLayout l = bag_layout<index_t>(in, num_rows, padding_idx, scale_grad_by_freq, scope);
-    rows = position_gradients(grad, in, l, num_rows, mode, psw, padding_idx, false, scope);
+    const BagLayout l = bag_layout<index_t>(in, padding_idx, scale_grad_by_freq, scope);
+    rows = position_gradients(grad, in, l, mode, psw, padding_idx, false, scope);
     bag_of = l.bag_of;
     if (every_position) {
       row_ids = at::empty({1, in.n}, in.indices.options().dtype(at::kLong));
@@ -440,19 +416,16 @@ at::Tensor embedding_bag_per_sample_weights_backward_cuda(
     const at::Tensor& grad_in, const at::Tensor& weight_in, const at::Tensor& indices_in,
     const at::Tensor& offsets_in, int64_t padding_idx) {
   constexpr const char* op = "embedding_bag_per_sample_weights_backward";
-  check_weight_2d(weight_in, op);
-  check_weight_2d(grad_in, op, "grad_output");
-  const CudaBagInputs in = cuda_bag_inputs(weight_in, "weight", indices_in, offsets_in, c10::nullopt, op);
-  check_bag_sample_weight_gradient_args(grad_in, weight_in, in.bags, op);
+  const BagInputs in = bag_sample_weight_gradient_inputs(grad_in, weight_in, indices_in, offsets_in, op);
   LaunchScope scope(weight_in, op);
   const at::Tensor weight = weight_in.stride(1) == 1 ? weight_in : weight_in.contiguous();
   const at::Tensor grad = grad_in.to(weight.scalar_type()).contiguous();
-  const int64_t num_rows = weight.size(0), dim = weight.size(1);
+  const int64_t num_rows = in.num_rows, dim = in.dim;
   at::Tensor out = at::empty({in.n}, weight.options());
   if (in.n == 0) return out;
   AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
     probe_indices(in.indices.const_data_ptr<index_t>(), in.n, num_rows, scope);  // bad ids give 0
-    const BagLayout l = bag_layout<index_t>(in, num_rows, padding_idx, false, scope);
+    const BagLayout l = bag_layout<index_t>(in, padding_idx, false, scope);
     const int64_t blocks = std::min<int64_t>(ceil_div(in.n, kThreadsPerBlock / 32), kMaxBlocks);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
       sample_weight_gradients_kernel<scalar_t, index_t>

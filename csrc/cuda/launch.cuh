@@ -45,13 +45,17 @@ struct LaunchScope {
   }
 };
 
-// The CUDA backward kernels also need grad_output on a CUDA device (the dispatcher picks
-// this backend from any CUDA argument), then the shared checks.
+// The CUDA gradient kernels need grad_output on a CUDA device (the dispatcher picks this
+// backend from any CUDA argument): checked first, before the shared checks.
+inline void check_cuda_grad_output(const at::Tensor& grad, const char* op) {
+  TORCH_CHECK(grad.is_cuda(), op, ": 'grad_output' must be a CUDA tensor here, got ",
+              grad.device());
+}
+
 inline BackwardInputs cuda_backward_inputs(const at::Tensor& grad, const at::Tensor& indices,
                                            const c10::SymInt& num_weights, int64_t padding_idx,
                                            const char* op) {
-  TORCH_CHECK(grad.is_cuda(), op, ": 'grad_output' must be a CUDA tensor here, got ",
-              grad.device());
+  check_cuda_grad_output(grad, op);
   return backward_inputs(grad, indices, num_weights, padding_idx, op);
 }
 
