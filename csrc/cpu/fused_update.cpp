@@ -132,8 +132,8 @@ __attribute__((always_inline)) inline void update_segments(
 // The copies of update_segments per instruction set (isa.h): wider vectors keep more of a
 // row's cache lines in flight (the loop waits on random rows from DRAM), ~25% on rows of 3 KB.
 template <int64_t kRule, typename scalar_t, typename state_t>
-__attribute__((noinline)) void update_segments_portable(const UpdateArgs<scalar_t, state_t>& a,
-                                                        int64_t s0, int64_t s_end, state_t* acc) {
+EMBEDDING_EXT_TARGET_PORTABLE void update_segments_portable(const UpdateArgs<scalar_t, state_t>& a,
+                                                            int64_t s0, int64_t s_end, state_t* acc) {
   update_segments<kRule>(a, s0, s_end, acc);
 }
 
