@@ -63,76 +63,71 @@ template <typename acc_t, int kIsa>
 constexpr int kLanesOf = vector_bytes(kIsa) / sizeof(acc_t);
 
 #if defined(__x86_64__)
-__attribute__((target("avx2"))) inline __m256i broadcast_8_avx2(int32_t value) {
-  return _mm256_set1_epi32(value);
-}
-__attribute__((target("avx2"))) inline __m256i broadcast_4_avx2(int64_t value) {
-  return _mm256_set1_epi64x(value);
-}
-__attribute__((target("avx512f"))) inline __m512i broadcast_16_avx512(int32_t value) {
-  return _mm512_set1_epi32(value);
-}
-__attribute__((target("avx512f"))) inline __m512i broadcast_8_avx512(int64_t value) {
-  return _mm512_set1_epi64(value);
-}
+// What GCC's generic vector code compiled badly, in the instructions of one copy (inlined
+// into that copy only: each function carries its target):
+// - broadcast: every lane = value, one vpbroadcast (GCC 12 built it lane by lane, whether
+//   spelled per lane or as `vector + scalar`: 16 masked broadcasts per row in the AVX-512
+//   copy, 3 inserts and a 128-bit insert in the AVX2 copy; max pooled 1.6x slower);
+// - widen: fp16/bf16 -> fp32, bf16 as a shift into the top half, one vpmovzxwd from memory
+//   (__builtin_convertvector gave two 128-bit ones and an insert: bf16 pooled at half fp16's
+//   speed);
+// - narrow: fp32 -> fp16, rounded to nearest even.
+template <int kIsa>
+struct IsaLanes;
+
+#define EMBEDDING_EXT_AVX2_INLINE __attribute__((target("avx2,f16c")))
+template <>
+struct IsaLanes<kAvx2> {
+  EMBEDDING_EXT_AVX2_INLINE static __m256i broadcast(int32_t value) { return _mm256_set1_epi32(value); }
+  EMBEDDING_EXT_AVX2_INLINE static __m256i broadcast(int64_t value) { return _mm256_set1_epi64x(value); }
+  EMBEDDING_EXT_AVX2_INLINE static __m256 widen(const c10::Half* src) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  }
+  EMBEDDING_EXT_AVX2_INLINE static __m256 widen(const c10::BFloat16* src) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+  EMBEDDING_EXT_AVX2_INLINE static void narrow(__m256 v, c10::Half* dst) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
+                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+};
+#undef EMBEDDING_EXT_AVX2_INLINE
+
+#define EMBEDDING_EXT_AVX512_INLINE __attribute__((target("avx512f")))
+template <>
+struct IsaLanes<kAvx512> {
+  EMBEDDING_EXT_AVX512_INLINE static __m512i broadcast(int32_t value) { return _mm512_set1_epi32(value); }
+  EMBEDDING_EXT_AVX512_INLINE static __m512i broadcast(int64_t value) { return _mm512_set1_epi64(value); }
+  EMBEDDING_EXT_AVX512_INLINE static __m512 widen(const c10::Half* src) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+  }
+  EMBEDDING_EXT_AVX512_INLINE static __m512 widen(const c10::BFloat16* src) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+  EMBEDDING_EXT_AVX512_INLINE static void narrow(__m512 v, c10::Half* dst) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                        _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+};
+#undef EMBEDDING_EXT_AVX512_INLINE
 #endif
 
-// Every lane = value: one vpbroadcast. (GCC 12 built it lane by lane, whether spelled per
-// lane or as `vector + scalar`: 16 masked broadcasts per row in the AVX-512 copy, 3 inserts
-// and a 128-bit insert in the AVX2 copy; max pooled 1.6x slower. Hence the intrinsics.)
+// Every lane = value.
 template <typename acc_t, int kIsa>
 __attribute__((always_inline)) inline PosVec<acc_t, kIsa> broadcast_position(int64_t value) {
   using lane_t = std::remove_reference_t<decltype(std::declval<PosVec<acc_t, kIsa>>()[0])>;
 #if defined(__x86_64__)
-  if constexpr (kIsa == kAvx512 || kIsa == kAvx2) {
+  if constexpr (kIsa != kPortable) {
+    const auto v = IsaLanes<kIsa>::broadcast(static_cast<lane_t>(value));
     PosVec<acc_t, kIsa> out;
-    if constexpr (kIsa == kAvx512 && sizeof(lane_t) == 4) {
-      const __m512i v = broadcast_16_avx512(static_cast<int32_t>(value));
-      std::memcpy(&out, &v, sizeof(out));
-    } else if constexpr (kIsa == kAvx512) {
-      const __m512i v = broadcast_8_avx512(value);
-      std::memcpy(&out, &v, sizeof(out));
-    } else if constexpr (sizeof(lane_t) == 4) {
-      const __m256i v = broadcast_8_avx2(static_cast<int32_t>(value));
-      std::memcpy(&out, &v, sizeof(out));
-    } else {
-      const __m256i v = broadcast_4_avx2(value);
-      std::memcpy(&out, &v, sizeof(out));
-    }
+    std::memcpy(&out, &v, sizeof(out));
     return out;
   }
 #endif
   return PosVec<acc_t, kIsa>{} + static_cast<lane_t>(value);
 }
-
-#if defined(__x86_64__)
-// fp16/bf16 <-> fp32 a vector at a time, inlined into the copy of their instruction set.
-// bf16 -> fp32 is a shift into the top half: one vpmovzxwd from memory (GCC's generic
-// __builtin_convertvector gave two 128-bit ones and an insert: bf16 pooled at half fp16's
-// speed).
-__attribute__((target("avx,f16c"))) inline __m256 widen_8_f16c(const c10::Half* src) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-}
-__attribute__((target("avx2"))) inline __m256 widen_8_bf16_avx2(const c10::BFloat16* src) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-__attribute__((target("avx,f16c"))) inline void narrow_8_f16c(__m256 v, c10::Half* dst) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
-                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-__attribute__((target("avx512f"))) inline __m512 widen_16_f16_avx512(const c10::Half* src) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
-}
-__attribute__((target("avx512f"))) inline __m512 widen_16_bf16_avx512(const c10::BFloat16* src) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-__attribute__((target("avx512f"))) inline void narrow_16_f16_avx512(__m512 v, c10::Half* dst) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
-                      _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-#endif
 
 // bf16 bits of kLanes fp32 lanes, and those lanes as integers.
 template <int kLanes>
@@ -158,14 +153,8 @@ __attribute__((always_inline)) inline Vec<acc_t, kIsa> load_vec(const scalar_t* 
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     std::memcpy(&v, src, sizeof(v));
 #if defined(__x86_64__)
-  } else if constexpr (kIsa == kAvx2 && std::is_same_v<scalar_t, c10::BFloat16>) {
-    v = widen_8_bf16_avx2(src);
-  } else if constexpr (kIsa == kAvx512 && std::is_same_v<scalar_t, c10::BFloat16>) {
-    v = widen_16_bf16_avx512(src);
-  } else if constexpr (kIsa == kAvx2 && std::is_same_v<scalar_t, c10::Half>) {
-    v = widen_8_f16c(src);
-  } else if constexpr (kIsa == kAvx512 && std::is_same_v<scalar_t, c10::Half>) {
-    v = widen_16_f16_avx512(src);
+  } else if constexpr (kIsa != kPortable) {  // fp16 or bf16
+    v = IsaLanes<kIsa>::widen(src);
 #endif
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // the top half of an fp32
     using u16s = typename HalfWords<kLanes>::u16s;
@@ -190,10 +179,8 @@ __attribute__((always_inline)) inline void store_vec(Vec<acc_t, kIsa> v, scalar_
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     std::memcpy(dst, &v, sizeof(v));
 #if defined(__x86_64__)
-  } else if constexpr (kIsa == kAvx2 && std::is_same_v<scalar_t, c10::Half>) {
-    narrow_8_f16c(v, dst);
-  } else if constexpr (kIsa == kAvx512 && std::is_same_v<scalar_t, c10::Half>) {
-    narrow_16_f16_avx512(v, dst);
+  } else if constexpr (kIsa != kPortable && std::is_same_v<scalar_t, c10::Half>) {
+    IsaLanes<kIsa>::narrow(v, dst);
 #endif
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     using u32s = typename HalfWords<kLanes>::u32s;
