@@ -1,6 +1,5 @@
-// CUDA pooled lookup (embedding_bag_*).
-// - Forward: one thread group per bag, a lane per column, rows in position order with an
-//   fp32 (fp64) accumulator: deterministic.
+// CUDA pooled lookup, gradients (embedding_bag_dense_backward, embedding_bag_sparse_backward,
+// embedding_bag_per_sample_weights_backward).
 // - Weight gradients (sum, mean): each position's gradient row, grad_output[bag] times its
 //   coefficient (1, 1/count, per_sample_weights[i], and 1/frequency), is written once and
 //   summed by the lookup's dense backward: fp32/fp64 rows through the op itself (its atomic
@@ -10,9 +9,6 @@
 //   in the gradient's dtype (one term each). Max mode adds
 //   grad_output[b, d] into row arg_max[b, d] with atomics (as PyTorch; not deterministic,
 //   so it alerts under torch.use_deterministic_algorithms).
-// - Offsets are checked inside the kernels, without a host synchronisation: a kernel never
-//   reads outside the ids for a bad entry (that bag pools nothing) and records it like a
-//   bad id (kind kBadOffset); a later call raises IndexError naming the entry.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
@@ -20,99 +16,13 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "bag.cuh"
 #include "dense_backward.h"
 #include "launch.cuh"
 
 namespace embedding_ext {
 namespace cuda {
 namespace {
-
-// Bag b's positions [start, end); ok = false for a bad CSR entry (then the range is empty).
-struct BagRange {
-  int64_t start, end;
-  bool ok;
-};
-
-// Each entry is blamed by one bag only, so one bad entry is always named the same way: entry
-// 0 by bag 0, entry b + 1 by bag b when it is past the ids or below a valid start (a start
-// outside [0, n] was already blamed as the previous bag's end).
-__device__ __forceinline__ BagRange bag_range(const int64_t* __restrict__ off, int64_t b,
-                                              int64_t n, const ErrorSink& sink, bool report) {
-  const int64_t start = off[b], end = off[b + 1];
-  const bool start_ok = start >= 0 && start <= n;
-  if (b == 0 && start != 0 && report) report_bad_index(sink, 0, start, n, kBadOffset);
-  if (start_ok && (end > n || end < start) && report) report_bad_index(sink, b + 1, end, n, kBadOffset);
-  const bool ok = start_ok && (b != 0 || start == 0) && end >= start && end <= n;
-  return ok ? BagRange{start, end, true} : BagRange{0, 0, false};
-}
-
-// No bags: only offsets[0] (which must be 0) to check.
-__global__ void check_first_offset_kernel(const int64_t* __restrict__ off, int64_t n, ErrorSink sink) {
-  if (off[0] != 0) report_bad_index(sink, 0, off[0], n, kBadOffset);
-}
-
-template <typename scalar_t, typename index_t>
-__global__ void pool_bags_kernel(const scalar_t* __restrict__ weight, int64_t row_stride,
-                                 const index_t* __restrict__ idx, const int64_t* __restrict__ off,
-                                 int64_t bags, int64_t n, int64_t num_rows, int64_t dim,
-                                 int64_t mode, const scalar_t* __restrict__ psw,
-                                 int64_t padding_idx, scalar_t* __restrict__ out,
-                                 int64_t* __restrict__ arg_max, ErrorSink sink) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
-  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; b < bags; b += step) {
-    const BagRange r = bag_range(off, b, n, sink, threadIdx.x == 0);
-    for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
-      acc_t acc = 0;
-      int64_t arg = -1, count = 0;
-      for (int64_t i = r.start; i < r.end; ++i) {
-        const int64_t k = idx[i];
-        // Bad ids pool nothing (probe_indices reports every id, in bags or not).
-        if (k == padding_idx || !row_in_range(k, num_rows)) continue;
-        const acc_t v = static_cast<acc_t>(weight[k * row_stride + d]);
-        if (mode == kBagMax) {
-          // The first row as is (a NaN too), then strictly greater: ties go to the first
-          // occurrence and a later NaN is never taken (PyTorch's CPU rule, ours everywhere).
-          if (count == 0 || v > acc) {
-            acc = v;
-            arg = k;
-          }
-        } else {
-          acc += psw != nullptr ? v * static_cast<acc_t>(psw[i]) : v;
-        }
-        ++count;
-      }
-      if (mode == kBagMean && count > 1) acc /= static_cast<acc_t>(count);
-      out[b * dim + d] = static_cast<scalar_t>(acc);
-      if (mode == kBagMax) arg_max[b * dim + d] = arg;
-    }
-  }
-}
-
-// bag_of[i] = the bag pooling position i (left at -1 for ids in no bag: the CSR tail), and
-// per bag the count of pooled (non-padding, in-range) ids; with counts, the in-bag
-// occurrences of each row (scale_grad_by_freq's divisor). bag_of and bag_count start at -1
-// and 0.
-template <typename index_t>
-__global__ void bag_layout_kernel(const index_t* __restrict__ idx, const int64_t* __restrict__ off,
-                                  int64_t bags, int64_t n, int64_t num_rows, int64_t padding_idx,
-                                  int64_t* __restrict__ bag_of,
-                                  unsigned long long* __restrict__ bag_count,
-                                  int* __restrict__ counts, ErrorSink sink) {
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
-  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; b < bags; b += step) {
-    const BagRange r = bag_range(off, b, n, sink, threadIdx.x == 0);
-    unsigned long long pooled = 0;
-    for (int64_t i = r.start + threadIdx.x; i < r.end; i += blockDim.x) {
-      bag_of[i] = b;
-      const int64_t k = idx[i];
-      if (k == padding_idx || !row_in_range(k, num_rows)) continue;
-      ++pooled;
-      if (counts != nullptr) atomicAdd(counts + k, 1);
-    }
-    if (pooled > 0) atomicAdd(bag_count + b, pooled);
-  }
-}
 
 // Whether a position (in bag b, id k) pools a row: in a bag, not padding, a valid id.
 __device__ __forceinline__ bool pools(int64_t b, int64_t k, int64_t padding_idx, int64_t num_rows) {
@@ -207,27 +117,6 @@ __global__ void sample_weight_gradients_kernel(const scalar_t* __restrict__ grad
   }
 }
 
-// Where every position pools to, and (with scale_grad_by_freq) the in-bag row counts.
-struct BagLayout {
-  at::Tensor bag_of, bag_count, counts;
-};
-
-template <typename index_t>
-BagLayout bag_layout(const BagInputs& in, int64_t padding_idx, bool with_counts,
-                     const LaunchScope& scope) {
-  const auto opts = in.indices.options();
-  BagLayout l{at::full({in.n}, -1, opts.dtype(at::kLong)), at::zeros({in.bags}, opts.dtype(at::kLong)),
-              with_counts ? at::zeros({in.num_rows}, opts.dtype(at::kInt)) : at::Tensor()};
-  const RowLaunch launch = row_launch(in.bags, 32);
-  bag_layout_kernel<index_t><<<launch.grid, launch.block, 0, scope.stream>>>(
-      in.indices.const_data_ptr<index_t>(), in.offsets.const_data_ptr<int64_t>(), in.bags, in.n,
-      in.num_rows, padding_idx, l.bag_of.mutable_data_ptr<int64_t>(),
-      reinterpret_cast<unsigned long long*>(l.bag_count.mutable_data_ptr<int64_t>()),
-      with_counts ? l.counts.mutable_data_ptr<int>() : nullptr, scope.sink);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return l;
-}
-
 template <typename T>
 struct TypeTag {
   using type = T;
@@ -261,46 +150,6 @@ at::Tensor position_gradients(const at::Tensor& grad, const BagInputs& in, const
     });
   });
   return rows;
-}
-
-std::tuple<at::Tensor, at::Tensor> embedding_bag_forward_cuda(
-    const at::Tensor& weight_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
-    int64_t mode, const c10::optional<at::Tensor>& per_sample_weights, int64_t padding_idx) {
-  constexpr const char* op = "embedding_bag_forward";
-  const BagInputs in = bag_forward_inputs(weight_in, indices_in, offsets_in, mode, per_sample_weights, op);
-  LaunchScope scope(weight_in, op);
-  const at::Tensor weight = weight_in.stride(1) == 1 ? weight_in : weight_in.contiguous();
-  const at::Tensor psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
-  const int64_t num_rows = in.num_rows, dim = in.dim;
-  at::Tensor out = at::empty({in.bags, dim}, weight.options());
-  at::Tensor arg_max = at::empty({mode == kBagMax ? in.bags : 0, dim}, weight.options().dtype(at::kLong));
-  AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
-    const index_t* idx = in.indices.const_data_ptr<index_t>();
-    // Every id is range-checked, also those past the last offset (in no bag).
-    probe_indices(idx, in.n, num_rows, scope);
-    if (dim == 0) {  // nothing to pool; the offsets are still checked
-      bag_layout<index_t>(in, padding_idx, false, scope);
-      return;
-    }
-    if (in.bags == 0) {
-      check_first_offset_kernel<<<1, 1, 0, scope.stream>>>(in.offsets.const_data_ptr<int64_t>(), in.n,
-                                                           scope.sink);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
-    const RowLaunch launch = row_launch(in.bags, dim);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
-      pool_bags_kernel<scalar_t, index_t><<<launch.grid, launch.block, 0, scope.stream>>>(
-          weight.const_data_ptr<scalar_t>(), weight.stride(0), idx,
-          in.offsets.const_data_ptr<int64_t>(), in.bags, in.n, num_rows, dim, mode,
-          psw.defined() ? psw.const_data_ptr<scalar_t>() : nullptr, padding_idx,
-          out.mutable_data_ptr<scalar_t>(),
-          mode == kBagMax ? arg_max.mutable_data_ptr<int64_t>() : nullptr, scope.sink);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  scope.finish();
-  return {out, arg_max};
 }
 
 at::Tensor embedding_bag_dense_backward_cuda(
@@ -443,7 +292,6 @@ at::Tensor embedding_bag_per_sample_weights_backward_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(embedding_ext, CUDA, m) {
-  m.impl("embedding_bag_forward", &embedding_bag_forward_cuda);
   m.impl("embedding_bag_dense_backward", &embedding_bag_dense_backward_cuda);
   m.impl("embedding_bag_sparse_backward", &embedding_bag_sparse_backward_cuda);
   m.impl("embedding_bag_per_sample_weights_backward", &embedding_bag_per_sample_weights_backward_cuda);
