@@ -24,11 +24,6 @@ namespace embedding_ext {
 namespace cuda {
 namespace {
 
-// Whether a position (in bag b, id k) pools a row: in a bag, not padding, a valid id.
-__device__ __forceinline__ bool pools(int64_t b, int64_t k, int64_t padding_idx, int64_t num_rows) {
-  return b >= 0 && k != padding_idx && row_in_range(k, num_rows);
-}
-
 // The sparse gradient's COO row numbers without padding: the ids, a bad one (its value row
 // is zero) as row 0.
 template <typename index_t>
@@ -38,6 +33,20 @@ __global__ void coo_row_ids_kernel(const index_t* __restrict__ idx, int64_t n, i
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t k = idx[i];
     row_ids[i] = row_in_range(k, num_rows) ? k : 0;
+  }
+}
+
+// Calls visit(i, b, k, live) for each position i < n of this thread group (row_launch: a thread
+// group per position), in bag b = bag_of[i] with id k = idx[i]; live: whether i pools a row
+// (in a bag, not padding, a valid id).
+template <typename index_t, typename F>
+__device__ __forceinline__ void for_each_position(const index_t* __restrict__ idx,
+                                                  const int64_t* __restrict__ bag_of, int64_t n,
+                                                  int64_t padding_idx, int64_t num_rows, F&& visit) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; i < n; i += step) {
+    const int64_t b = bag_of[i], k = idx[i];
+    visit(i, b, k, b >= 0 && k != padding_idx && row_in_range(k, num_rows));
   }
 }
 
@@ -54,10 +63,7 @@ __global__ void position_gradients_kernel(const scalar_t* __restrict__ grad,
                                           int64_t num_rows, int64_t dim, int64_t mode,
                                           int64_t padding_idx, rows_t* __restrict__ rows) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; i < n; i += step) {
-    const int64_t b = bag_of[i], k = idx[i];
-    const bool live = pools(b, k, padding_idx, num_rows);
+  for_each_position(idx, bag_of, n, padding_idx, num_rows, [&](int64_t i, int64_t b, int64_t k, bool live) {
     acc_t coef = 0;
     if (live) {
       coef = mode == kBagMean ? acc_t(1) / static_cast<acc_t>(bag_count[b]) : acc_t(1);
@@ -68,7 +74,7 @@ __global__ void position_gradients_kernel(const scalar_t* __restrict__ grad,
       rows[i * dim + d] = live ? static_cast<rows_t>(static_cast<acc_t>(grad[b * dim + d]) * coef)
                                : rows_t(0);
     }
-  }
+  });
 }
 
 // Max mode: out[arg_max[b, d], d] += grad_output[b, d]. arg_max comes from our forward, but
@@ -100,10 +106,7 @@ __global__ void sample_weight_gradients_kernel(const scalar_t* __restrict__ grad
                                                int64_t num_rows, int64_t dim,
                                                int64_t padding_idx, scalar_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; i < n; i += step) {
-    const int64_t b = bag_of[i], k = idx[i];
-    const bool live = pools(b, k, padding_idx, num_rows);
+  for_each_position(idx, bag_of, n, padding_idx, num_rows, [&](int64_t i, int64_t b, int64_t k, bool live) {
     acc_t dot = 0;
     if (live) {
       for (int64_t d = threadIdx.x; d < dim; d += 32) {
@@ -114,7 +117,7 @@ __global__ void sample_weight_gradients_kernel(const scalar_t* __restrict__ grad
       dot += __shfl_xor_sync(0xffffffffu, dot, lane_mask);
     }
     if (threadIdx.x == 0) out[i] = static_cast<scalar_t>(dot);
-  }
+  });
 }
 
 template <typename T>
