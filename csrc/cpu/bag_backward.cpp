@@ -16,8 +16,7 @@
 #include "output_allocator.h"
 #include "row_convert.h"
 
-namespace embedding_ext {
-namespace cpu {
+namespace embedding_ext::cpu {
 namespace {
 
 // 1 / (non-padding entries of each bag), 0 for an empty bag: mean mode's coefficients.
@@ -316,5 +315,4 @@ TORCH_LIBRARY_IMPL(embedding_ext, CPU, m) {
   m.impl("embedding_bag_per_sample_weights_backward", &embedding_bag_per_sample_weights_backward_cpu);
 }
 
-}  // namespace cpu
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cpu

@@ -17,8 +17,7 @@
 #include "output_allocator.h"
 #include "row_convert.h"
 
-namespace embedding_ext {
-namespace cpu {
+namespace embedding_ext::cpu {
 namespace {
 
 // The copy of the instruction set cpu_isa() names (the best this CPU has, unless a test
@@ -168,5 +167,4 @@ TORCH_LIBRARY_IMPL(embedding_ext, CPU, m) {
   m.impl("embedding_bag_forward", &embedding_bag_forward_cpu);
 }
 
-}  // namespace cpu
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cpu

@@ -15,8 +15,7 @@
 #include "bag_vectors.h"
 #include "isa.h"
 
-namespace embedding_ext {
-namespace cpu {
+namespace embedding_ext::cpu {
 
 // Rows fetched ahead while pooling (16 and 8 measured alike within this VM's noise; 16 kept).
 constexpr int64_t kBagPrefetch = 16;
@@ -266,5 +265,4 @@ EMBEDDING_EXT_TARGET_AVX512 bool pool_register_blocks_avx512(const PoolArgs<scal
   template bool copy<false, scalar_t, int64_t>(const PoolArgs<scalar_t, int64_t>&, int64_t, int64_t); \
   template bool copy<true, scalar_t, int64_t>(const PoolArgs<scalar_t, int64_t>&, int64_t, int64_t);
 
-}  // namespace cpu
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cpu

@@ -2,10 +2,8 @@
 // CPUs.
 #include "bag_pool.h"
 
-namespace embedding_ext {
-namespace cpu {
+namespace embedding_ext::cpu {
 
 EMBEDDING_EXT_DEFINE_POOL_COPY(pool_register_blocks_portable, kPortable, EMBEDDING_EXT_TARGET_PORTABLE)
 
-}  // namespace cpu
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cpu

@@ -20,8 +20,7 @@
 // used uninitialized" inside its own header at every inlined use (GCC bug 105593).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-namespace embedding_ext {
-namespace cpu {
+namespace embedding_ext::cpu {
 
 // Vector width: 64 bytes with AVX-512 (32 registers: D = 128 fp32 pools in one pass over a
 // bag, not two), 32 otherwise (one AVX2 register, two SSE registers in the portable copy).
@@ -205,5 +204,4 @@ __attribute__((always_inline)) inline void store_vec(Vec<acc_t, kIsa> v, scalar_
   }
 }
 
-}  // namespace cpu
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cpu

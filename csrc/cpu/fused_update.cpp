@@ -16,8 +16,7 @@
 #include "isa.h"
 #include "row_convert.h"
 
-namespace embedding_ext {
-namespace cpu {
+namespace embedding_ext::cpu {
 namespace {
 
 // sum of g[d]^2 in kLanes fixed lanes, then the lanes in order: the loop vectorises (a plain
@@ -265,5 +264,4 @@ TORCH_LIBRARY_IMPL(embedding_ext, CPU, m) {
   m.impl("embedding_fused_update_", &embedding_fused_update_cpu);
 }
 
-}  // namespace cpu
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cpu

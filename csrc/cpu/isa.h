@@ -7,8 +7,7 @@
 
 #include <string>
 
-namespace embedding_ext {
-namespace cpu {
+namespace embedding_ext::cpu {
 
 constexpr int kPortable = 0, kAvx2 = 1, kAvx512 = 2;
 
@@ -27,5 +26,4 @@ int cpu_isa();
 void set_cpu_isa(const std::string& name);
 std::string cpu_isa_name();
 
-}  // namespace cpu
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cpu

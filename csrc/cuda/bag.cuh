@@ -9,8 +9,7 @@
 
 #include "launch.cuh"
 
-namespace embedding_ext {
-namespace cuda {
+namespace embedding_ext::cuda {
 
 // Bag b's positions [start, end); ok = false for a bad CSR entry (then the range is empty).
 struct BagRange {
@@ -77,5 +76,4 @@ BagLayout bag_layout(const BagInputs& in, int64_t padding_idx, bool with_counts,
   return l;
 }
 
-}  // namespace cuda
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cuda

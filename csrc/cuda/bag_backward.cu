@@ -20,8 +20,7 @@
 #include "dense_backward.h"
 #include "launch.cuh"
 
-namespace embedding_ext {
-namespace cuda {
+namespace embedding_ext::cuda {
 namespace {
 
 // The sparse gradient's COO row numbers without padding: the ids, a bad one (its value row
@@ -300,5 +299,4 @@ TORCH_LIBRARY_IMPL(embedding_ext, CUDA, m) {
   m.impl("embedding_bag_per_sample_weights_backward", &embedding_bag_per_sample_weights_backward_cuda);
 }
 
-}  // namespace cuda
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cuda

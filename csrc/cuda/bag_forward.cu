@@ -8,8 +8,7 @@
 #include "bag.cuh"
 #include "launch.cuh"
 
-namespace embedding_ext {
-namespace cuda {
+namespace embedding_ext::cuda {
 namespace {
 
 // No bags: only offsets[0] (which must be 0) to check.
@@ -101,5 +100,4 @@ TORCH_LIBRARY_IMPL(embedding_ext, CUDA, m) {
   m.impl("embedding_bag_forward", &embedding_bag_forward_cuda);
 }
 
-}  // namespace cuda
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cuda

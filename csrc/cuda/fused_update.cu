@@ -15,8 +15,7 @@
 #include "../optimizer_rules.h"
 #include "launch.cuh"
 
-namespace embedding_ext {
-namespace cuda {
+namespace embedding_ext::cuda {
 namespace {
 
 template <typename acc_t>
@@ -138,5 +137,4 @@ TORCH_LIBRARY_IMPL(embedding_ext, CUDA, m) {
   m.impl("embedding_fused_update_", &embedding_fused_update_cuda);
 }
 
-}  // namespace cuda
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cuda

@@ -20,8 +20,7 @@
 #include "../checks.h"
 #include "index_errors.h"
 
-namespace embedding_ext {
-namespace cuda {
+namespace embedding_ext::cuda {
 
 // Work shared by every op's host wrapper: surface earlier errors, guard the device, take
 // the current stream and the error sink once per call (shared by the call's launches).
@@ -204,5 +203,4 @@ SortedRows sort_by_row(const at::Tensor& indices, int64_t num_rows, const Launch
 }
 #endif
 
-}  // namespace cuda
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cuda
