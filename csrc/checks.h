@@ -151,54 +151,6 @@ inline void check_bag_mode(int64_t mode, const char* op) {
               ": 'mode' must be 0 (sum), 1 (mean) or 2 (max), got ", mode);
 }
 
-// The forward's per_sample_weights: sum mode only, the weight's dtype.
-inline void check_bag_sample_weights(const c10::optional<at::Tensor>& per_sample_weights,
-                                     const at::Tensor& weight, int64_t mode, const char* op) {
-  if (!per_sample_weights.has_value()) return;
-  TORCH_CHECK(mode == kBagSum, op,
-              ": 'per_sample_weights' is only supported in sum mode (0), got mode ", mode);
-  TORCH_CHECK(per_sample_weights->scalar_type() == weight.scalar_type(), op,
-              ": 'per_sample_weights' must have the dtype of 'weight' (", weight.scalar_type(),
-              "), got ", per_sample_weights->scalar_type());
-}
-
-// What both weight-gradient ops check beyond check_bag_args: a (bags, D) grad_output, the
-// row count, a padding_idx inside it. Returns num_weights as an integer.
-inline int64_t check_bag_gradient_args(const at::Tensor& grad, int64_t bags,
-                                       const c10::SymInt& num_weights, int64_t padding_idx,
-                                       const char* op) {
-  const int64_t num_rows = num_weights.expect_int();
-  TORCH_CHECK(num_rows >= 0, op, ": 'num_weights' must be >= 0, got ", num_rows);
-  TORCH_CHECK(padding_idx < num_rows, op, ": 'padding_idx' must be < num_weights (", num_rows,
-              "), got ", padding_idx);
-  TORCH_CHECK(grad.size(0) == bags, op, ": 'grad_output' must have one row per bag (", bags,
-              "), got shape ", grad.sizes());
-  return num_rows;
-}
-
-// The per_sample_weights gradient's grad_output: on weight's device, shape (bags, D).
-inline void check_bag_sample_weight_gradient_args(const at::Tensor& grad, const at::Tensor& weight,
-                                                  int64_t bags, const char* op) {
-  check_same_device(grad, "grad_output", weight, "weight", op);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == bags && grad.size(1) == weight.size(1), op,
-              ": 'grad_output' must have shape (bags, D) = (", bags, ", ", weight.size(1),
-              "), got ", grad.sizes());
-}
-
-// The dense gradient's mode rules: no scale_grad_by_freq in max mode (as PyTorch), and max
-// mode's arg_max of shape (bags, D), int64.
-inline void check_bag_dense_gradient_mode(int64_t mode, bool scale_grad_by_freq,
-                                          const at::Tensor& grad, const at::Tensor& arg_max,
-                                          int64_t bags, int64_t dim, const char* op) {
-  TORCH_CHECK(!(mode == kBagMax && scale_grad_by_freq), op,
-              ": max mode (2) does not support scale_grad_by_freq");
-  if (mode == kBagMax) check_same_device(arg_max, "arg_max", grad, "grad_output", op);
-  TORCH_CHECK(mode != kBagMax || (arg_max.dim() == 2 && arg_max.size(0) == bags &&
-                                  arg_max.size(1) == dim && arg_max.scalar_type() == at::kLong),
-              op, ": 'arg_max' must be an int64 tensor of shape (bags, D) = (", bags, ", ", dim,
-              ") in max mode, got ", arg_max.scalar_type(), " of shape ", arg_max.sizes());
-}
-
 // CSR offsets: off[0] == 0, each <= n, non-decreasing.
 inline void check_bag_offsets(const int64_t* off, int64_t count, int64_t n, const char* op) {
   TORCH_CHECK(off[0] == 0, op, ": 'offsets[0]' must be 0 (the first bag starts at the first id), got ",
@@ -209,6 +161,104 @@ inline void check_bag_offsets(const int64_t* off, int64_t count, int64_t n, cons
     TORCH_CHECK(off[b] >= off[b - 1], op, ": 'offsets' must be non-decreasing, got offsets[",
                 b - 1, "] = ", off[b - 1], " > offsets[", b, "] = ", off[b]);
   }
+}
+
+// A bag op's inputs once checked: contiguous ids, int64 CSR offsets, n ids in `bags` bags,
+// and the table's num_rows and D.
+struct BagInputs {
+  at::Tensor indices, offsets;  // offsets: int64, contiguous
+  int64_t n, bags, num_rows, dim;
+};
+
+// check_bag_args, then the ids and offsets as the kernels read them (num_rows and dim are
+// left to the caller). CPU offsets have their values checked here, before any kernel reads
+// them; the CUDA kernels check them as they read them (no host synchronisation).
+inline BagInputs bag_inputs(const at::Tensor& table, const char* table_name,
+                            const at::Tensor& indices, const at::Tensor& offsets,
+                            const c10::optional<at::Tensor>& per_sample_weights, const char* op) {
+  check_bag_args(table, table_name, indices, offsets, per_sample_weights, op);
+  BagInputs in{indices.contiguous(), offsets.to(at::kLong).contiguous(), indices.size(0),
+               offsets.size(0) - 1, 0, 0};
+  if (in.offsets.is_cpu()) check_bag_offsets(in.offsets.const_data_ptr<int64_t>(), in.bags + 1, in.n, op);
+  return in;
+}
+
+// embedding_bag_forward's checks; per_sample_weights in sum mode only, in the weight's dtype.
+inline BagInputs bag_forward_inputs(const at::Tensor& weight, const at::Tensor& indices,
+                                    const at::Tensor& offsets, int64_t mode,
+                                    const c10::optional<at::Tensor>& per_sample_weights,
+                                    const char* op) {
+  check_weight_2d(weight, op);
+  check_bag_mode(mode, op);
+  BagInputs in = bag_inputs(weight, "weight", indices, offsets, per_sample_weights, op);
+  if (per_sample_weights.has_value()) {
+    TORCH_CHECK(mode == kBagSum, op,
+                ": 'per_sample_weights' is only supported in sum mode (0), got mode ", mode);
+    TORCH_CHECK(per_sample_weights->scalar_type() == weight.scalar_type(), op,
+                ": 'per_sample_weights' must have the dtype of 'weight' (", weight.scalar_type(),
+                "), got ", per_sample_weights->scalar_type());
+  }
+  in.num_rows = weight.size(0);
+  in.dim = weight.size(1);
+  return in;
+}
+
+// The checks of both weight gradients (sparse: no max mode, as PyTorch): a (bags, D)
+// grad_output, num_weights >= 0 (the table's num_rows) and a padding_idx below it.
+inline BagInputs bag_gradient_inputs(const at::Tensor& grad, const at::Tensor& indices,
+                                     const at::Tensor& offsets, const c10::SymInt& num_weights,
+                                     int64_t mode,
+                                     const c10::optional<at::Tensor>& per_sample_weights,
+                                     int64_t padding_idx, bool sparse, const char* op) {
+  check_bag_mode(mode, op);
+  TORCH_CHECK(!sparse || mode != kBagMax, op, ": max mode (2) has no sparse gradient (as in PyTorch)");
+  check_weight_2d(grad, op, "grad_output");
+  BagInputs in = bag_inputs(grad, "grad_output", indices, offsets, per_sample_weights, op);
+  in.num_rows = num_weights.expect_int();
+  TORCH_CHECK(in.num_rows >= 0, op, ": 'num_weights' must be >= 0, got ", in.num_rows);
+  TORCH_CHECK(padding_idx < in.num_rows, op, ": 'padding_idx' must be < num_weights (",
+              in.num_rows, "), got ", padding_idx);
+  TORCH_CHECK(grad.size(0) == in.bags, op, ": 'grad_output' must have one row per bag (",
+              in.bags, "), got shape ", grad.sizes());
+  in.dim = grad.size(1);
+  return in;
+}
+
+// The dense gradient's further rules: no scale_grad_by_freq in max mode (as PyTorch), and
+// max mode's arg_max of shape (bags, D), int64.
+inline BagInputs bag_dense_gradient_inputs(const at::Tensor& grad, const at::Tensor& indices,
+                                           const at::Tensor& offsets, const at::Tensor& arg_max,
+                                           const c10::SymInt& num_weights, int64_t mode,
+                                           const c10::optional<at::Tensor>& per_sample_weights,
+                                           int64_t padding_idx, bool scale_grad_by_freq,
+                                           const char* op) {
+  const BagInputs in = bag_gradient_inputs(grad, indices, offsets, num_weights, mode,
+                                           per_sample_weights, padding_idx, false, op);
+  TORCH_CHECK(!(mode == kBagMax && scale_grad_by_freq), op,
+              ": max mode (2) does not support scale_grad_by_freq");
+  if (mode == kBagMax) check_same_device(arg_max, "arg_max", grad, "grad_output", op);
+  TORCH_CHECK(mode != kBagMax || (arg_max.dim() == 2 && arg_max.size(0) == in.bags &&
+                                  arg_max.size(1) == in.dim && arg_max.scalar_type() == at::kLong),
+              op, ": 'arg_max' must be an int64 tensor of shape (bags, D) = (", in.bags, ", ",
+              in.dim, ") in max mode, got ", arg_max.scalar_type(), " of shape ", arg_max.sizes());
+  return in;
+}
+
+// The per_sample_weights gradient's checks: a 2-D weight, and grad_output of shape (bags, D)
+// on its device.
+inline BagInputs bag_sample_weight_gradient_inputs(const at::Tensor& grad, const at::Tensor& weight,
+                                                   const at::Tensor& indices,
+                                                   const at::Tensor& offsets, const char* op) {
+  check_weight_2d(weight, op);
+  check_weight_2d(grad, op, "grad_output");
+  BagInputs in = bag_inputs(weight, "weight", indices, offsets, c10::nullopt, op);
+  check_same_device(grad, "grad_output", weight, "weight", op);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == in.bags && grad.size(1) == weight.size(1), op,
+              ": 'grad_output' must have shape (bags, D) = (", in.bags, ", ", weight.size(1),
+              "), got ", grad.sizes());
+  in.num_rows = weight.size(0);
+  in.dim = weight.size(1);
+  return in;
 }
 
 // The message of the error every backend raises for an index outside [0, num_rows).

@@ -12,8 +12,7 @@
 
 #include "../checks.h"
 
-namespace embedding_ext {
-namespace cpu {
+namespace embedding_ext::cpu {
 
 // Chunks of parallel work should move at least this many bytes, so that thread start-up
 // and scheduling stay small next to the copy itself.
@@ -125,5 +124,4 @@ inline std::vector<int64_t> segment_heads(const SortedLookups& sorted) {
   return heads;
 }
 
-}  // namespace cpu
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cpu

@@ -17,8 +17,7 @@
 #include "output_allocator.h"
 #include "row_convert.h"
 
-namespace embedding_ext {
-namespace cpu {
+namespace embedding_ext::cpu {
 namespace {
 
 // Sorted path (any float dtype): lookups radix-sorted by row; each row's positions are
@@ -142,5 +141,4 @@ TORCH_LIBRARY_IMPL(embedding_ext, CPU, m) {
   m.impl("embedding_dense_backward", &embedding_dense_backward_cpu);
 }
 
-}  // namespace cpu
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cpu

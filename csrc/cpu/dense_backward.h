@@ -6,8 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/SymInt.h>
 
-namespace embedding_ext {
-namespace cpu {
+namespace embedding_ext::cpu {
 
 enum class DenseBackwardPath {
   kByDtype,  // what embedding_dense_backward runs: scatter for fp32/fp64, sorted otherwise
@@ -19,5 +18,4 @@ at::Tensor dense_backward(const at::Tensor& grad_output, const at::Tensor& indic
                           const c10::SymInt& num_weights, int64_t padding_idx,
                           bool scale_grad_by_freq, DenseBackwardPath path);
 
-}  // namespace cpu
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cpu

@@ -11,8 +11,7 @@
 #include "common.h"
 #include "output_allocator.h"
 
-namespace embedding_ext {
-namespace cpu {
+namespace embedding_ext::cpu {
 namespace {
 
 // kRowBytes > 0 fixes the row size at compile time, so each copy becomes a few vector moves
@@ -124,5 +123,4 @@ TORCH_LIBRARY_IMPL(embedding_ext, CPU, m) {
   m.impl("embedding_scaled_gather", &embedding_scaled_gather_cpu);
 }
 
-}  // namespace cpu
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cpu

@@ -1,8 +1,8 @@
-// CPU optimizer step fused into the lookup's backward (embedding_fused_update_, issue 14):
-// positions grouped by row (sort_by_row), each row's gradient summed in fp32 (fp64 for fp64)
-// in position order, then the rule applied once to the row and its state. No gradient
-// tensor exists; extra memory is O(ids). Rows are split across threads, each row written
-// by one thread: deterministic.
+// CPU optimizer step fused into the lookup's backward (embedding_fused_update_, the step of
+// ee.fuse_optimizer): positions grouped by row (sort_by_row), each row's gradient summed in
+// fp32 (fp64 for fp64) in position order, then the rule applied once to the row and its
+// state. No gradient tensor exists; extra memory is O(ids). Rows are split across threads,
+// each row written by one thread: deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -16,8 +16,7 @@
 #include "isa.h"
 #include "row_convert.h"
 
-namespace embedding_ext {
-namespace cpu {
+namespace embedding_ext::cpu {
 namespace {
 
 // sum of g[d]^2 in kLanes fixed lanes, then the lanes in order: the loop vectorises (a plain
@@ -132,8 +131,8 @@ __attribute__((always_inline)) inline void update_segments(
 // The copies of update_segments per instruction set (isa.h): wider vectors keep more of a
 // row's cache lines in flight (the loop waits on random rows from DRAM), ~25% on rows of 3 KB.
 template <int64_t kRule, typename scalar_t, typename state_t>
-__attribute__((noinline)) void update_segments_portable(const UpdateArgs<scalar_t, state_t>& a,
-                                                        int64_t s0, int64_t s_end, state_t* acc) {
+EMBEDDING_EXT_TARGET_PORTABLE void update_segments_portable(const UpdateArgs<scalar_t, state_t>& a,
+                                                            int64_t s0, int64_t s_end, state_t* acc) {
   update_segments<kRule>(a, s0, s_end, acc);
 }
 
@@ -265,5 +264,4 @@ TORCH_LIBRARY_IMPL(embedding_ext, CPU, m) {
   m.impl("embedding_fused_update_", &embedding_fused_update_cpu);
 }
 
-}  // namespace cpu
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cpu

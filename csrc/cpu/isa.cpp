@@ -4,8 +4,7 @@
 
 #include <atomic>
 
-namespace embedding_ext {
-namespace cpu {
+namespace embedding_ext::cpu {
 namespace {
 
 const char* const kIsaNames[] = {"portable", "avx2", "avx512"};
@@ -53,5 +52,4 @@ void set_cpu_isa(const std::string& name) {
 
 std::string cpu_isa_name() { return kIsaNames[cpu_isa()]; }
 
-}  // namespace cpu
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cpu

@@ -7,13 +7,13 @@
 
 #include <string>
 
-namespace embedding_ext {
-namespace cpu {
+namespace embedding_ext::cpu {
 
 constexpr int kPortable = 0, kAvx2 = 1, kAvx512 = 2;
 
 // The target attributes of each copy (a function compiled with one may inline the portable
-// helpers it calls).
+// helpers it calls). Never inlined: each copy stays a function of its own instruction set.
+#define EMBEDDING_EXT_TARGET_PORTABLE __attribute__((noinline))
 #define EMBEDDING_EXT_TARGET_AVX2 __attribute__((target("avx2,f16c"), noinline))
 #define EMBEDDING_EXT_TARGET_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c"), noinline))
@@ -26,5 +26,4 @@ int cpu_isa();
 void set_cpu_isa(const std::string& name);
 std::string cpu_isa_name();
 
-}  // namespace cpu
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cpu

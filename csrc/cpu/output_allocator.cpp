@@ -12,8 +12,7 @@
 #include <mutex>
 #include <string>
 
-namespace embedding_ext {
-namespace cpu {
+namespace embedding_ext::cpu {
 namespace {
 
 // Below this, malloc's own free lists already reuse memory.
@@ -141,5 +140,4 @@ int64_t cached_output_bytes() { return ReusingAllocator::get().cached_bytes(); }
 void set_output_cache_limit(int64_t bytes) { ReusingAllocator::get().set_limit(bytes); }
 void release_cached_outputs() { ReusingAllocator::get().release_all(); }
 
-}  // namespace cpu
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cpu

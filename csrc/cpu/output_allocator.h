@@ -10,8 +10,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/TensorOptions.h>
 
-namespace embedding_ext {
-namespace cpu {
+namespace embedding_ext::cpu {
 
 // Like at::empty(sizes, options) for a CPU tensor; large ones come from the cache above.
 at::Tensor empty_output(c10::IntArrayRef sizes, const c10::TensorOptions& options);
@@ -23,5 +22,4 @@ int64_t cached_output_bytes();
 void set_output_cache_limit(int64_t bytes);
 void release_cached_outputs();
 
-}  // namespace cpu
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cpu

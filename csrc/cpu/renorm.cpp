@@ -8,8 +8,7 @@
 #include "../renorm_math.h"
 #include "common.h"
 
-namespace embedding_ext {
-namespace cpu {
+namespace embedding_ext::cpu {
 namespace {
 
 // The norm of a (strided) row, folded into 8 independent partial results: a single
@@ -79,5 +78,4 @@ TORCH_LIBRARY_IMPL(embedding_ext, CPU, m) {
   m.impl("embedding_renorm_", &embedding_renorm_cpu);
 }
 
-}  // namespace cpu
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cpu

@@ -15,8 +15,7 @@
 #include <immintrin.h>
 #endif
 
-namespace embedding_ext {
-namespace cpu {
+namespace embedding_ext::cpu {
 
 // acc[d] (+)= float(src[d]) for d < dim.
 template <bool kAdd, typename scalar_t, typename acc_t>
@@ -103,5 +102,4 @@ inline void store_row(const float* acc, float scale, c10::Half* dst, int64_t dim
 }
 #endif
 
-}  // namespace cpu
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cpu

@@ -11,8 +11,7 @@
 #include "common.h"
 #include "output_allocator.h"
 
-namespace embedding_ext {
-namespace cpu {
+namespace embedding_ext::cpu {
 namespace {
 
 template <typename scalar_t, typename index_t>
@@ -82,5 +81,4 @@ TORCH_LIBRARY_IMPL(embedding_ext, CPU, m) {
   m.impl("embedding_sparse_backward", &embedding_sparse_backward_cpu);
 }
 
-}  // namespace cpu
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cpu

@@ -18,8 +18,7 @@
 #include "dense_backward.h"
 #include "launch.cuh"
 
-namespace embedding_ext {
-namespace cuda {
+namespace embedding_ext::cuda {
 namespace {
 
 template <typename scalar_t, typename index_t>
@@ -260,5 +259,4 @@ TORCH_LIBRARY_IMPL(embedding_ext, CUDA, m) {
   m.impl("embedding_dense_backward", &embedding_dense_backward_cuda);
 }
 
-}  // namespace cuda
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cuda

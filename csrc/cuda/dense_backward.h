@@ -5,8 +5,7 @@
 
 #include "launch.cuh"
 
-namespace embedding_ext {
-namespace cuda {
+namespace embedding_ext::cuda {
 
 // Sums the float32 rows fp32_rows.grad[i] into row fp32_rows.indices[i] of a zero
 // (num_rows, dim) gradient of out_dtype (float16 or bfloat16): the sorted path, so the same
@@ -16,5 +15,4 @@ namespace cuda {
 at::Tensor sorted_row_sums(const BackwardInputs& fp32_rows, int64_t padding_idx,
                            at::ScalarType out_dtype, const LaunchScope& scope);
 
-}  // namespace cuda
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cuda

@@ -7,8 +7,7 @@
 
 #include "launch.cuh"
 
-namespace embedding_ext {
-namespace cuda {
+namespace embedding_ext::cuda {
 namespace {
 
 template <typename vec_t, typename index_t>
@@ -137,5 +136,4 @@ TORCH_LIBRARY_IMPL(embedding_ext, CUDA, m) {
   m.impl("embedding_scaled_gather", &embedding_scaled_gather_cuda);
 }
 
-}  // namespace cuda
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cuda

@@ -1,12 +1,12 @@
-// CUDA optimizer step fused into the lookup's backward (embedding_fused_update_, issue 14),
-// the rules in ../optimizer_rules.h. The ids are sorted by row (sort_by_row, launch.cuh,
-// which also reports a bad id: then no row changes, without a host synchronisation, as
-// renorm does; stable: positions ascending
-// within a row); one warp per distinct row sums the row's gradient over its positions in
-// order (fp32, fp64 for fp64) and applies the rule to the row and its state. Every row is
-// written by one warp and no atomics touch the weight: deterministic.
-// First version: a row's positions are summed by its warp alone, so a very hot row (a long
-// run of one id) is serial; the dense backward's chunked carry is the model if that shows.
+// CUDA optimizer step fused into the lookup's backward (embedding_fused_update_, the step of
+// ee.fuse_optimizer), the rules in ../optimizer_rules.h. The ids are sorted by row
+// (sort_by_row, launch.cuh, which also reports a bad id: then no row changes, without a host
+// synchronisation, as renorm does; stable: positions ascending within a row); one warp per
+// distinct row sums the row's gradient over its positions in order (fp32, fp64 for fp64)
+// and applies the rule to the row and its state. Every row is written by one warp and no
+// atomics touch the weight: deterministic. A row's positions are summed by its warp alone,
+// so a very hot row (a long run of one id) is serial; the dense backward's chunked carry is
+// the model if that shows.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -15,8 +15,7 @@
 #include "../optimizer_rules.h"
 #include "launch.cuh"
 
-namespace embedding_ext {
-namespace cuda {
+namespace embedding_ext::cuda {
 namespace {
 
 template <typename acc_t>
@@ -138,5 +137,4 @@ TORCH_LIBRARY_IMPL(embedding_ext, CUDA, m) {
   m.impl("embedding_fused_update_", &embedding_fused_update_cuda);
 }
 
-}  // namespace cuda
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cuda

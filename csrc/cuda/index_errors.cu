@@ -12,8 +12,7 @@
 
 #include "../checks.h"
 
-namespace embedding_ext {
-namespace cuda {
+namespace embedding_ext::cuda {
 namespace {
 
 std::atomic<bool> g_synchronous_checks{false};
@@ -146,5 +145,4 @@ void raise_pending_index_error(bool synchronize) {
 void set_synchronous_index_checks(bool enabled) { g_synchronous_checks.store(enabled); }
 bool synchronous_index_checks() { return g_synchronous_checks.load(); }
 
-}  // namespace cuda
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cuda

@@ -26,8 +26,7 @@
 #include <cstdint>
 #include <string>
 
-namespace embedding_ext {
-namespace cuda {
+namespace embedding_ext::cuda {
 
 struct IndexErrorRecord {
   int state;       // 0 empty, 2 complete (written last, after a system fence)
@@ -97,5 +96,4 @@ __device__ __forceinline__ void report_bad_index(const ErrorSink& sink, int64_t 
 }
 #endif
 
-}  // namespace cuda
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cuda

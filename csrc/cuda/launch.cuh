@@ -20,8 +20,7 @@
 #include "../checks.h"
 #include "index_errors.h"
 
-namespace embedding_ext {
-namespace cuda {
+namespace embedding_ext::cuda {
 
 // Work shared by every op's host wrapper: surface earlier errors, guard the device, take
 // the current stream and the error sink once per call (shared by the call's launches).
@@ -45,13 +44,17 @@ struct LaunchScope {
   }
 };
 
-// The CUDA backward kernels also need grad_output on a CUDA device (the dispatcher picks
-// this backend from any CUDA argument), then the shared checks.
+// The CUDA gradient kernels need grad_output on a CUDA device (the dispatcher picks this
+// backend from any CUDA argument): checked first, before the shared checks.
+inline void check_cuda_grad_output(const at::Tensor& grad, const char* op) {
+  TORCH_CHECK(grad.is_cuda(), op, ": 'grad_output' must be a CUDA tensor here, got ",
+              grad.device());
+}
+
 inline BackwardInputs cuda_backward_inputs(const at::Tensor& grad, const at::Tensor& indices,
                                            const c10::SymInt& num_weights, int64_t padding_idx,
                                            const char* op) {
-  TORCH_CHECK(grad.is_cuda(), op, ": 'grad_output' must be a CUDA tensor here, got ",
-              grad.device());
+  check_cuda_grad_output(grad, op);
   return backward_inputs(grad, indices, num_weights, padding_idx, op);
 }
 
@@ -162,9 +165,9 @@ __global__ void row_keys_kernel(const index_t* __restrict__ idx, int64_t n, int6
 // The ids' positions stably sorted by row, for the kernels that sum each row's positions in
 // a fixed order. Bad ids are reported (and set *any_bad) and sort as row num_rows, so the
 // radix sort needs only the bits of num_rows, as PyTorch's own embedding backward sorts:
-// 20 bits for a 1e6-row table instead of 64, 3 radix passes instead of 8 (run 4b: at::sort
-// was 68 of a fused SGD step's 113 us on an H200). Sorted rows equal to num_rows are bad
-// ids; every consumer skips rows out of range. Past cub's int32 element count, or a table
+// 20 bits for a 1e6-row table instead of 64, 3 radix passes instead of 8 (at::sort was 68
+// of a fused SGD step's 113 us on an H200: bench/NOTES-cuda.md, run 4b). Sorted rows equal
+// to num_rows are bad ids; every consumer skips rows out of range. Past cub's int32 element count, or a table
 // whose row count index_t cannot hold: the probe, then at::sort of the ids themselves (bad
 // ids then sort to either end, also out of range).
 struct SortedRows {
@@ -200,5 +203,4 @@ SortedRows sort_by_row(const at::Tensor& indices, int64_t num_rows, const Launch
 }
 #endif
 
-}  // namespace cuda
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cuda

@@ -10,8 +10,7 @@
 #include "../renorm_math.h"
 #include "launch.cuh"
 
-namespace embedding_ext {
-namespace cuda {
+namespace embedding_ext::cuda {
 namespace {
 
 template <NormKind kKind, typename acc_t>
@@ -91,5 +90,4 @@ TORCH_LIBRARY_IMPL(embedding_ext, CUDA, m) {
   m.impl("embedding_renorm_", &embedding_renorm_cuda);
 }
 
-}  // namespace cuda
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cuda

@@ -1,6 +1,5 @@
-// CUDA pooled lookup (embedding_bag_*).
-// - Forward: one thread group per bag, a lane per column, rows in position order with an
-//   fp32 (fp64) accumulator: deterministic.
+// CUDA pooled lookup, gradients (embedding_bag_dense_backward, embedding_bag_sparse_backward,
+// embedding_bag_per_sample_weights_backward).
 // - Weight gradients (sum, mean): each position's gradient row, grad_output[bag] times its
 //   coefficient (1, 1/count, per_sample_weights[i], and 1/frequency), is written once and
 //   summed by the lookup's dense backward: fp32/fp64 rows through the op itself (its atomic
@@ -10,9 +9,6 @@
 //   in the gradient's dtype (one term each). Max mode adds
 //   grad_output[b, d] into row arg_max[b, d] with atomics (as PyTorch; not deterministic,
 //   so it alerts under torch.use_deterministic_algorithms).
-// - Offsets are checked inside the kernels, without a host synchronisation: a kernel never
-//   reads outside the ids for a bad entry (that bag pools nothing) and records it like a
-//   bad id (kind kBadOffset); a later call raises IndexError naming the entry.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
@@ -20,104 +16,12 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "bag.cuh"
 #include "dense_backward.h"
 #include "launch.cuh"
 
-namespace embedding_ext {
-namespace cuda {
+namespace embedding_ext::cuda {
 namespace {
-
-// Bag b's positions [start, end); ok = false for a bad CSR entry (then the range is empty).
-struct BagRange {
-  int64_t start, end;
-  bool ok;
-};
-
-// Each entry is blamed by one bag only, so one bad entry is always named the same way: entry
-// 0 by bag 0, entry b + 1 by bag b when it is past the ids or below a valid start (a start
-// outside [0, n] was already blamed as the previous bag's end).
-__device__ __forceinline__ BagRange bag_range(const int64_t* __restrict__ off, int64_t b,
-                                              int64_t n, const ErrorSink& sink, bool report) {
-  const int64_t start = off[b], end = off[b + 1];
-  const bool start_ok = start >= 0 && start <= n;
-  if (b == 0 && start != 0 && report) report_bad_index(sink, 0, start, n, kBadOffset);
-  if (start_ok && (end > n || end < start) && report) report_bad_index(sink, b + 1, end, n, kBadOffset);
-  const bool ok = start_ok && (b != 0 || start == 0) && end >= start && end <= n;
-  return ok ? BagRange{start, end, true} : BagRange{0, 0, false};
-}
-
-// No bags: only offsets[0] (which must be 0) to check.
-__global__ void check_first_offset_kernel(const int64_t* __restrict__ off, int64_t n, ErrorSink sink) {
-  if (off[0] != 0) report_bad_index(sink, 0, off[0], n, kBadOffset);
-}
-
-template <typename scalar_t, typename index_t>
-__global__ void pool_bags_kernel(const scalar_t* __restrict__ weight, int64_t row_stride,
-                                 const index_t* __restrict__ idx, const int64_t* __restrict__ off,
-                                 int64_t bags, int64_t n, int64_t num_rows, int64_t dim,
-                                 int64_t mode, const scalar_t* __restrict__ psw,
-                                 int64_t padding_idx, scalar_t* __restrict__ out,
-                                 int64_t* __restrict__ arg_max, ErrorSink sink) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
-  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; b < bags; b += step) {
-    const BagRange r = bag_range(off, b, n, sink, threadIdx.x == 0);
-    for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
-      acc_t acc = 0;
-      int64_t arg = -1, count = 0;
-      for (int64_t i = r.start; i < r.end; ++i) {
-        const int64_t k = idx[i];
-        // Bad ids pool nothing (probe_indices reports every id, in bags or not).
-        if (k == padding_idx || !row_in_range(k, num_rows)) continue;
-        const acc_t v = static_cast<acc_t>(weight[k * row_stride + d]);
-        if (mode == kBagMax) {
-          // The first row as is (a NaN too), then strictly greater: ties go to the first
-          // occurrence and a later NaN is never taken (PyTorch's CPU rule, ours everywhere).
-          if (count == 0 || v > acc) {
-            acc = v;
-            arg = k;
-          }
-        } else {
-          acc += psw != nullptr ? v * static_cast<acc_t>(psw[i]) : v;
-        }
-        ++count;
-      }
-      if (mode == kBagMean && count > 1) acc /= static_cast<acc_t>(count);
-      out[b * dim + d] = static_cast<scalar_t>(acc);
-      if (mode == kBagMax) arg_max[b * dim + d] = arg;
-    }
-  }
-}
-
-// bag_of[i] = the bag pooling position i (left at -1 for ids in no bag: the CSR tail), and
-// per bag the count of pooled (non-padding, in-range) ids; with counts, the in-bag
-// occurrences of each row (scale_grad_by_freq's divisor). bag_of and bag_count start at -1
-// and 0.
-template <typename index_t>
-__global__ void bag_layout_kernel(const index_t* __restrict__ idx, const int64_t* __restrict__ off,
-                                  int64_t bags, int64_t n, int64_t num_rows, int64_t padding_idx,
-                                  int64_t* __restrict__ bag_of,
-                                  unsigned long long* __restrict__ bag_count,
-                                  int* __restrict__ counts, ErrorSink sink) {
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
-  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; b < bags; b += step) {
-    const BagRange r = bag_range(off, b, n, sink, threadIdx.x == 0);
-    unsigned long long pooled = 0;
-    for (int64_t i = r.start + threadIdx.x; i < r.end; i += blockDim.x) {
-      bag_of[i] = b;
-      const int64_t k = idx[i];
-      if (k == padding_idx || !row_in_range(k, num_rows)) continue;
-      ++pooled;
-      if (counts != nullptr) atomicAdd(counts + k, 1);
-    }
-    if (pooled > 0) atomicAdd(bag_count + b, pooled);
-  }
-}
-
-// Whether a position (in bag b, id k) pools a row: in a bag, not padding, a valid id.
-__device__ __forceinline__ bool pools(int64_t b, int64_t k, int64_t padding_idx, int64_t num_rows) {
-  return b >= 0 && k != padding_idx && row_in_range(k, num_rows);
-}
 
 // The sparse gradient's COO row numbers without padding: the ids, a bad one (its value row
 // is zero) as row 0.
@@ -128,6 +32,20 @@ __global__ void coo_row_ids_kernel(const index_t* __restrict__ idx, int64_t n, i
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t k = idx[i];
     row_ids[i] = row_in_range(k, num_rows) ? k : 0;
+  }
+}
+
+// Calls visit(i, b, k, live) for each position i < n of this thread group (row_launch: a thread
+// group per position), in bag b = bag_of[i] with id k = idx[i]; live: whether i pools a row
+// (in a bag, not padding, a valid id).
+template <typename index_t, typename F>
+__device__ __forceinline__ void for_each_position(const index_t* __restrict__ idx,
+                                                  const int64_t* __restrict__ bag_of, int64_t n,
+                                                  int64_t padding_idx, int64_t num_rows, F&& visit) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; i < n; i += step) {
+    const int64_t b = bag_of[i], k = idx[i];
+    visit(i, b, k, b >= 0 && k != padding_idx && row_in_range(k, num_rows));
   }
 }
 
@@ -144,10 +62,7 @@ __global__ void position_gradients_kernel(const scalar_t* __restrict__ grad,
                                           int64_t num_rows, int64_t dim, int64_t mode,
                                           int64_t padding_idx, rows_t* __restrict__ rows) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; i < n; i += step) {
-    const int64_t b = bag_of[i], k = idx[i];
-    const bool live = pools(b, k, padding_idx, num_rows);
+  for_each_position(idx, bag_of, n, padding_idx, num_rows, [&](int64_t i, int64_t b, int64_t k, bool live) {
     acc_t coef = 0;
     if (live) {
       coef = mode == kBagMean ? acc_t(1) / static_cast<acc_t>(bag_count[b]) : acc_t(1);
@@ -158,7 +73,7 @@ __global__ void position_gradients_kernel(const scalar_t* __restrict__ grad,
       rows[i * dim + d] = live ? static_cast<rows_t>(static_cast<acc_t>(grad[b * dim + d]) * coef)
                                : rows_t(0);
     }
-  }
+  });
 }
 
 // Max mode: out[arg_max[b, d], d] += grad_output[b, d]. arg_max comes from our forward, but
@@ -190,10 +105,7 @@ __global__ void sample_weight_gradients_kernel(const scalar_t* __restrict__ grad
                                                int64_t num_rows, int64_t dim,
                                                int64_t padding_idx, scalar_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; i < n; i += step) {
-    const int64_t b = bag_of[i], k = idx[i];
-    const bool live = pools(b, k, padding_idx, num_rows);
+  for_each_position(idx, bag_of, n, padding_idx, num_rows, [&](int64_t i, int64_t b, int64_t k, bool live) {
     acc_t dot = 0;
     if (live) {
       for (int64_t d = threadIdx.x; d < dim; d += 32) {
@@ -204,42 +116,7 @@ __global__ void sample_weight_gradients_kernel(const scalar_t* __restrict__ grad
       dot += __shfl_xor_sync(0xffffffffu, dot, lane_mask);
     }
     if (threadIdx.x == 0) out[i] = static_cast<scalar_t>(dot);
-  }
-}
-
-// The checked inputs of a CUDA bag op: contiguous ids, int64 CSR offsets on the device.
-struct CudaBagInputs {
-  at::Tensor indices, offsets;
-  int64_t n, bags;
-};
-
-CudaBagInputs cuda_bag_inputs(const at::Tensor& table, const char* table_name,
-                              const at::Tensor& indices, const at::Tensor& offsets,
-                              const c10::optional<at::Tensor>& per_sample_weights, const char* op) {
-  check_bag_args(table, table_name, indices, offsets, per_sample_weights, op);
-  return {indices.contiguous(), offsets.to(at::kLong).contiguous(), indices.size(0),
-          offsets.size(0) - 1};
-}
-
-// Where every position pools to, and (with scale_grad_by_freq) the in-bag row counts.
-struct BagLayout {
-  at::Tensor bag_of, bag_count, counts;
-};
-
-template <typename index_t>
-BagLayout bag_layout(const CudaBagInputs& in, int64_t num_rows, int64_t padding_idx,
-                     bool with_counts, const LaunchScope& scope) {
-  const auto opts = in.indices.options();
-  BagLayout l{at::full({in.n}, -1, opts.dtype(at::kLong)), at::zeros({in.bags}, opts.dtype(at::kLong)),
-              with_counts ? at::zeros({num_rows}, opts.dtype(at::kInt)) : at::Tensor()};
-  const RowLaunch launch = row_launch(in.bags, 32);
-  bag_layout_kernel<index_t><<<launch.grid, launch.block, 0, scope.stream>>>(
-      in.indices.const_data_ptr<index_t>(), in.offsets.const_data_ptr<int64_t>(), in.bags, in.n,
-      num_rows, padding_idx, l.bag_of.mutable_data_ptr<int64_t>(),
-      reinterpret_cast<unsigned long long*>(l.bag_count.mutable_data_ptr<int64_t>()),
-      with_counts ? l.counts.mutable_data_ptr<int>() : nullptr, scope.sink);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return l;
+  });
 }
 
 template <typename T>
@@ -249,9 +126,9 @@ struct TypeTag {
 
 // Each position's gradient row (n, D) in grad's dtype (fp32 with fp32_rows, for fp16/bf16
 // grads): what the lookup's backward ops take.
-at::Tensor position_gradients(const at::Tensor& grad, const CudaBagInputs& in, const BagLayout& l,
-                              int64_t num_rows, int64_t mode, const at::Tensor& psw,
-                              int64_t padding_idx, bool fp32_rows, const LaunchScope& scope) {
+at::Tensor position_gradients(const at::Tensor& grad, const BagInputs& in, const BagLayout& l,
+                              int64_t mode, const at::Tensor& psw, int64_t padding_idx,
+                              bool fp32_rows, const LaunchScope& scope) {
   constexpr const char* op = "embedding_bag position gradients";
   const int64_t dim = grad.size(1);
   at::Tensor rows = at::empty({in.n, dim}, fp32_rows ? grad.options().dtype(at::kFloat) : grad.options());
@@ -266,7 +143,7 @@ at::Tensor position_gradients(const at::Tensor& grad, const CudaBagInputs& in, c
             l.bag_of.const_data_ptr<int64_t>(),
             reinterpret_cast<const unsigned long long*>(l.bag_count.const_data_ptr<int64_t>()),
             psw.defined() ? psw.const_data_ptr<scalar_t>() : nullptr,
-            l.counts.defined() ? l.counts.const_data_ptr<int>() : nullptr, in.n, num_rows, dim,
+            l.counts.defined() ? l.counts.const_data_ptr<int>() : nullptr, in.n, in.num_rows, dim,
             mode, padding_idx, rows.mutable_data_ptr<rows_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
@@ -277,64 +154,17 @@ at::Tensor position_gradients(const at::Tensor& grad, const CudaBagInputs& in, c
   return rows;
 }
 
-std::tuple<at::Tensor, at::Tensor> embedding_bag_forward_cuda(
-    const at::Tensor& weight_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
-    int64_t mode, const c10::optional<at::Tensor>& per_sample_weights, int64_t padding_idx) {
-  constexpr const char* op = "embedding_bag_forward";
-  check_weight_2d(weight_in, op);
-  check_bag_mode(mode, op);
-  const CudaBagInputs in = cuda_bag_inputs(weight_in, "weight", indices_in, offsets_in,
-                                           per_sample_weights, op);
-  check_bag_sample_weights(per_sample_weights, weight_in, mode, op);
-  LaunchScope scope(weight_in, op);
-  const at::Tensor weight = weight_in.stride(1) == 1 ? weight_in : weight_in.contiguous();
-  const at::Tensor psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
-  const int64_t num_rows = weight.size(0), dim = weight.size(1);
-  at::Tensor out = at::empty({in.bags, dim}, weight.options());
-  at::Tensor arg_max = at::empty({mode == kBagMax ? in.bags : 0, dim}, weight.options().dtype(at::kLong));
-  AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
-    const index_t* idx = in.indices.const_data_ptr<index_t>();
-    // Every id is range-checked, also those past the last offset (in no bag).
-    probe_indices(idx, in.n, num_rows, scope);
-    if (dim == 0) {  // nothing to pool; the offsets are still checked
-      bag_layout<index_t>(in, num_rows, padding_idx, false, scope);
-      return;
-    }
-    if (in.bags == 0) {
-      check_first_offset_kernel<<<1, 1, 0, scope.stream>>>(in.offsets.const_data_ptr<int64_t>(), in.n,
-                                                           scope.sink);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
-    const RowLaunch launch = row_launch(in.bags, dim);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
-      pool_bags_kernel<scalar_t, index_t><<<launch.grid, launch.block, 0, scope.stream>>>(
-          weight.const_data_ptr<scalar_t>(), weight.stride(0), idx,
-          in.offsets.const_data_ptr<int64_t>(), in.bags, in.n, num_rows, dim, mode,
-          psw.defined() ? psw.const_data_ptr<scalar_t>() : nullptr, padding_idx,
-          out.mutable_data_ptr<scalar_t>(),
-          mode == kBagMax ? arg_max.mutable_data_ptr<int64_t>() : nullptr, scope.sink);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  scope.finish();
-  return {out, arg_max};
-}
-
 at::Tensor embedding_bag_dense_backward_cuda(
     const at::Tensor& grad_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
     const at::Tensor& arg_max_in, c10::SymInt num_weights, int64_t mode,
     const c10::optional<at::Tensor>& per_sample_weights, int64_t padding_idx,
     bool scale_grad_by_freq) {
   constexpr const char* op = "embedding_bag_dense_backward";
-  check_bag_mode(mode, op);
-  check_weight_2d(grad_in, op, "grad_output");
-  TORCH_CHECK(grad_in.is_cuda(), op, ": 'grad_output' must be a CUDA tensor here, got ", grad_in.device());
-  const CudaBagInputs in = cuda_bag_inputs(grad_in, "grad_output", indices_in, offsets_in,
-                                           per_sample_weights, op);
-  const int64_t num_rows = check_bag_gradient_args(grad_in, in.bags, num_weights, padding_idx, op);
-  const int64_t dim = grad_in.size(1);
-  check_bag_dense_gradient_mode(mode, scale_grad_by_freq, grad_in, arg_max_in, in.bags, dim, op);
+  check_cuda_grad_output(grad_in, op);
+  const BagInputs in = bag_dense_gradient_inputs(grad_in, indices_in, offsets_in, arg_max_in,
+                                                 num_weights, mode, per_sample_weights,
+                                                 padding_idx, scale_grad_by_freq, op);
+  const int64_t num_rows = in.num_rows, dim = in.dim;
   LaunchScope scope(grad_in, op);
   const at::Tensor grad = grad_in.contiguous();
   if (mode == kBagMax) {
@@ -367,8 +197,8 @@ at::Tensor embedding_bag_dense_backward_cuda(
   const bool reduced = grad.scalar_type() == at::kHalf || grad.scalar_type() == at::kBFloat16;
   at::Tensor rows;
   AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
-    const BagLayout l = bag_layout<index_t>(in, num_rows, padding_idx, scale_grad_by_freq, scope);
-    rows = position_gradients(grad, in, l, num_rows, mode, psw, padding_idx, reduced, scope);
+    const BagLayout l = bag_layout<index_t>(in, padding_idx, scale_grad_by_freq, scope);
+    rows = position_gradients(grad, in, l, mode, psw, padding_idx, reduced, scope);
   });
   if (reduced) {
     at::Tensor result = sorted_row_sums({rows, in.indices, num_rows, dim, in.n}, padding_idx,
@@ -390,28 +220,26 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_sparse_backward_cuda(
     c10::SymInt num_weights, int64_t mode, const c10::optional<at::Tensor>& per_sample_weights,
     int64_t padding_idx, bool scale_grad_by_freq) {
   constexpr const char* op = "embedding_bag_sparse_backward";
-  check_bag_mode(mode, op);
-  TORCH_CHECK(mode != kBagMax, op, ": max mode (2) has no sparse gradient (as in PyTorch)");
-  check_weight_2d(grad_in, op, "grad_output");
-  TORCH_CHECK(grad_in.is_cuda(), op, ": 'grad_output' must be a CUDA tensor here, got ", grad_in.device());
-  const CudaBagInputs in = cuda_bag_inputs(grad_in, "grad_output", indices_in, offsets_in,
-                                           per_sample_weights, op);
-  const int64_t num_rows = check_bag_gradient_args(grad_in, in.bags, num_weights, padding_idx, op);
+  check_cuda_grad_output(grad_in, op);
+  const BagInputs in = bag_gradient_inputs(grad_in, indices_in, offsets_in, num_weights, mode,
+                                           per_sample_weights, padding_idx, /*sparse=*/true, op);
+  const int64_t num_rows = in.num_rows;
   LaunchScope scope(grad_in, op);
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor psw = per_sample_weights.has_value()
                              ? per_sample_weights->to(grad.scalar_type()).contiguous() : at::Tensor();
   // Without padding: one entry per position, as PyTorch's sparse gradient, so the size is
-  // known and nothing synchronises (run 4b: the compaction's nonzero made this row 0.56x
-  // PyTorch on an H200 though its kernels were faster). position_gradients writes zero rows
-  // for ids in no bag (the CSR tail) and for bad ids, whose row number becomes 0 so that
-  // the COO tensor stays inside the table (the forward and the probe report them).
+  // known and nothing synchronises (the compaction's nonzero made this row 0.56x PyTorch on
+  // an H200 though its kernels were faster: bench/NOTES-cuda.md, run 4b). position_gradients
+  // writes zero rows for ids in no bag (the CSR tail) and for bad ids, whose row number
+  // becomes 0 so that the COO tensor stays inside the table (the forward and the probe
+  // report them).
   const bool every_position = padding_idx < 0 && num_rows > 0;
   at::Tensor rows, bag_of, row_ids;
   AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
     probe_indices(in.indices.const_data_ptr<index_t>(), in.n, num_rows, scope);  // bad ids: no value
-    const BagLayout l = bag_layout<index_t>(in, num_rows, padding_idx, scale_grad_by_freq, scope);
-    rows = position_gradients(grad, in, l, num_rows, mode, psw, padding_idx, false, scope);
+    const BagLayout l = bag_layout<index_t>(in, padding_idx, scale_grad_by_freq, scope);
+    rows = position_gradients(grad, in, l, mode, psw, padding_idx, false, scope);
     bag_of = l.bag_of;
     if (every_position) {
       row_ids = at::empty({1, in.n}, in.indices.options().dtype(at::kLong));
@@ -439,19 +267,16 @@ at::Tensor embedding_bag_per_sample_weights_backward_cuda(
     const at::Tensor& grad_in, const at::Tensor& weight_in, const at::Tensor& indices_in,
     const at::Tensor& offsets_in, int64_t padding_idx) {
   constexpr const char* op = "embedding_bag_per_sample_weights_backward";
-  check_weight_2d(weight_in, op);
-  check_weight_2d(grad_in, op, "grad_output");
-  const CudaBagInputs in = cuda_bag_inputs(weight_in, "weight", indices_in, offsets_in, c10::nullopt, op);
-  check_bag_sample_weight_gradient_args(grad_in, weight_in, in.bags, op);
+  const BagInputs in = bag_sample_weight_gradient_inputs(grad_in, weight_in, indices_in, offsets_in, op);
   LaunchScope scope(weight_in, op);
   const at::Tensor weight = weight_in.stride(1) == 1 ? weight_in : weight_in.contiguous();
   const at::Tensor grad = grad_in.to(weight.scalar_type()).contiguous();
-  const int64_t num_rows = weight.size(0), dim = weight.size(1);
+  const int64_t num_rows = in.num_rows, dim = in.dim;
   at::Tensor out = at::empty({in.n}, weight.options());
   if (in.n == 0) return out;
   AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
     probe_indices(in.indices.const_data_ptr<index_t>(), in.n, num_rows, scope);  // bad ids give 0
-    const BagLayout l = bag_layout<index_t>(in, num_rows, padding_idx, false, scope);
+    const BagLayout l = bag_layout<index_t>(in, padding_idx, false, scope);
     const int64_t blocks = std::min<int64_t>(ceil_div(in.n, kThreadsPerBlock / 32), kMaxBlocks);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
       sample_weight_gradients_kernel<scalar_t, index_t>
@@ -469,11 +294,9 @@ at::Tensor embedding_bag_per_sample_weights_backward_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(embedding_ext, CUDA, m) {
-  m.impl("embedding_bag_forward", &embedding_bag_forward_cuda);
   m.impl("embedding_bag_dense_backward", &embedding_bag_dense_backward_cuda);
   m.impl("embedding_bag_sparse_backward", &embedding_bag_sparse_backward_cuda);
   m.impl("embedding_bag_per_sample_weights_backward", &embedding_bag_per_sample_weights_backward_cuda);
 }
 
-}  // namespace cuda
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cuda
