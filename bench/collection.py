@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 import embedding_ext as ee
 
+from .bags import _fbgemm
+
 # The 26 categorical features of Criteo's Kaggle display-advertising data (rows per table).
 CRITEO_ROWS = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593,
                3194, 27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
@@ -49,22 +51,6 @@ def make_case(name: str, cap: int, seed: int = 0):
                         for (r, _, _), n in zip(tables, lengths)])
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cat(lengths).cumsum(0)])
     return label, tables, batch, values, offsets
-
-
-def _fbgemm():
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from fbgemm_gpu.split_embedding_configs import EmbOptimType
-            from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
-            from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-                ComputeDevice, DenseTableBatchedEmbeddingBagsCodegen, EmbeddingLocation,
-                SplitTableBatchedEmbeddingBagsCodegen)
-    except Exception:  # noqa: BLE001 - any import failure means "no peer column"
-        return None
-    return dict(EmbOptimType=EmbOptimType, PoolingMode=PoolingMode, ComputeDevice=ComputeDevice,
-                Dense=DenseTableBatchedEmbeddingBagsCodegen, EmbeddingLocation=EmbeddingLocation,
-                Split=SplitTableBatchedEmbeddingBagsCodegen)
 
 
 def build_columns(tables, batch, values, offsets):

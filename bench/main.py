@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import collection, fused_step, run, sharded
+from .report import finish_plot
 from .cases import (BAG_FORWARD, BAG_FWD_BWD_SPARSE, DENSE, FORWARD, FWD_BWD, MAX_NORM, SPARSE)
 
 FAMILIES = {
@@ -94,14 +95,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                    zorder=3, label="over FBGEMM")
     ax.axvline(1.0, color="k", linestyle="--", linewidth=1)
     ax.set_xscale("log")
-    ax.set_yticks(y, [f"{r['family']}\n{r['case']}" for r in rows], fontsize=6)
-    ax.invert_yaxis()
-    ax.set_xlabel("speed-up of embedding_ext (median times; > 1: ours is faster)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    finish_plot(fig, ax, [f"{r['family']}\n{r['case']}" for r in rows],
+                "speed-up of embedding_ext (median times; > 1: ours is faster)", title, path)
 
 
 def main(argv=None) -> int:

@@ -76,9 +76,17 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                    color="tab:green", zorder=3, label="FBGEMM")
     ax.axvline(sel[0]["copy_GBps"], color="k", linestyle="--",
                label=f"copy bandwidth {sel[0]['copy_GBps']:.0f} GB/s")
-    ax.set_yticks(list(y), labels, fontsize=6)
+    finish_plot(fig, ax, labels, "GB/s (bytes the operation must move / median time)", title,
+                path)
+
+
+def finish_plot(fig, ax, labels: list[str], xlabel: str, title: str, path: Path) -> None:
+    """Labels, title and legend of a horizontal bar plot (one bar group per row, top down),
+    written to `path`."""
+    import matplotlib.pyplot as plt
+    ax.set_yticks(list(range(len(labels))), labels, fontsize=6)
     ax.invert_yaxis()
-    ax.set_xlabel("GB/s (bytes the operation must move / median time)")
+    ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
