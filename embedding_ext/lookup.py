@@ -89,9 +89,11 @@ def _bag_layout(input: Tensor, offsets: Tensor | None, per_sample_weights: Tenso
                            "offset should be at least 1")
     if offsets.numel() > 1:
         # As PyTorch: the last bag runs to the end of the ids, whatever offsets[-1] says
-        # below that (one past it is still refused by the kernels' CSR check).
+        # below that; one past the ids, or below offsets[-2], is still refused by the
+        # kernels' CSR check (left as given).
         offsets = offsets.clone()
-        offsets[-1:].clamp_(min=input.shape[0])
+        last = offsets[-1:]
+        offsets[-1:] = torch.where(last >= offsets[-2:-1], last.clamp(min=input.shape[0]), last)
     return input, offsets, per_sample_weights
 
 
