@@ -17,7 +17,9 @@ namespace embedding_ext {
 inline void check_indices_dtype(const at::Tensor& indices, const char* op) {
   TORCH_CHECK(
       indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt, op,
-      ": 'indices' must be an int64 or int32 tensor, got ", indices.scalar_type());
+      ": 'indices' must be an int64 or int32 tensor, got ", indices.scalar_type(),
+      "; Expected tensor for argument #1 'indices' to have one of the following scalar types: "
+      "Long, Int");
 }
 
 inline void check_weight_2d(const at::Tensor& weight, const char* op, const char* name = "weight") {
@@ -128,7 +130,9 @@ inline void check_bag_args(const at::Tensor& table, const char* table_name,
   check_indices_dtype(indices, op);
   TORCH_CHECK(indices.dim() == 1, op, ": 'indices' must be 1-D, got shape ", indices.sizes());
   TORCH_CHECK(offsets.scalar_type() == at::kLong || offsets.scalar_type() == at::kInt, op,
-              ": 'offsets' must be an int64 or int32 tensor, got ", offsets.scalar_type());
+              ": 'offsets' must be an int64 or int32 tensor, got ", offsets.scalar_type(),
+              "; Expected tensor for argument #1 'offsets' to have one of the following scalar "
+              "types: Long, Int");
   TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 1, op,
               ": 'offsets' must be 1-D with at least one entry (CSR: bags + 1), got shape ",
               offsets.sizes());
@@ -154,10 +158,12 @@ inline void check_bag_mode(int64_t mode, const char* op) {
 // CSR offsets: off[0] == 0, each <= n, non-decreasing.
 inline void check_bag_offsets(const int64_t* off, int64_t count, int64_t n, const char* op) {
   TORCH_CHECK(off[0] == 0, op, ": 'offsets[0]' must be 0 (the first bag starts at the first id), got ",
-              off[0]);
+              off[0], "; offsets[0] has to be 0, i.e., the first sequence in the mini-batch has "
+              "to start from position 0. However, got ", off[0]);
   for (int64_t b = 1; b < count; ++b) {
     TORCH_CHECK(off[b] <= n, op, ": 'offsets[", b, "]' = ", off[b],
-                " is past the end of 'indices' (", n, " ids)");
+                " is past the end of 'indices' (", n, " ids); offsets[-1] can not be greater "
+                "than input's length ", n, " but got offsets[-1] of ", off[b]);
     TORCH_CHECK(off[b] >= off[b - 1], op, ": 'offsets' must be non-decreasing, got offsets[",
                 b - 1, "] = ", off[b - 1], " > offsets[", b, "] = ", off[b]);
   }
@@ -196,7 +202,9 @@ inline BagInputs bag_forward_inputs(const at::Tensor& weight, const at::Tensor& 
                 ": 'per_sample_weights' is only supported in sum mode (0), got mode ", mode);
     TORCH_CHECK(per_sample_weights->scalar_type() == weight.scalar_type(), op,
                 ": 'per_sample_weights' must have the dtype of 'weight' (", weight.scalar_type(),
-                "), got ", per_sample_weights->scalar_type());
+                "), got ", per_sample_weights->scalar_type(), "; Expected tensor for argument "
+                "#1 'weight' to have the same type as tensor for argument #1 "
+                "'per_sample_weights'");
   }
   in.num_rows = weight.size(0);
   in.dim = weight.size(1);
@@ -264,9 +272,13 @@ inline BagInputs bag_sample_weight_gradient_inputs(const at::Tensor& grad, const
 // The message of the error every backend raises for an index outside [0, num_rows).
 inline std::string index_error_message(int64_t value, int64_t position, int64_t num_rows,
                                        const char* op, const char* when = "") {
+  const bool bag = std::string(op).find("_bag") != std::string::npos;
   return c10::str(op, ": index ", value, " at position ", position,
                   " (row-major) is out of range for 'weight' with ", num_rows,
-                  " rows; valid indices are 0 <= index < ", num_rows, when);
+                  " rows; valid indices are 0 <= index < ", num_rows, when, "; ",
+                  bag ? "Expected idx >= 0 && idx < num_embeddings but found idx to be "
+                      : "index out of range in self",
+                  bag ? c10::str(value) : std::string());
 }
 
 // The CUDA message for a bad CSR offset entry (found by a kernel, raised later as IndexError
@@ -277,10 +289,14 @@ inline std::string bad_offset_message(int64_t value, int64_t position, int64_t n
                   "== 0, non-decreasing, each <= the ", num_ids, " ids)", when);
 }
 
+// Throws the error of an out-of-range id (or CUDA bad offset): Python sees it as
+// embedding_ext.EmbeddingIndexError, both IndexError and RuntimeError. Each binary defines
+// it (csrc/index_error_class.h).
+[[noreturn]] void raise_index_error(const std::string& message);
+
 [[noreturn]] inline void throw_index_error(int64_t value, int64_t position, int64_t num_rows,
                                            const char* op, const char* when = "") {
-  TORCH_CHECK_INDEX(false, index_error_message(value, position, num_rows, op, when));
-  __builtin_unreachable();
+  raise_index_error(index_error_message(value, position, num_rows, op, when));
 }
 
 }  // namespace embedding_ext

@@ -4,6 +4,7 @@
 // in embedding_ext._C_cuda (csrc/cuda/python_module.cpp).
 #include <torch/csrc/utils/pybind.h>
 
+#include "index_error_class.h"
 #include "cpu/isa.h"
 #include "cpu/dense_backward.h"
 #include "cpu/output_allocator.h"
@@ -49,4 +50,6 @@ PYBIND11_MODULE(_C, mod) {
   // benchmarks pin each in turn.
   mod.def("_set_cpu_isa", &ee::cpu::set_cpu_isa);
   mod.def("_cpu_isa", &ee::cpu::cpu_isa_name);
+  // embedding_ext/__init__.py hands over embedding_ext.EmbeddingIndexError at import.
+  mod.def("_set_index_error_class", &embedding_ext::set_index_error_class);
 }

@@ -36,6 +36,11 @@ for _binary in filter(None, (_C, _C_cuda)):
             "Rebuild with `pip install --no-build-isolation -e .` against this torch."
         )
 
+from .errors import EmbeddingIndexError  # noqa: E402
+
+for _binary in filter(None, (_C, _C_cuda)):
+    _binary._set_index_error_class(EmbeddingIndexError)  # the class the kernels raise
+
 from . import ops  # noqa: E402  (registers fake kernels)
 from . import optim  # noqa: E402
 from .autograd import EmbeddingBagFunction, EmbeddingFunction  # noqa: E402
@@ -61,20 +66,21 @@ def build_info() -> dict[str, object]:
 # initial value of a control that these functions change at any time.
 
 def check_cuda_index_errors() -> None:
-    """Wait for the GPU and raise ``IndexError`` if any embedding_ext CUDA kernel met an
-    out-of-range index since the last check (see docs/cuda-bad-indices.md)."""
+    """Wait for the GPU and raise :class:`EmbeddingIndexError` (an ``IndexError`` and a
+    ``RuntimeError``) if any embedding_ext CUDA kernel met an out-of-range index since the
+    last check (see docs/cuda-bad-indices.md)."""
     if _C_cuda and torch.cuda.is_available():
         message = _C_cuda.take_cuda_index_error()
         if message:
-            raise IndexError(message)
+            raise EmbeddingIndexError(message)
 
 
 _sync_checks_without_cuda = False
 
 
 def set_synchronous_index_checks(enabled: bool) -> None:
-    """With ``True``, every CUDA call waits for its kernels and raises ``IndexError`` from
-    the call that met a bad index (costs a host synchronisation per call). Initially off, or
+    """With ``True``, every CUDA call waits for its kernels and raises
+    :class:`EmbeddingIndexError` from the call that met a bad index (costs a host synchronisation per call). Initially off, or
     on with ``EMBEDDING_EXT_SYNC_INDEX_CHECKS=1``. The CPU always raises from the call."""
     global _sync_checks_without_cuda
     if _C_cuda:
@@ -119,6 +125,7 @@ __all__ = [
     "EmbeddingBagFunction",
     "EmbeddingBagCollection",
     "EmbeddingBagConfig",
+    "EmbeddingIndexError",
     "embedding",
     "embedding_bag",
     "optim",

@@ -95,8 +95,9 @@ class EmbeddingBagFunction(torch.autograd.Function):
     sparse COO with ``sparse``: the non-padding ids in bags) and ``per_sample_weights``
     (once differentiable). ``csr_tail``: whether the last offset may be below the number of
     ids; the sparse gradient then synchronises once to leave the ids after it out. Pass
-    False when it cannot be (embedding_bag does without ``include_last_offset``): without
-    padding, the sparse gradient then needs no synchronisation."""
+    False when it cannot be (embedding_bag does whenever there is a bag: its last bag runs
+    to the end of the ids): without padding, the sparse gradient then needs no
+    synchronisation."""
 
     @staticmethod
     def forward(weight: Tensor, indices: Tensor, offsets: Tensor, mode: int,

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import collection_ops
+from .errors import EmbeddingIndexError
 from .module import EmbeddingBag
 
 _MODES = {"sum": 0, "mean": 1, "max": 2}
@@ -124,7 +125,7 @@ def _per_sample_weights_grad(grad, values, offsets, weights, feature_table, padd
     return out
 
 
-# The C++ IndexError names the feature and table by index (csrc/cpu/bag_collection.cpp:
+# The C++ EmbeddingIndexError names the feature and table by index (csrc/cpu/bag_collection.cpp:
 # throw_collection_index_error); the module adds their names. Keep the two in step.
 _BAD_ID = re.compile(r"feature (\d+), bag \d+\) is out of range for table (\d+)")
 
@@ -207,8 +208,8 @@ class EmbeddingBagCollection(torch.nn.Module):
                 raise
             feature = self.feature_names[int(match.group(1))]
             table = self._table_names[int(match.group(2))]
-            raise IndexError(f"EmbeddingBagCollection: feature {feature!r} (table {table!r}): "
-                             f"{exc}") from None
+            raise EmbeddingIndexError(f"EmbeddingBagCollection: feature {feature!r} (table "
+                                      f"{table!r}): {exc}") from None
 
     def split(self, out: Tensor) -> dict[str, Tensor]:
         """``{feature: (B, D)}`` views of a :meth:`forward` output."""

@@ -45,6 +45,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import ops
+from .errors import EmbeddingIndexError
 from .lookup import embedding_local, renorm_rows
 
 _DTENSOR = None
@@ -144,9 +145,12 @@ def _check_ids(ids: Tensor, num_rows: int, op: str) -> None:
     if low < 0 or high >= num_rows:
         bad = low if low < 0 else high
         position = int((ids.reshape(-1) == bad).nonzero()[0])
-        raise IndexError(f"{op}: index {bad} at position {position} (row-major) is out of range "
-                         f"for 'weight' with {num_rows} rows (sharded); valid indices are "
-                         f"0 <= index < {num_rows}")
+        wording = ("Expected idx >= 0 && idx < num_embeddings but found idx to be "
+                   f"{bad}" if "bag" in op else "index out of range in self")
+        raise EmbeddingIndexError(
+            f"{op}: index {bad} at position {position} (row-major) is out of range for "
+            f"'weight' with {num_rows} rows (sharded); valid indices are 0 <= index < "
+            f"{num_rows}; {wording}")
 
 
 class _RowShardLookup(torch.autograd.Function):

@@ -21,14 +21,19 @@ def _check_offsets(csr: Tensor, n: int, op: str) -> None:
     flags = torch.stack([(csr[0] != 0).long(), csr[-1],
                          torch.where(decreasing.any(), decreasing.long().argmax(), -1)])
     first_bad, last, decreasing_at = flags.tolist()
+    # RuntimeError with PyTorch's wording, as F.embedding_bag raises.
     if first_bad:
-        raise ValueError(f"{op}: offsets[0] must be 0, got {int(csr[0])}")
+        raise RuntimeError(f"{op}: offsets[0] must be 0, got {int(csr[0])}; offsets[0] has "
+                           f"to be 0, i.e., the first sequence in the mini-batch has to start "
+                           f"from position 0. However, got {int(csr[0])}")
     if decreasing_at >= 0:
-        raise ValueError(f"{op}: offsets must not decrease, got offsets[{decreasing_at}] = "
-                         f"{int(csr[decreasing_at])} < offsets[{decreasing_at - 1}] = "
-                         f"{int(csr[decreasing_at - 1])}")
+        raise RuntimeError(f"{op}: offsets must not decrease, got offsets[{decreasing_at}] = "
+                           f"{int(csr[decreasing_at])} < offsets[{decreasing_at - 1}] = "
+                           f"{int(csr[decreasing_at - 1])}")
     if last > n:
-        raise ValueError(f"{op}: the last offset ({last}) is past the {n} ids")
+        raise RuntimeError(f"{op}: the last offset ({last}) is past the {n} ids; offsets[-1] "
+                           f"can not be greater than input's length {n} but got offsets[-1] "
+                           f"of {last}")
 
 
 def embedding_bag(ids: Tensor, csr: Tensor, weight, padding_idx: int, max_norm,

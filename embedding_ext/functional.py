@@ -19,7 +19,8 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None,
 
     Beyond PyTorch: ``scale_grad_by_freq`` works with ``sparse=True``; fp16/bf16 gradients
     accumulate in fp32; ``max_norm`` uses a true p-norm on every device; out-of-range ids on
-    CUDA raise ``IndexError`` instead of killing the CUDA context.
+    CUDA raise :class:`~embedding_ext.EmbeddingIndexError` (an ``IndexError``, as PyTorch's CPU
+    raises, and a ``RuntimeError``) instead of killing the CUDA context.
     """
     if has_torch_function_variadic(input, weight):
         return handle_torch_function(
@@ -48,10 +49,13 @@ def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None,
     CPU and CUDA kernels (docs/bags.md).
 
     Beyond PyTorch: offsets are validated (first 0, non-decreasing, none past the ids) with
-    an error naming the bad entry (on CUDA without a synchronisation: raised as IndexError
-    by a later call, like a bad id); with ``include_last_offset=True`` the offsets are CSR:
-    ids after the last offset belong to no bag, in every mode; fp16/bf16 pool in fp32;
-    ``sparse=True`` works with ``scale_grad_by_freq``.
+    an error naming the bad entry (on CUDA without a synchronisation: raised as
+    EmbeddingIndexError by a later call, like a bad id); with ``include_last_offset=True``
+    the last bag runs to the end of the ids in every mode (PyTorch's fp32/fp16 sum path
+    without padding drops the ids after the last offset); fp16/bf16 pool in fp32;
+    ``sparse=True`` works with ``scale_grad_by_freq``. An out-of-range id raises
+    :class:`~embedding_ext.EmbeddingIndexError`, both ``RuntimeError`` (as PyTorch's) and
+    ``IndexError``.
     """
     if has_torch_function_variadic(input, weight, offsets, per_sample_weights):
         return handle_torch_function(

@@ -23,7 +23,8 @@ def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int:
     if padding_idx is None:
         return -1
     if padding_idx >= num_embeddings or padding_idx < -num_embeddings:
-        raise AssertionError("Padding_idx must be within num_embeddings")
+        raise AssertionError(f"Padding_idx must be within num_embeddings: {-num_embeddings} "
+                             f"<= padding_idx < {num_embeddings}, got {padding_idx}")
     return padding_idx + num_embeddings if padding_idx < 0 else padding_idx
 
 
@@ -59,7 +60,8 @@ def _bag_layout(input: Tensor, offsets: Tensor | None, per_sample_weights: Tenso
     if input.dim() == 2:
         if offsets is not None:
             raise ValueError("embedding_bag: 'offsets' must be None for a 2-D input (each row "
-                             f"is a bag), got a tensor of shape {tuple(offsets.shape)}")
+                             f"is a bag), got a tensor of shape {tuple(offsets.shape)}; if input "
+                             "is 2D, then offsets has to be None")
         bags, length = input.shape
         csr = torch.arange(bags + 1, device=input.device, dtype=input.dtype) * length
         flat = input.reshape(-1)
@@ -67,24 +69,38 @@ def _bag_layout(input: Tensor, offsets: Tensor | None, per_sample_weights: Tenso
         return flat, csr, psw
     if input.dim() != 1:
         raise ValueError(f"embedding_bag: 'input' must be 1-D (with offsets) or 2-D, got a "
-                         f"{input.dim()}-D tensor of shape {tuple(input.shape)}")
+                         f"{input.dim()}-D tensor of shape {tuple(input.shape)}; input has to "
+                         f"be 1D or 2D Tensor, but got Tensor of dimension {input.dim()}")
     if offsets is None:
-        raise ValueError("embedding_bag: 'offsets' is required for a 1-D input")
+        raise ValueError("embedding_bag: 'offsets' is required for a 1-D input; offsets has "
+                         "to be a 1D Tensor but got None")
     if offsets.dim() != 1:
-        raise ValueError(f"embedding_bag: 'offsets' must be 1-D, got shape {tuple(offsets.shape)}")
+        raise ValueError(f"embedding_bag: 'offsets' must be 1-D, got shape "
+                         f"{tuple(offsets.shape)}; offsets has to be a 1D Tensor")
     if offsets.dtype != input.dtype and {offsets.dtype, input.dtype} <= {torch.int32, torch.int64}:
         input, offsets = input.long(), offsets.long()
     if not include_last_offset:
         # Empty offsets: no bags (PyTorch: a (0, D) output), so CSR [0] and every id is in none.
         end = input.shape[0] if offsets.numel() else 0
-        offsets = torch.cat([offsets, offsets.new_full((1,), end)])
+        return input, torch.cat([offsets, offsets.new_full((1,), end)]), per_sample_weights
+    if offsets.numel() == 0:
+        raise RuntimeError("embedding_bag: include_last_offset=True needs at least one offset "
+                           "(bags + 1 entries), got none; include_last_offset: number of "
+                           "offset should be at least 1")
+    if offsets.numel() > 1:
+        # As PyTorch: the last bag runs to the end of the ids, whatever offsets[-1] says
+        # below that; one past the ids, or below offsets[-2], is still refused by the
+        # kernels' CSR check (left as given).
+        offsets = offsets.clone()
+        last = offsets[-1:]
+        offsets[-1:] = torch.where(last >= offsets[-2:-1], last.clamp(min=input.shape[0]), last)
     return input, offsets, per_sample_weights
 
 
 def csr_may_end_early(input: Tensor, offsets: Tensor | None, include_last_offset: bool) -> bool:
-    """Whether _bag_layout's CSR can end before the last id (ids in no bag): with
-    include_last_offset, or with no offsets at all (CSR [0])."""
-    return input.dim() == 1 and (include_last_offset or offsets.numel() == 0)
+    """Whether _bag_layout's CSR can end before the last id (ids in no bag): only with no
+    bags at all (no offsets, or include_last_offset with a single one: CSR [0])."""
+    return input.dim() == 1 and offsets.numel() <= (1 if include_last_offset else 0)
 
 
 def bag_arguments(input: Tensor, weight: Tensor, offsets: Tensor | None,
@@ -94,26 +110,33 @@ def bag_arguments(input: Tensor, weight: Tensor, offsets: Tensor | None,
     """embedding_bag's arguments checked (errors as F.embedding_bag's), in the kernels' form:
     (1-D ids, CSR offsets, 1-D per_sample_weights or None, padding_idx or -1)."""
     if mode not in ops.BAG_MODES:
-        raise ValueError(f"embedding_bag: 'mode' must be 'sum', 'mean' or 'max', got {mode!r}")
+        raise ValueError(f"embedding_bag: 'mode' must be 'sum', 'mean' or 'max', got {mode!r}; "
+                         "mode has to be one of sum, mean or max")
     if mode == "max" and scale_grad_by_freq:
         raise ValueError("embedding_bag: max mode does not support scaling the gradient by the "
-                         "frequency (scale_grad_by_freq=True), as in PyTorch")
+                         "frequency (scale_grad_by_freq=True), as in PyTorch: max mode does not "
+                         "support scaling the gradient by the frequency")
     if per_sample_weights is not None and mode != "sum":
         raise NotImplementedError(
             f"embedding_bag: 'per_sample_weights' is only supported in mode='sum', got "
-            f"mode={mode!r}")
+            f"mode={mode!r}; per_sample_weights was not None. per_sample_weights is only "
+            f"supported for mode='sum' (got mode='{mode}')")
     if per_sample_weights is not None and per_sample_weights.shape != input.shape:
         raise ValueError(f"embedding_bag: 'per_sample_weights' must have the shape of 'input' "
-                         f"{tuple(input.shape)}, got {tuple(per_sample_weights.shape)}")
+                         f"{tuple(input.shape)}, got {tuple(per_sample_weights.shape)}; If "
+                         f"per_sample_weights ({per_sample_weights.shape}) is not None, then it "
+                         f"must have the same shape as the input ({input.shape})")
     if weight.dim() != 2:
         raise ValueError(f"embedding_bag: 'weight' must be 2-D, got a {weight.dim()}-D tensor "
-                         f"of shape {tuple(weight.shape)}")
+                         f"of shape {tuple(weight.shape)}; weight has to be a 2D Tensor, but got "
+                         f"Tensor of dimension {weight.dim()}")
     if sparse and mode == "max":
-        raise ValueError("embedding_bag: max mode does not support sparse weights, as in PyTorch")
+        raise ValueError("embedding_bag: sparse=True is not supported in mode='max', as in "
+                         "PyTorch: max mode does not support sparse weights")
     try:
         padding = normalize_padding_idx(padding_idx, weight.shape[0])
     except AssertionError:
-        raise RuntimeError(f"embedding_bag: 'padding_idx' must be within the number of "
+        raise RuntimeError(f"embedding_bag: padding_idx must be within the number of "
                            f"embeddings, {-weight.shape[0]} through {weight.shape[0] - 1}, but got "
                            f"{padding_idx}") from None
     ids, csr, psw = _bag_layout(input, offsets, per_sample_weights, include_last_offset)

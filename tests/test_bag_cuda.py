@@ -23,7 +23,7 @@ def test_cuda_bags_match_our_cpu(dtype, mode, dim, sparse):
         pytest.skip("max mode has no sparse gradient")
     weight = make_weight(40, dim, dtype)
     ids, offsets = make_bags(40, padding_idx=2)
-    ids = torch.cat([ids, torch.tensor([5, 39])])  # CSR tail: ids in no bag
+    ids = torch.cat([ids, torch.tensor([5, 39])])  # after the last offset: in the last bag
     csr = torch.cat([offsets, torch.tensor([ids.numel() - 2])])
     psw = torch.randn(ids.shape, dtype=dtype) if "weights" in mode else None
     grad_out = torch.randn(csr.numel() - 1, dim, dtype=dtype)

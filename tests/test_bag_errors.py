@@ -34,7 +34,7 @@ from conftest import call_op, each_cpu_isa, make_weight
     (lambda w: ee.embedding_bag(torch.tensor([1, 2]), w[0], torch.tensor([0])), ValueError,
      r"'weight' must be 2-D, got a 1-D tensor"),
     (lambda w: ee.embedding_bag(torch.tensor([1, 2]), w, torch.tensor([0]), padding_idx=10),
-     RuntimeError, "'padding_idx' must be within the number of embeddings, -10 through 9, but got 10"),
+     RuntimeError, "padding_idx must be within the number of embeddings, -10 through 9, but got 10"),
     (lambda w: ee.embedding_bag(torch.tensor([1, 2]), w, torch.tensor([0]), mode="sum",
                                 per_sample_weights=torch.ones(3)), ValueError,
      r"'per_sample_weights' must have the shape of 'input' \(2,\), got \(3,\)"),

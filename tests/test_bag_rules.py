@@ -1,5 +1,5 @@
-"""The rules of ee.embedding_bag / ee.EmbeddingBag beyond the common case: CSR offsets
-(include_last_offset) in every mode, empty, all-padding and no bags, max-mode ties and NaN,
+"""The rules of ee.embedding_bag / ee.EmbeddingBag beyond the common case: include_last_offset
+(the last bag runs to the end of the ids) in every mode, empty, all-padding and no bags, max-mode ties and NaN,
 max_norm, mixed id and offset dtypes, and the module with from_pretrained."""
 import pytest
 import torch
@@ -8,46 +8,108 @@ import torch.nn.functional as F
 import embedding_ext as ee
 from embedding_ext import reference
 from bags import MODES, make_bags
-from conftest import make_weight
+from conftest import DEVICES, make_weight
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_include_last_offset_is_csr_in_every_mode(mode):
-    """Beyond PyTorch (whose CPU gives three answers by mode): ids after the last offset
-    belong to no bag, get no gradient, and are still range-checked."""
+def test_include_last_offset_last_bag_runs_to_the_end_in_every_mode(mode):
+    """As PyTorch's tested behaviour (its max and mean modes, and any mode with a
+    padding_idx): ids after the last offset join the last bag, in every mode alike (forward,
+    gradient), and are range-checked."""
     weight = make_weight(10, 4, torch.float64).requires_grad_()
     ids = torch.tensor([1, 2, 2, 0, 5, 7, 7, 3])
-    csr = torch.tensor([0, 3, 6])
-    out = ee.embedding_bag(ids, weight, csr, mode=mode, include_last_offset=True)
-    torch.testing.assert_close(out, reference.bag_forward(weight, ids, csr, mode))
-    torch.testing.assert_close(out, ee.embedding_bag(ids[:6], weight, csr, mode=mode,
+    out = ee.embedding_bag(ids, weight, torch.tensor([0, 3, 6]), mode=mode,
+                           include_last_offset=True)
+    full = torch.tensor([0, 3, 8])
+    torch.testing.assert_close(out, reference.bag_forward(weight, ids, full, mode))
+    torch.testing.assert_close(out, ee.embedding_bag(ids, weight, full, mode=mode,
                                                      include_last_offset=True))
     grad_out = torch.randn_like(out)
     (grad,) = torch.autograd.grad(out, weight, grad_out)
-    (trimmed,) = torch.autograd.grad(
-        ee.embedding_bag(ids[:6], weight, csr, mode=mode, include_last_offset=True), weight, grad_out)
-    assert torch.equal(grad, trimmed) and not grad[3].any()
+    (expected,) = torch.autograd.grad(reference.bag_forward(weight, ids, full, mode), weight,
+                                      grad_out)
+    torch.testing.assert_close(grad, expected)
     with pytest.raises(IndexError, match="index 10 at position 7"):
-        ee.embedding_bag(torch.tensor([1, 2, 2, 0, 5, 7, 7, 10]), weight, csr, mode=mode,
-                         include_last_offset=True)
+        ee.embedding_bag(torch.tensor([1, 2, 2, 0, 5, 7, 7, 10]), weight, torch.tensor([0, 3, 6]),
+                         mode=mode, include_last_offset=True)
+    # A single offset: no bags, whatever the ids.
+    assert ee.embedding_bag(ids, weight, torch.tensor([0]), mode=mode,
+                            include_last_offset=True).shape == (0, 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+def test_include_last_offset_matches_pytorchs_trailing_id_case(device, sparse, mode):
+    """PyTorch's own case: offsets [0, 3, 3] (and [0, 3, 4]) over 4 ids with a padding_idx:
+    the fourth id is the second bag; forward and gradient against F.embedding_bag on the
+    CPU, dense and sparse."""
+    if sparse and mode == "max":
+        pytest.skip("max mode has no sparse gradient")
+    weight = make_weight(10, 3, torch.float32)
+    ids = torch.tensor([1, 2, 3, 4, 4, 6])
+    for offsets in ([0, 3, 3], [0, 3, 6], [0, 2, 2, 3]):
+        kwargs = dict(mode=mode, include_last_offset=True, padding_idx=1, sparse=sparse)
+        ours_w = weight.detach().clone().to(device).requires_grad_()
+        ours = ee.embedding_bag(ids.to(device), ours_w, torch.tensor(offsets, device=device),
+                                **kwargs)
+        theirs_w = weight.detach().clone().requires_grad_()
+        theirs = F.embedding_bag(ids, theirs_w, torch.tensor(offsets), **kwargs)
+        torch.testing.assert_close(ours.cpu(), theirs)
+        grad_out = torch.randn_like(theirs)
+        ours.backward(grad_out.to(device))
+        theirs.backward(grad_out)
+        torch.testing.assert_close(ours_w.grad.to_dense().cpu(), theirs_w.grad.to_dense())
+    out = ee.embedding_bag(ids[:4].to(device), weight.to(device), torch.tensor([0, 3, 3], device=device),
+                           mode=mode, include_last_offset=True, padding_idx=1)
+    torch.testing.assert_close(out[1].cpu(), weight[4])  # the fourth id, 4, alone in bag 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_include_last_offset_module_and_fused_match_the_function(device):
+    """ee.EmbeddingBag, plain and with a fused optimizer, pools the ids after the last offset
+    into the last bag, as ee.embedding_bag does."""
+    ids = torch.tensor([1, 2, 3, 4, 5], device=device)
+    offsets = torch.tensor([0, 2, 3], device=device)
+    for mode in ("sum", "mean"):
+        bag = ee.EmbeddingBag(10, 4, mode=mode, include_last_offset=True, device=device)
+        expected = ee.embedding_bag(ids, bag.weight.detach(), torch.tensor([0, 2, 5], device=device),
+                                    mode=mode, include_last_offset=True)
+        torch.testing.assert_close(bag(ids, offsets), expected)
+        before = bag.weight.detach().clone()
+        opt = ee.fuse_optimizer(bag, torch.optim.SGD, lr=1.0)  # noqa: F841 (kept alive)
+        out = bag(ids, offsets)
+        torch.testing.assert_close(out, expected)
+        out.sum().backward()
+        touched = (bag.weight.detach() != before).any(1).nonzero().flatten().tolist()
+        assert touched == [1, 2, 3, 4, 5]
+
+
+def test_include_last_offset_errors_as_pytorch():
+    weight = make_weight(10, 3, torch.float32)
+    ids = torch.tensor([1, 2, 3])
+    with pytest.raises(RuntimeError, match="include_last_offset: number of offset should be at "
+                                           "least 1"):
+        ee.embedding_bag(ids, weight, ids.new_empty(0), include_last_offset=True)
+    with pytest.raises(RuntimeError, match="offsets\\[-1\\] can not be greater than input's length"):
+        ee.embedding_bag(ids, weight, torch.tensor([0, 4]), include_last_offset=True)
 
 
 @pytest.mark.parametrize("mode", ["sum", "mean"])
-def test_csr_trailing_ids_get_nothing(mode):
-    """Ids after the last offset: no per_sample_weights gradient, and not counted by
-    scale_grad_by_freq."""
+def test_include_last_offset_trailing_ids_have_gradients(mode):
+    """Ids after the last offset are in the last bag: per_sample_weights gradient, and
+    counted by scale_grad_by_freq."""
     weight = make_weight(6, 3, torch.float64).requires_grad_()
     ids = torch.tensor([1, 2, 1])
-    csr = torch.tensor([0, 2])
     psw = torch.ones(3, dtype=torch.float64, requires_grad=(mode == "sum"))
-    out = ee.embedding_bag(ids, weight, csr, mode=mode, include_last_offset=True,
+    out = ee.embedding_bag(ids, weight, torch.tensor([0, 2]), mode=mode, include_last_offset=True,
                            scale_grad_by_freq=True, per_sample_weights=psw if mode == "sum" else None)
     out.backward(torch.ones_like(out))
-    scale = 1.0 if mode == "sum" else 0.5
-    assert torch.equal(weight.grad[1], torch.full((3,), scale, dtype=torch.float64)), \
-        "row 1 is in one bag once: its count is 1, not 2"
+    scale = 1.0 if mode == "sum" else 1.0 / 3
+    # Row 1 is in the bag twice: count 2, so the gradient is 2 * scale / 2.
+    torch.testing.assert_close(weight.grad[1], torch.full((3,), scale, dtype=torch.float64))
     if mode == "sum":
-        assert psw.grad[2] == 0
+        torch.testing.assert_close(psw.grad[2], weight[1].detach().sum())
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -14,8 +14,8 @@ from conftest import DEVICES, TOL, make_weight, poison
 def test_sparse_gradient_without_padding_has_one_entry_per_id(device, mode):
     """The op, without padding: one entry per id in position order (so its size is known and
     CUDA does not synchronise), zero rows for the ids after the last offset (the CSR tail, in
-    no bag). ee.embedding_bag leaves the tail out (include_last_offset=True), and with a
-    padding_idx the padding ids too."""
+    no bag). ee.embedding_bag has no such tail: with include_last_offset=True its last bag
+    runs to the end of the ids (with a padding_idx the padding ids are left out)."""
     ids = torch.tensor([3, 3, 7, 1, 5, 9], device=device)
     csr = torch.tensor([0, 2, 4], device=device)  # bags [0, 2) and [2, 4); ids 5 and 9 in none
     weight = make_weight(20, 6, torch.float64, device)
@@ -34,11 +34,16 @@ def test_sparse_gradient_without_padding_has_one_entry_per_id(device, mode):
                                rtol=1e-12, atol=0)
     _, (grad, *_) = grads_of(ee.embedding_bag, weight, ids, csr, grad_out=grad_out, psw=psw,
                              mode=m, include_last_offset=True, sparse=True)
-    assert torch.equal(grad._indices(), ids[:4].reshape(1, -1))
-    torch.testing.assert_close(grad._values(), in_bags, rtol=1e-12, atol=0)
+    assert torch.equal(grad._indices(), ids.reshape(1, -1))
+    last = torch.full((4,), 0.25 if m == "mean" else 1.0, dtype=torch.float64, device=device)
+    if psw is not None:
+        last = last * psw[2:]
+    torch.testing.assert_close(grad._values(),
+                               torch.cat([in_bags[:2], grad_out[[1] * 4] * last[:, None]]),
+                               rtol=1e-12, atol=0)
     _, (padded, *_) = grads_of(ee.embedding_bag, weight, ids, csr, grad_out=grad_out, psw=psw,
                                mode=m, include_last_offset=True, sparse=True, padding_idx=7)
-    assert torch.equal(padded._indices().cpu(), torch.tensor([[3, 3, 1]]))
+    assert torch.equal(padded._indices().cpu(), torch.tensor([[3, 3, 1, 5, 9]]))
     # The public Function called as before (8 arguments): the tail is left out too.
     w = weight.detach().clone().requires_grad_()
     out, _ = ee.EmbeddingBagFunction.apply(w, ids, csr, ee.ops.BAG_MODES[m], psw, -1, False, True)

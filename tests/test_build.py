@@ -113,7 +113,7 @@ def test_binary_uses_the_shared_cpp_runtime():
     assert "_ZNSo9_M_insertIlEERSoT_" not in defined, "std::ostream::_M_insert<long> is ours"
     with pytest.raises(IndexError) as err:
         ee.embedding(torch.tensor([12]), torch.randn(10, 4))
-    assert str(err.value).endswith("valid indices are 0 <= index < 10")
+    assert str(err.value).endswith("valid indices are 0 <= index < 10; index out of range in self")
 
 
 def test_public_api_is_typed():

@@ -236,8 +236,10 @@ def test_errors_name_the_argument_and_mutate_nothing(dims):
     bad_pos = next(i for i in range(f1_start, int(offsets[3 * 3])))
     bad[bad_pos] = 11
     with pytest.raises(IndexError, match=rf"feature 'f1' \(table 'table_1'\).*id 11 at "
-                                         rf"position {bad_pos}"):
+                                         rf"position {bad_pos}") as info:
         ebc(bad, offsets)
+    assert isinstance(info.value, ee.EmbeddingIndexError)  # also a RuntimeError, as bags raise
+    assert "Expected idx >= 0 && idx < num_embeddings" in str(info.value)
     broken = offsets.clone()
     broken[2] = broken[3] + 1
     with pytest.raises(RuntimeError, match="non-decreasing"):

@@ -116,3 +116,17 @@ def test_inference_mode(device):
     with torch.inference_mode():
         out = ee.embedding(idx, weight, padding_idx=2, scale_grad_by_freq=True)
     assert torch.equal(out, F.embedding(idx, weight)) and out.is_inference()
+
+
+@pytest.mark.parametrize("dtype, dim", [(torch.float16, 128), (torch.bfloat16, 64),
+                                        (torch.float32, 20), (torch.float32, 3)])
+def test_large_outputs_match_index_select(dtype, dim):
+    """Outputs of 4 MiB and more are written with streaming stores where rows are a
+    multiple of 16 bytes (the others with plain copies): the same values as index_select."""
+    weight = torch.randn(5000, dim).to(dtype)
+    n = (5 << 20) // (dim * weight.element_size()) + 3
+    ids = torch.randint(0, 5000, (n,))
+    torch.testing.assert_close(ee.embedding(ids, weight), weight.index_select(0, ids),
+                               rtol=0, atol=0)
+    with pytest.raises(IndexError, match=f"index 5000 at position {n - 1}"):
+        ee.embedding(torch.cat([ids[:-1], ids.new_tensor([5000])]), weight)

@@ -12,7 +12,7 @@ from fused_cases import CASES, IDS, TOL, assert_same_state, step_both
 # fused update.
 BAG_FORMS = {
     "sum+psw+pad": dict(mode="sum", padding_idx=2, psw=True),
-    "sum+freq+csr-tail": dict(mode="sum", scale_grad_by_freq=True, include_last_offset=True),
+    "sum+freq+last-offset": dict(mode="sum", scale_grad_by_freq=True, include_last_offset=True),
     "mean+pad+freq": dict(mode="mean", padding_idx=0, scale_grad_by_freq=True),
     "mean+2d": dict(mode="mean", two_d=True),
 }
@@ -25,7 +25,7 @@ def _bag_batch(form: dict, num_weights: int, dim: int, dtype, step: int):
     if form.get("padding_idx") is not None:
         ids[1::5] = form["padding_idx"]
     offsets = torch.tensor([0, 5, 5, 12, 20])  # an empty bag; with include_last_offset the
-    if form.get("two_d"):                       # ids past 20 are in no bag
+    if form.get("two_d"):                       # ids past 20 join the last bag
         ids, offsets = ids.reshape(5, 6), None
     psw = torch.randn(ids.shape, dtype=dtype, generator=g) if form.get("psw") else None
     bags = 5 if offsets is None else offsets.numel() - form.get("include_last_offset", False)

@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../checks.h"
 #include "bag_collection.h"
 #include "common.h"
 #include "isa.h"
@@ -88,10 +89,11 @@ namespace {
   const int64_t* off = L.offsets.const_data_ptr<int64_t>();
   const int64_t bag = std::upper_bound(off, off + L.features * L.batch + 1, pos) - off - 1;
   const int64_t f = bag / L.batch, t = L.table_of[f];
-  TORCH_CHECK_INDEX(false, op, ": id ", value, " at position ", pos, " of 'values' (feature ", f,
-                    ", bag ", bag - f * L.batch, ") is out of range for table ", t, " with ",
-                    L.rows[t], " rows; valid ids are 0 <= id < ", L.rows[t]);
-  __builtin_unreachable();
+  raise_index_error(c10::str(op, ": id ", value, " at position ", pos, " of 'values' (feature ", f,
+                              ", bag ", bag - f * L.batch, ") is out of range for table ", t,
+                              " with ", L.rows[t], " rows; valid ids are 0 <= id < ", L.rows[t],
+                              "; Expected idx >= 0 && idx < num_embeddings but found idx to be ",
+                              value));
 }
 
 // Prefetching: about kAhead rows ahead of the pooling, as the single-table kernel. Within a

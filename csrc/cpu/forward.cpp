@@ -5,8 +5,14 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <type_traits>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "common.h"
 #include "output_allocator.h"
@@ -14,9 +20,43 @@
 namespace embedding_ext::cpu {
 namespace {
 
+// Outputs of at least 4 MiB are written with non-temporal (streaming) stores: such an output
+// does not stay in the caches anyway, and an ordinary store first reads each output line
+// from memory (read for ownership), doubling the memory traffic of the writes of a gather
+// that is bound by memory bandwidth. Smaller outputs stay in the cache for the op that reads
+// them next. EMBEDDING_EXT_CPU_STREAM_MIN_MB overrides the threshold (read once; a negative value
+// turns streaming off), for machines whose caches differ much from the ones measured.
+int64_t stream_min_bytes() {
+  static const int64_t bytes = [] {
+    const char* mb = std::getenv("EMBEDDING_EXT_CPU_STREAM_MIN_MB");
+    const int64_t value = mb ? std::atoll(mb) : 4;
+    return value < 0 ? std::numeric_limits<int64_t>::max() : value << 20;
+  }();
+  return bytes;
+}
+
+// One row copied with 16-byte streaming stores (dst 16-byte aligned, bytes a multiple of 16).
+inline void stream_row(char* dst, const char* src, int64_t bytes) {
+#if defined(__x86_64__)
+  for (int64_t off = 0; off < bytes; off += 16) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + off),
+                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + off)));
+  }
+#else
+  std::memcpy(dst, src, bytes);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();  // the streaming stores are visible before the parallel region ends
+#endif
+}
+
 // kRowBytes > 0 fixes the row size at compile time, so each copy becomes a few vector moves
-// instead of a memcpy call (which dominates for rows of 256 bytes and less).
-template <int64_t kRowBytes, typename index_t>
+// instead of a memcpy call (which dominates for rows of 256 bytes and less). kStream: write
+// with streaming stores (see stream_min_bytes).
+template <int64_t kRowBytes, bool kStream, typename index_t>
 void gather_rows_impl(const char* weight, int64_t row_stride_bytes, const index_t* idx, int64_t n,
                       int64_t num_rows, char* out, int64_t row_bytes_dynamic,
                       std::atomic<int64_t>& first_bad) {
@@ -26,14 +66,19 @@ void gather_rows_impl(const char* weight, int64_t row_stride_bytes, const index_
       const int64_t k = idx[i];
       if (k < 0 || k >= num_rows) {
         record_bad(first_bad, i);
-        return;
+        break;
       }
       if (i + kPrefetchDistance < end) {
         // A prefetch of a bad address does not fault, so no range check is needed here.
         __builtin_prefetch(weight + static_cast<int64_t>(idx[i + kPrefetchDistance]) * row_stride_bytes);
       }
-      std::memcpy(out + i * row_bytes, weight + k * row_stride_bytes, row_bytes);
+      if (kStream) {
+        stream_row(out + i * row_bytes, weight + k * row_stride_bytes, row_bytes);
+      } else {
+        std::memcpy(out + i * row_bytes, weight + k * row_stride_bytes, row_bytes);
+      }
     }
+    if (kStream) stream_fence();
   });
 }
 
@@ -41,9 +86,17 @@ template <typename index_t>
 void gather_rows(const char* weight, int64_t row_stride_bytes, const index_t* idx, int64_t n,
                  int64_t num_rows, char* out, int64_t row_bytes, const char* op) {
   std::atomic<int64_t> first_bad{n};
+  const bool stream = n * row_bytes >= stream_min_bytes() && row_bytes % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(out) % 16 == 0;
   auto run = [&](auto fixed) {
-    gather_rows_impl<decltype(fixed)::value, index_t>(weight, row_stride_bytes, idx, n, num_rows,
-                                                      out, row_bytes, first_bad);
+    constexpr int64_t kRowBytes = decltype(fixed)::value;
+    if (stream) {
+      gather_rows_impl<kRowBytes, true, index_t>(weight, row_stride_bytes, idx, n, num_rows, out,
+                                                 row_bytes, first_bad);
+    } else {
+      gather_rows_impl<kRowBytes, false, index_t>(weight, row_stride_bytes, idx, n, num_rows, out,
+                                                  row_bytes, first_bad);
+    }
   };
   switch (row_bytes) {
     case 8: run(std::integral_constant<int64_t, 8>{}); break;

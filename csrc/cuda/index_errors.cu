@@ -139,7 +139,7 @@ std::string take_pending_index_error(bool synchronize) {
 
 void raise_pending_index_error(bool synchronize) {
   const std::string message = take_pending_index_error(synchronize);
-  TORCH_CHECK_INDEX(message.empty(), message);
+  if (!message.empty()) raise_index_error(message);
 }
 
 void set_synchronous_index_checks(bool enabled) { g_synchronous_checks.store(enabled); }

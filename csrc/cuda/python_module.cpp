@@ -3,6 +3,7 @@
 // controls that embedding_ext/__init__.py exposes as documented functions.
 #include <torch/csrc/utils/pybind.h>
 
+#include "../index_error_class.h"
 #include "index_errors.h"
 
 #ifndef EMBEDDING_EXT_TORCH_VERSION
@@ -30,4 +31,6 @@ PYBIND11_MODULE(_C_cuda, mod) {
   mod.def("take_cuda_index_error", &take_cuda_index_error);
   mod.def("set_synchronous_index_checks", &cuda::set_synchronous_index_checks);
   mod.def("synchronous_index_checks", &cuda::synchronous_index_checks);
+  // embedding_ext/__init__.py hands over embedding_ext.EmbeddingIndexError at import.
+  mod.def("_set_index_error_class", &embedding_ext::set_index_error_class);
 }
