@@ -180,7 +180,8 @@ def check_device(device: str, fn: Lookup = ee.embedding) -> list[tuple[str, bool
         except IndexError as err:
             message = str(err)
             wanted = "index 25 at position 1"
-            return (wanted in message and message.endswith("0 <= index < 20"),
+            return (wanted in message and "valid indices are 0 <= index < 20" in message
+                    and isinstance(err, RuntimeError),
                     "" if wanted in message else f"message: {message!r}")
         return False, "no IndexError for id 25 in a 20-row table"
     record("out-of-range id: IndexError with its message", bad_index)
