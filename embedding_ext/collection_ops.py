@@ -119,21 +119,23 @@ def _check_backward(grad_output, values, offsets, arg_max, feature_table, modes,
                  f"{total}), got {tuple(grad_output.shape)}")
 
 
-@torch.library.register_fake("embedding_ext::embedding_bag_collection_dense_backward")
-def _dense_backward_fake(grad_output, values, offsets, arg_max, feature_table, modes,
-                         padding_idx, per_sample_weights, num_weights, dims):
-    _check_backward(grad_output, values, offsets, arg_max, feature_table, modes, padding_idx,
-                    per_sample_weights, num_weights, dims,
-                    "embedding_bag_collection_dense_backward")
+def _register_backward_fake(name: str, outputs):
+    """The fake kernel of a collection gradient op: _check_backward's checks, then
+    ``outputs(grad_output, values, num_weights, dims)``."""
+    @torch.library.register_fake(f"embedding_ext::{name}")
+    def fake(grad_output, values, offsets, arg_max, feature_table, modes, padding_idx,
+             per_sample_weights, num_weights, dims):
+        _check_backward(grad_output, values, offsets, arg_max, feature_table, modes, padding_idx,
+                        per_sample_weights, num_weights, dims, name)
+        return outputs(grad_output, values, num_weights, dims)
+    return fake
+
+
+def _dense_gradients(grad_output, values, num_weights, dims):
     return [grad_output.new_empty((n, d)) for n, d in zip(num_weights, dims)]
 
 
-@torch.library.register_fake("embedding_ext::embedding_bag_collection_sparse_backward")
-def _sparse_backward_fake(grad_output, values, offsets, arg_max, feature_table, modes,
-                          padding_idx, per_sample_weights, num_weights, dims):
-    _check_backward(grad_output, values, offsets, arg_max, feature_table, modes, padding_idx,
-                    per_sample_weights, num_weights, dims,
-                    "embedding_bag_collection_sparse_backward")
+def _sparse_gradients(grad_output, values, num_weights, dims):
     ctx = torch.library.get_ctx()
     rows, vals = [], []
     for d in dims:
@@ -141,3 +143,7 @@ def _sparse_backward_fake(grad_output, values, offsets, arg_max, feature_table, 
         rows.append(values.new_empty((nnz,), dtype=torch.long))
         vals.append(grad_output.new_empty((nnz, d)))
     return rows, vals
+
+
+_register_backward_fake("embedding_bag_collection_dense_backward", _dense_gradients)
+_register_backward_fake("embedding_bag_collection_sparse_backward", _sparse_gradients)

@@ -286,17 +286,32 @@ def _bag_forward_fake(weight, indices, offsets, mode, per_sample_weights, paddin
     return out, arg_max
 
 
-@torch.library.register_fake("embedding_ext::embedding_bag_dense_backward")
-def _bag_dense_backward_fake(grad_output, indices, offsets, arg_max, num_weights, mode,
-                             per_sample_weights, padding_idx, scale_grad_by_freq):
-    op = "embedding_bag_dense_backward"
+def _check_bag_gradient(grad_output: Tensor, indices: Tensor, offsets: Tensor,
+                        per_sample_weights: Tensor | None, num_weights, mode: int,
+                        padding_idx: int, sparse: bool, op: str) -> None:
+    """What both bag weight gradients check, in the order of csrc/checks.h's
+    bag_gradient_inputs: the mode (no sparse max), grad_output (bags, D), the row count and a
+    padding_idx below it."""
     _check_bag_mode(mode, op)
+    torch._check(not sparse or mode != 2,
+                 lambda: f"{op}: max mode (2) has no sparse gradient (as in PyTorch)")
     _check_weight(grad_output, op)
     _check_bag(grad_output, "grad_output", indices, offsets, per_sample_weights, op)
     torch._check(num_weights >= 0, lambda: f"{op}: 'num_weights' must be >= 0, got {num_weights}")
     torch._check(padding_idx < num_weights,
                  lambda: f"{op}: 'padding_idx' must be < num_weights ({num_weights}), got "
                          f"{padding_idx}")
+    torch._check(grad_output.shape[0] == offsets.shape[0] - 1,
+                 lambda: f"{op}: 'grad_output' must have one row per bag "
+                         f"({offsets.shape[0] - 1}), got shape {tuple(grad_output.shape)}")
+
+
+@torch.library.register_fake("embedding_ext::embedding_bag_dense_backward")
+def _bag_dense_backward_fake(grad_output, indices, offsets, arg_max, num_weights, mode,
+                             per_sample_weights, padding_idx, scale_grad_by_freq):
+    op = "embedding_bag_dense_backward"
+    _check_bag_gradient(grad_output, indices, offsets, per_sample_weights, num_weights, mode,
+                        padding_idx, False, op)
     torch._check(not (mode == 2 and scale_grad_by_freq),
                  lambda: f"{op}: max mode (2) does not support scale_grad_by_freq")
     if mode == 2:
@@ -307,9 +322,6 @@ def _bag_dense_backward_fake(grad_output, indices, offsets, arg_max, num_weights
                      lambda: f"{op}: 'arg_max' must be an int64 tensor of shape (bags, D) = "
                              f"({bags}, {dim}) in max mode, got {arg_max.dtype} of shape "
                              f"{tuple(arg_max.shape)}")
-    torch._check(grad_output.shape[0] == offsets.shape[0] - 1,
-                 lambda: f"{op}: 'grad_output' must have one row per bag "
-                         f"({offsets.shape[0] - 1}), got shape {tuple(grad_output.shape)}")
     return grad_output.new_empty((num_weights, grad_output.shape[1]))
 
 
@@ -329,17 +341,8 @@ def _bag_psw_backward_fake(grad_output, weight, indices, offsets, padding_idx):
 def _bag_sparse_backward_fake(grad_output, indices, offsets, num_weights, mode,
                               per_sample_weights, padding_idx, scale_grad_by_freq):
     op = "embedding_bag_sparse_backward"
-    _check_bag_mode(mode, op)
-    torch._check(mode != 2, lambda: f"{op}: max mode (2) has no sparse gradient (as in PyTorch)")
-    _check_weight(grad_output, op)
-    _check_bag(grad_output, "grad_output", indices, offsets, per_sample_weights, op)
-    torch._check(num_weights >= 0, lambda: f"{op}: 'num_weights' must be >= 0, got {num_weights}")
-    torch._check(padding_idx < num_weights,
-                 lambda: f"{op}: 'padding_idx' must be < num_weights ({num_weights}), got "
-                         f"{padding_idx}")
-    torch._check(grad_output.shape[0] == offsets.shape[0] - 1,
-                 lambda: f"{op}: 'grad_output' must have one row per bag "
-                         f"({offsets.shape[0] - 1}), got shape {tuple(grad_output.shape)}")
+    _check_bag_gradient(grad_output, indices, offsets, per_sample_weights, num_weights, mode,
+                        padding_idx, True, op)
     # Without padding, one entry per id (ids after the last offset: zero rows); with it (or
     # an empty table, where every id is bad), padding entries and ids after the last offset
     # are left out: data-dependent.
