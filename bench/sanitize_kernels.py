@@ -78,14 +78,18 @@ def check_bad_bags(dev):
 
 
 def run_bag_case(dev, dtype, index_dtype, dim):
-    """Every bag op and mode (padding, an empty bag, a CSR tail, a hot row): forward and both
+    """Every bag op and mode (padding, an empty bag, ids after the last offset, a hot row):
+    forward and both
     weight gradients and the per_sample_weights gradient against the float64 reference."""
     case = f"bags {dtype}, {index_dtype}, dim={dim}"
     print("case", case, flush=True)
     idx = torch.randint(0, 50, (40,), device=dev, dtype=index_dtype)
     idx[::3] = 5
     idx[1::7] = 3
-    csr = torch.tensor([0, 4, 4, 17, 30, 38], device=dev, dtype=index_dtype)  # ids 38, 39: no bag
+    # include_last_offset: ids 38 and 39, after the last offset, join the last bag (as in
+    # PyTorch), so the reference's CSR ends at the last id.
+    csr = torch.tensor([0, 4, 4, 17, 30, 38], device=dev, dtype=index_dtype)
+    csr_all = torch.cat([csr[:-1], csr.new_full((1,), idx.numel())])
     for mode in ("sum", "mean", "max"):
         for sparse in ((False, True) if mode != "max" else (False,)):
             weight = torch.randn(50, dim, device=dev, dtype=dtype, requires_grad=True)
@@ -96,13 +100,13 @@ def run_bag_case(dev, dtype, index_dtype, dim):
                                    scale_grad_by_freq=mode != "max")
             w64 = weight.detach().double().requires_grad_()
             p64 = None if psw is None else psw.detach().double().requires_grad_()
-            expected = reference.bag_forward(w64, idx, csr, mode, p64, 3)
+            expected = reference.bag_forward(w64, idx, csr_all, mode, p64, 3)
             check(f"{case} {mode} forward", out, expected, dtype)
             grad_out = torch.randn_like(out)
             out.backward(grad_out)
             (g64,) = torch.autograd.grad(expected, w64, grad_out.double(), retain_graph=True)
-            if mode != "max":  # scale_grad_by_freq: each row over its count among ids in bags
-                in_bags = idx[:38].long()
+            if mode != "max":  # scale_grad_by_freq: each row over its count among the ids
+                in_bags = idx.long()
                 counts = torch.bincount(in_bags[in_bags != 3], minlength=50).clamp_min(1)
                 g64 = g64 / counts[:, None]
             got = weight.grad.to_dense() if sparse else weight.grad
