@@ -112,11 +112,13 @@ class BuildChecked(BuildExtension):
 
     def run(self):
         super().run()
-        if self.inplace and not _want_cuda():
-            # A CUDA binary left by an earlier full build would be loaded next to this _C
-            # although it was not rebuilt with it.
-            for stale in (ROOT / "embedding_ext").glob("_C_cuda.*.so"):
-                stale.unlink()
+        if not _want_cuda():
+            # A CUDA binary left by an earlier full build (in the package folder, or in
+            # build/lib, which in-place builds fill too and wheels are packed from) would be
+            # loaded next to this _C although it was not rebuilt with it.
+            for folder in (ROOT / "embedding_ext", Path(self.build_lib) / "embedding_ext"):
+                for stale in folder.glob("_C_cuda.*.so"):
+                    stale.unlink()
 
     def build_extension(self, ext):
         super().build_extension(ext)
