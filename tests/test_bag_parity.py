@@ -156,7 +156,10 @@ def test_bag_register_blocks(dtype, dim, mode, padding_idx):
         ours, our_grads = grads_of(ee.embedding_bag, weight, ids, offsets, **kwargs)
         torch.testing.assert_close(ours, theirs, **TOL[dtype])
         for a, b in zip(our_grads, their_grads):  # max: the arg-max rows match PyTorch's
-            torch.testing.assert_close(a, b, **TOL[dtype])
+            # The per_sample_weights gradient is a D-term dot product per id, summed in
+            # another order than PyTorch's: its rounding grows with D.
+            atol = TOL[dtype]["atol"] * (dim if a.dim() == 1 else 1)
+            torch.testing.assert_close(a, b, rtol=TOL[dtype]["rtol"], atol=atol)
 
 
 @settings(max_examples=120, deadline=None)
