@@ -12,7 +12,8 @@
 // collect_next_edges, set_history, Tensor::_fw_grad/_set_fw_grad. How a node is held
 // changed between releases (std::shared_ptr, then c10::intrusive_ptr); make_node() below is
 // the one place that knows.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_sparse_coo_tensor_unsafe.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>

@@ -2,7 +2,9 @@
 // and sparse gradient (embedding_bag_sparse_backward), and the per_sample_weights gradient
 // (embedding_bag_per_sample_weights_backward). The dense gradient sums each row's terms in
 // position order (rows split across threads, never atomics): deterministic.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>

@@ -1,7 +1,10 @@
 // CPU table-batched pooled lookup (embedding_bag_collection_forward): every (feature, bag) of
 // every table in one parallel region, so a model with tens of small tables pays one thread
 // start-up and one dispatch per pass instead of one per table.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>

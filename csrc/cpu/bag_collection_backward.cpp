@@ -1,7 +1,9 @@
 // CPU gradients of the table-batched pooled lookup (embedding_bag_collection_dense_backward,
 // _sparse_backward): every table in one call, each table given to one task that sums its
 // terms in position order, so the result is deterministic and needs no atomics.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>

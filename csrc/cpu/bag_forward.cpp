@@ -2,7 +2,9 @@
 // task per run of bags, rows in position order: deterministic. D a multiple of 16 takes the
 // register-block loops (bag_pool.h) of this CPU's instruction set; other D a loop over whole
 // rows.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>

@@ -1,6 +1,7 @@
 // CPU row gathers: the lookup itself (embedding_forward, any dtype: a row copy) and its
 // scaled variant, the double backward (embedding_scaled_gather).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>

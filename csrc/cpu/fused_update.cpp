@@ -3,7 +3,8 @@
 // fp32 (fp64 for fp64) in position order, then the rule applied once to the row and its
 // state. No gradient tensor exists; extra memory is O(ids). Rows are split across threads,
 // each row written by one thread: deterministic.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>

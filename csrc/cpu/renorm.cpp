@@ -1,6 +1,7 @@
 // CPU max_norm renorm (embedding_renorm_), in place on the distinct referenced rows; the
 // rule itself is in ../renorm_math.h. The ids are all checked before any row changes.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>

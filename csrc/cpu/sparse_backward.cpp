@@ -1,7 +1,9 @@
 // CPU sparse backward (embedding_sparse_backward): the (row ids, values) of an uncoalesced
 // COO gradient, in position order with padding positions removed; values divided by the
 // row's count with scale_grad_by_freq.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>

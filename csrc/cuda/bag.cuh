@@ -5,7 +5,9 @@
 // call raises IndexError naming the entry.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 
 #include "launch.cuh"
 

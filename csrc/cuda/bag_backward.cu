@@ -9,7 +9,9 @@
 //   in the gradient's dtype (one term each). Max mode adds
 //   grad_output[b, d] into row arg_max[b, d] with atomics (as PyTorch; not deterministic,
 //   so it alerts under torch.use_deterministic_algorithms).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -1,6 +1,7 @@
 // CUDA pooled lookup, forward (embedding_bag_forward): one thread group per bag, a lane per
 // column, rows in position order with an fp32 (fp64) accumulator: deterministic.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>

@@ -8,7 +8,9 @@
 //   into chunks of kChunk, a first pass sums each chunk's share of a segment that began in
 //   an earlier chunk, and the segment's head adds those partial sums in chunk order. The
 //   result depends only on the ids, never on scheduling.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>

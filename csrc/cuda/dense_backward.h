@@ -1,7 +1,7 @@
 // The lookup's sorted dense backward, for op families whose gradient terms are fp32 rows.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include "launch.cuh"
 

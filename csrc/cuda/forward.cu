@@ -1,6 +1,7 @@
 // CUDA row gathers: the lookup (embedding_forward, any dtype: a row copy with the widest
 // vector the layout allows) and the double backward (embedding_scaled_gather).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>

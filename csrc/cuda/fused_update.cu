@@ -7,7 +7,8 @@
 // atomics touch the weight: deterministic. A row's positions are summed by its warp alone,
 // so a very hot row (a long run of one id) is serial; the dense backward's chunked carry is
 // the model if that shows.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>

@@ -2,7 +2,8 @@
 // The first warp to claim a row renorms it, so duplicate ids never race. A probe of the ids
 // runs first on the same stream: with a bad id no row changes (as on the CPU), without a
 // host synchronisation.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>

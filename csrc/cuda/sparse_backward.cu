@@ -1,6 +1,8 @@
 // CUDA sparse backward (embedding_sparse_backward): values in position order, padding
 // positions removed, scaled by 1/count with scale_grad_by_freq.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/cumsum.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
