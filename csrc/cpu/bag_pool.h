@@ -59,16 +59,33 @@ __attribute__((always_inline)) inline void fetch_row(const PoolArgs<scalar_t, in
   }
 }
 
+// Columns [d0, d0 + kCols) of bag b, pooled in kVecs vector registers of acc_t. kRowLines
+// (sum/mean) as in fetch_row.
+template <int kCols, int kRowLines, int kIsa, typename scalar_t, typename index_t>
+struct ColumnBlock {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kLanes = kLanesOf<acc_t, kIsa>, kVecs = kCols / kLanes;
+  static_assert(kCols % kLanes == 0);
+  const PoolArgs<scalar_t, index_t>& a;
+  const int64_t b, d0, i0, i1;  // i0, i1: the bag's ids
+
+  __attribute__((always_inline)) ColumnBlock(const PoolArgs<scalar_t, index_t>& args, int64_t bag,
+                                             int64_t first_column)
+      : a(args), b(bag), d0(first_column), i0(args.off[bag]), i1(args.off[bag + 1]) {}
+  void pool_max(int64_t prefetch_end) const;
+  bool pool_sum(int64_t prefetch_end) const;  // true: an id outside the table was skipped
+
+  __attribute__((always_inline)) void store(const Vec<acc_t, kIsa>* acc) const {
+    #pragma GCC unroll 16
+    for (int j = 0; j < kVecs; ++j) store_vec<kIsa, acc_t>(acc[j], a.out + b * a.dim + d0 + j * kLanes);
+  }
+};
+
 // Max: the first non-padding row as is (a NaN included), then strictly greater values, so
 // ties go to the first occurrence and a later NaN is never taken (PyTorch's rule).
-template <int kCols, int kIsa, typename scalar_t, typename index_t>
-__attribute__((always_inline)) inline void pool_max_columns(const PoolArgs<scalar_t, index_t>& a,
-                                                            int64_t b, int64_t d0,
-                                                            int64_t prefetch_end) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kLanes = kLanesOf<acc_t, kIsa>, kVecs = kCols / kLanes;
-  static_assert(kCols % kLanes == 0);
-  const int64_t i0 = a.off[b], i1 = a.off[b + 1];
+template <int kCols, int kRowLines, int kIsa, typename scalar_t, typename index_t>
+__attribute__((always_inline)) inline void
+ColumnBlock<kCols, kRowLines, kIsa, scalar_t, index_t>::pool_max(int64_t prefetch_end) const {
   const auto prefetch = [&](int64_t i) __attribute__((always_inline)) {
     if (i + kBagPrefetch < prefetch_end) fetch_row<0>(a, static_cast<int64_t>(a.idx[i + kBagPrefetch]));
   };
@@ -104,8 +121,7 @@ __attribute__((always_inline)) inline void pool_max_columns(const PoolArgs<scala
       arg[j * kLanes + e] = any ? static_cast<int64_t>(a.idx[i0 + pos[j][e]]) : int64_t(-1);
     }
   }
-  #pragma GCC unroll 16
-  for (int j = 0; j < kVecs; ++j) store_vec<kIsa, acc_t>(acc[j], a.out + b * a.dim + d0 + j * kLanes);
+  store(acc);
 }
 
 // Sum, mean (a division by the count, as PyTorch, not a multiply by 1/count) and
@@ -115,13 +131,8 @@ __attribute__((always_inline)) inline void pool_max_columns(const PoolArgs<scala
 // own (as FBGEMM's kernels do): an id outside the table is skipped and reported (returns
 // true), and the caller raises.
 template <int kCols, int kRowLines, int kIsa, typename scalar_t, typename index_t>
-__attribute__((always_inline)) inline bool pool_sum_columns(const PoolArgs<scalar_t, index_t>& a,
-                                                            int64_t b, int64_t d0,
-                                                            int64_t prefetch_end) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kLanes = kLanesOf<acc_t, kIsa>, kVecs = kCols / kLanes;
-  static_assert(kCols % kLanes == 0);
-  const int64_t i0 = a.off[b], i1 = a.off[b + 1];
+__attribute__((always_inline)) inline bool
+ColumnBlock<kCols, kRowLines, kIsa, scalar_t, index_t>::pool_sum(int64_t prefetch_end) const {
   Vec<acc_t, kIsa> acc[kVecs] = {};
   const scalar_t* const weight = a.weight + d0;
   const index_t* const idx = a.idx;
@@ -168,8 +179,7 @@ __attribute__((always_inline)) inline bool pool_sum_columns(const PoolArgs<scala
     #pragma GCC unroll 16
     for (int j = 0; j < kVecs; ++j) acc[j] /= c;
   }
-  #pragma GCC unroll 16
-  for (int j = 0; j < kVecs; ++j) store_vec<kIsa, acc_t>(acc[j], a.out + b * a.dim + d0 + j * kLanes);
+  store(acc);
   return bad;
 }
 
@@ -199,8 +209,8 @@ __attribute__((always_inline)) inline bool pool_register_blocks(
       // blocks alone were 4 passes over each bag at D = 64 with AVX-512 (one vector each),
       // 1.5x slower than AVX2's 2-vector blocks.
       constexpr int kMaxWide = 4 * kLanesOf<acc_t, kIsa>;
-      for (; d0 + kMaxWide <= a.dim; d0 += kMaxWide) pool_max_columns<kMaxWide, kIsa>(a, b, d0, d0 == 0 ? task_end : 0);
-      for (; d0 < a.dim; d0 += 16) pool_max_columns<16, kIsa>(a, b, d0, d0 == 0 ? task_end : 0);
+      for (; d0 + kMaxWide <= a.dim; d0 += kMaxWide) ColumnBlock<kMaxWide, 0, kIsa, scalar_t, index_t>(a, b, d0).pool_max(d0 == 0 ? task_end : 0);
+      for (; d0 < a.dim; d0 += 16) ColumnBlock<16, 0, kIsa, scalar_t, index_t>(a, b, d0).pool_max(d0 == 0 ? task_end : 0);
     } else {
       // Rows of half, 1, 2 or 4 wide blocks (AVX2 fp32: D = 32, 64, 128, 256): the first
       // block prefetches the whole row with unrolled lines (a prefetch loop per row cost
@@ -209,11 +219,11 @@ __attribute__((always_inline)) inline bool pool_register_blocks(
       static_assert(kWideLines >= 2, "a half-wide block must be at least one cache line");
       const auto whole_rows = [&](auto blocks) __attribute__((always_inline)) {
         constexpr int kBlocks = decltype(blocks)::value;
-        bad |= pool_sum_columns<kWide, kBlocks * kWideLines, kIsa>(a, b, 0, task_end);
-        for (int blk = 1; blk < kBlocks; ++blk) bad |= pool_sum_columns<kWide, 0, kIsa>(a, b, blk * kWide, 0);
+        bad |= ColumnBlock<kWide, kBlocks * kWideLines, kIsa, scalar_t, index_t>(a, b, 0).pool_sum(task_end);
+        for (int blk = 1; blk < kBlocks; ++blk) bad |= ColumnBlock<kWide, 0, kIsa, scalar_t, index_t>(a, b, blk * kWide).pool_sum(0);
       };
       if (a.dim == kWide / 2) {
-        bad |= pool_sum_columns<kWide / 2, kWideLines / 2, kIsa>(a, b, 0, task_end);
+        bad |= ColumnBlock<kWide / 2, kWideLines / 2, kIsa, scalar_t, index_t>(a, b, 0).pool_sum(task_end);
         continue;
       }
       if (a.dim == kWide) {
@@ -228,8 +238,8 @@ __attribute__((always_inline)) inline bool pool_register_blocks(
         whole_rows(std::integral_constant<int, 4>{});
         continue;
       }
-      for (; d0 + kWide <= a.dim; d0 += kWide) bad |= pool_sum_columns<kWide, 0, kIsa>(a, b, d0, d0 == 0 ? task_end : 0);
-      for (; d0 < a.dim; d0 += 16) bad |= pool_sum_columns<16, 0, kIsa>(a, b, d0, d0 == 0 ? task_end : 0);
+      for (; d0 + kWide <= a.dim; d0 += kWide) bad |= ColumnBlock<kWide, 0, kIsa, scalar_t, index_t>(a, b, d0).pool_sum(d0 == 0 ? task_end : 0);
+      for (; d0 < a.dim; d0 += 16) bad |= ColumnBlock<16, 0, kIsa, scalar_t, index_t>(a, b, d0).pool_sum(d0 == 0 ? task_end : 0);
     }
   }
   return bad;
