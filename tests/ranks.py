@@ -28,6 +28,7 @@ def guard_rank(rank: int, out_dir: str) -> None:
     timer = threading.Timer(DEADLINE_S + 60, os._exit, (3,))
     timer.daemon = True  # never what keeps a finished rank alive
     timer.start()
+    open(os.path.join(out_dir, f"guarded{rank}"), "w").close()
 
 
 _out_dir = None  # this rank's folder (each rank is its own process)
@@ -54,13 +55,19 @@ def end_group() -> None:
     dist.destroy_process_group()
 
 
-def run_ranks(worker, args: tuple, out_dir, world: int, deadline_s: float = DEADLINE_S) -> str | None:
+def run_ranks(worker, args: tuple, out_dir, world: int, deadline_s: float = DEADLINE_S,
+              from_guarded: bool = False) -> str | None:
     """Runs worker(rank, *args) on `world` ranks; None when all exited, else the stacks of
     the ranks still running at the deadline (then killed). A rank's error raises, as
-    mp.spawn."""
+    mp.spawn. from_guarded: the deadline counts from the moment every rank has called
+    guard_rank (start-up, however slow the machine, is not part of it)."""
     ctx = mp.start_processes(worker, args=args, nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + deadline_s
+    deadline = None if from_guarded else time.monotonic() + deadline_s
     while not _join(ctx, out_dir, world):
+        if deadline is None:
+            if all(os.path.exists(os.path.join(out_dir, f"guarded{r}")) for r in range(world)):
+                deadline = time.monotonic() + deadline_s
+            continue
         if time.monotonic() > deadline:
             running = [(r, p) for r, p in enumerate(ctx.processes) if p.is_alive()]
             for _, p in running:
