@@ -22,20 +22,6 @@
 namespace embedding_ext::cpu {
 namespace {
 
-// The copy of the instruction set cpu_isa() names (the best this CPU has, unless a test
-// pinned another).
-template <bool kMaxMode, typename scalar_t, typename index_t>
-bool pool_register_blocks_any(const PoolArgs<scalar_t, index_t>& a, int64_t b0, int64_t b1) {
-#if defined(__x86_64__)
-  switch (cpu_isa()) {
-    case kAvx512: return pool_register_blocks_avx512<kMaxMode>(a, b0, b1);
-    case kAvx2: return pool_register_blocks_avx2<kMaxMode>(a, b0, b1);
-    default: break;
-  }
-#endif
-  return pool_register_blocks_portable<kMaxMode>(a, b0, b1);
-}
-
 // Pools bags [0, bags) of the n ids into out; raises IndexError (check_index_range's
 // message: the first bad position) for an id outside the num_rows-row table.
 template <typename scalar_t, typename index_t>
@@ -51,7 +37,8 @@ void pool_bags(const scalar_t* weight, int64_t row_stride, int64_t num_rows, con
   // Max mode's int32 positions are relative to a bag; the test on the total is conservative.
   if (dim > 0 && dim % 16 == 0 && (mode != kBagMax || off[bags] <= std::numeric_limits<int32_t>::max())) {
     const PoolArgs<scalar_t, index_t> args{weight, row_stride, idx, off, dim, mode, psw,
-                                            padding_idx, out, arg_max, static_cast<uint64_t>(num_rows)};
+                                            padding_idx, out, arg_max, static_cast<uint64_t>(num_rows),
+                                            /*out_stride=*/dim};
     std::atomic<bool> bad{false};
     if (mode == kBagMax) {
       check_index_range(idx, n, num_rows, op);

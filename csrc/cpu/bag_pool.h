@@ -33,6 +33,7 @@ struct PoolArgs {
   scalar_t* out;
   int64_t* arg_max;  // max mode: (bags, dim) row ids, -1 for an empty bag
   uint64_t num_rows;  // sum/mean check each id against it while pooling
+  int64_t out_stride;  // elements from one bag's output row to the next (out and arg_max)
 };
 
 // Columns [d0, d0 + kCols) of bag b are pooled in registers across the whole bag. Rows in
@@ -77,7 +78,7 @@ struct ColumnBlock {
 
   __attribute__((always_inline)) void store(const Vec<acc_t, kIsa>* acc) const {
     #pragma GCC unroll 16
-    for (int j = 0; j < kVecs; ++j) store_vec<kIsa, acc_t>(acc[j], a.out + b * a.dim + d0 + j * kLanes);
+    for (int j = 0; j < kVecs; ++j) store_vec<kIsa, acc_t>(acc[j], a.out + b * a.out_stride + d0 + j * kLanes);
   }
 };
 
@@ -114,7 +115,7 @@ ColumnBlock<kCols, kRowLines, kIsa, scalar_t, index_t>::pool_max(int64_t prefetc
       pos[j] = take ? here : pos[j];
     }
   }
-  int64_t* arg = a.arg_max + b * a.dim + d0;
+  int64_t* arg = a.arg_max + b * a.out_stride + d0;
   #pragma GCC unroll 16
   for (int j = 0; j < kVecs; ++j) {
     for (int e = 0; e < kLanes; ++e) {
@@ -257,6 +258,20 @@ template <bool kMaxMode, typename scalar_t, typename index_t>
 EMBEDDING_EXT_TARGET_AVX512 bool pool_register_blocks_avx512(const PoolArgs<scalar_t, index_t>& a,
                                                              int64_t b0, int64_t b1);
 #endif
+
+// The copy of the instruction set cpu_isa() names (the best this CPU has, unless a test
+// pinned another).
+template <bool kMaxMode, typename scalar_t, typename index_t>
+bool pool_register_blocks_any(const PoolArgs<scalar_t, index_t>& a, int64_t b0, int64_t b1) {
+#if defined(__x86_64__)
+  switch (cpu_isa()) {
+    case kAvx512: return pool_register_blocks_avx512<kMaxMode>(a, b0, b1);
+    case kAvx2: return pool_register_blocks_avx2<kMaxMode>(a, b0, b1);
+    default: break;
+  }
+#endif
+  return pool_register_blocks_portable<kMaxMode>(a, b0, b1);
+}
 
 // Defines `copy` (one of the three above) as pool_register_blocks compiled for instruction
 // set `isa` with `attributes`, for each mode, dtype and id type that the forward dispatches.
