@@ -6,9 +6,11 @@ F.embedding_bag, a per-table loop of ee.embedding_bag and FBGEMM's CPU TBE (when
 Cases: "criteo" (26 tables of Criteo's cardinalities capped to --cap rows, D=64, B=2048, one
 id per feature) and "dlrm" (8 tables, dims 16/64/128, 1-30 ids per bag, B=512). Ops: forward,
 forward+backward with dense gradients, forward+backward with sparse gradients (FBGEMM: its
-fused exact-SGD step, its only CPU training path with sparse updates). Every column is checked
-against ours before timing; times are medians of alternating rounds (one call per column per
-round), in ms.
+fused exact-SGD step, its only CPU training path with sparse updates), and the fused training
+steps (ours: ee.fuse_optimizer on the collection; FBGEMM: its fused exact SGD and exact
+row-wise Adagrad TBE; the loop: sparse gradients then torch.optim.SGD), all at lr 0 so every
+round does the same work. Every column is checked against ours before timing; times are
+medians of alternating rounds (one call per column per round), in ms.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ from .bags import _fbgemm
 # The 26 categorical features of Criteo's Kaggle display-advertising data (rows per table).
 CRITEO_ROWS = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593,
                3194, 27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
-OPS = ("forward", "fwd+bwd dense", "fwd+bwd sparse")
+OPS = ("forward", "fwd+bwd dense", "fwd+bwd sparse", "fused SGD step",
+       "fused row-wise Adagrad step")
 
 
 def make_case(name: str, cap: int, seed: int = 0):
@@ -85,15 +88,41 @@ def build_columns(tables, batch, values, offsets):
         return lambda: torch.cat([ee.embedding_bag(v, w, o, mode="sum", sparse=sp)
                                   for (v, o), w in zip(parts, ws)], 1)
 
+    # The fused training steps at lr 0 (FBGEMM's too): every round does the same work on the
+    # same tables. The loop's step is what a user would otherwise write: sparse gradients,
+    # then torch.optim.SGD (torch has no row-wise Adagrad).
+    fused = {}
+    for op, rule in (("fused SGD step", torch.optim.SGD),
+                     ("fused row-wise Adagrad step", ee.optim.RowWiseAdagrad)):
+        model = ee.EmbeddingBagCollection(configs)
+        model.load_state_dict(dense.state_dict())
+        fused[op] = (model, ee.fuse_optimizer(model, rule, lr=0.0))
+    loop_sgd = torch.optim.SGD(sparse_weights, lr=0.0)
+
+    def fused_step(op):
+        model, opt = fused[op]
+        out = model(values, offsets)
+        out.backward(grad)
+        opt.step()
+        return out, None
+
+    def loop_step():
+        out, _ = run(f_loop(sparse_weights, True), sparse_weights, True)
+        loop_sgd.step()
+        return out, None
+
     cols = {
         "ours": {"forward": lambda: run(lambda: dense(values, offsets), weights, False),
+                 "fused SGD step": lambda: fused_step("fused SGD step"),
+                 "fused row-wise Adagrad step": lambda: fused_step("fused row-wise Adagrad step"),
                  "fwd+bwd dense": lambda: run(lambda: dense(values, offsets), weights, True),
                  "fwd+bwd sparse": lambda: run(lambda: sparse(values, offsets), sparse_weights,
                                                True)},
         "F.embedding_bag loop": {
             "forward": lambda: run(f_loop(weights, False), weights, False),
             "fwd+bwd dense": lambda: run(f_loop(weights, False), weights, True),
-            "fwd+bwd sparse": lambda: run(f_loop(sparse_weights, True), sparse_weights, True)},
+            "fwd+bwd sparse": lambda: run(f_loop(sparse_weights, True), sparse_weights, True),
+            "fused SGD step": loop_step},
         "ee.embedding_bag loop": {
             "forward": lambda: run(ee_loop(weights, False), weights, False),
             "fwd+bwd dense": lambda: run(ee_loop(weights, False), weights, True),
@@ -119,6 +148,12 @@ def _fbgemm_columns(fb, tables, weights, values, offsets, grad):
                             optimizer=fb["EmbOptimType"].EXACT_SGD, learning_rate=0.0)
         for dst, w in zip(split.split_embedding_weights(), weights):
             dst.copy_(w.detach())
+        rowwise = fb["Split"]([(r, d, fb["EmbeddingLocation"].HOST, fb["ComputeDevice"].CPU)
+                               for r, d, _ in tables], pooling_mode=fb["PoolingMode"].SUM,
+                              optimizer=fb["EmbOptimType"].EXACT_ROWWISE_ADAGRAD,
+                              learning_rate=0.0)
+        for dst, w in zip(rowwise.split_embedding_weights(), weights):
+            dst.copy_(w.detach())
 
     def dense_step(backward):
         dense.weights.grad = None
@@ -133,19 +168,23 @@ def _fbgemm_columns(fb, tables, weights, values, offsets, grad):
                 at += r * d
         return out, grads
 
-    def fused_step():
-        out = split(values, offsets)
+    def fused_step(module):
+        out = module(values, offsets)
         out.backward(grad)
         return out, None
 
     return {"forward": lambda: dense_step(False), "fwd+bwd dense": lambda: dense_step(True),
-            "fwd+bwd sparse": fused_step}
+            "fwd+bwd sparse": lambda: fused_step(split),
+            "fused SGD step": lambda: fused_step(split),
+            "fused row-wise Adagrad step": lambda: fused_step(rowwise)}
 
 
 def verify(cols, op):
     """Every column's output (and weight gradients, where it gives them) equal to ours."""
     out, grads = cols["ours"][op]()
     for name, col in cols.items():
+        if op not in col:
+            continue
         other, other_grads = col[op]()
         torch.testing.assert_close(other, out, atol=1e-4, rtol=1e-4,
                                    msg=lambda m: f"{name} {op}: output differs: {m}")
@@ -165,11 +204,12 @@ def time_case(name: str, cap: int, rounds: int, ops=OPS) -> list[dict]:
     rows = []
     for op in ops:
         verify(cols, op)
-        for col in cols.values():  # warm-up
+        here = {c: col for c, col in cols.items() if op in col}
+        for col in here.values():  # warm-up
             col[op]()
-        times = {c: [] for c in cols}
+        times = {c: [] for c in here}
         for _ in range(rounds):
-            for c, col in cols.items():
+            for c, col in here.items():
                 start = time.perf_counter()
                 col[op]()
                 times[c].append(time.perf_counter() - start)
@@ -214,13 +254,15 @@ def main(argv=None) -> None:
         all_rows += rows
         print(f"\n{rows[0]['label']}")
         cols = list(rows[0]["ms"])
-        print(f"{'op':16s}" + "".join(f"{c:>24s}" for c in cols) + "   loop/ours  FBGEMM/ours")
+        print(f"{'op':28s}" + "".join(f"{c:>24s}" for c in cols) + "   loop/ours  FBGEMM/ours")
         for row in rows:
             ms = row["ms"]
             peer = ms.get("FBGEMM TBE")
             ratio = f"{peer / ms['ours']:11.2f}" if peer else "          -"
-            print(f"{row['op']:16s}" + "".join(f"{ms[c]:24.3f}" for c in cols)
-                  + f"   {ms['F.embedding_bag loop'] / ms['ours']:9.2f}  {ratio}")
+            loop = ms.get("F.embedding_bag loop")
+            loop_ratio = f"{loop / ms['ours']:9.2f}" if loop else "        -"
+            print(f"{row['op']:28s}" + "".join(f"{ms[c]:24.3f}" if c in ms else f"{'-':>24s}"
+                                               for c in cols) + f"   {loop_ratio}  {ratio}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(all_rows, f, indent=1)

@@ -15,7 +15,10 @@ import torch
 from torch import Tensor
 
 from . import collection_ops
+from .collection_fused import (CollectionFusedOptimizer, collection_fused_optimizer_of,
+                               fused_collection_lookup)
 from .errors import EmbeddingIndexError
+from .fused import refuse_inside_ddp
 from .module import EmbeddingBag
 
 _MODES = {"sum": 0, "mean": 1, "max": 2}
@@ -98,31 +101,9 @@ class EmbeddingBagCollectionFunction(torch.autograd.Function):
                 weight_grads = list(collection_ops.collection_dense_backward(*args))
         psw_grad = None
         if psw is not None and ctx.needs_input_grad[3]:
-            psw_grad = _per_sample_weights_grad(grad, values, offsets, weights, feature_table,
-                                                padding_idx)
+            psw_grad = collection_ops.per_sample_weights_grad(grad, values, offsets, weights,
+                                                              feature_table, padding_idx)
         return (None, None, None, psw_grad, None, *weight_grads)
-
-
-def _per_sample_weights_grad(grad, values, offsets, weights, feature_table, padding_idx):
-    """d out / d psw[i] = <grad[bag of i, feature's columns], weight[values[i]]>, feature by
-    feature (0 at padding ids and at ids in no bag)."""
-    batch = grad.shape[0]
-    out = torch.zeros(values.shape[0], dtype=grad.dtype, device=grad.device)
-    col = 0
-    off = offsets.long()
-    for f, t in enumerate(feature_table):
-        w = weights[t]
-        dim = w.shape[1]
-        s, e = int(off[f * batch]), int(off[(f + 1) * batch])
-        lengths = off[f * batch + 1:(f + 1) * batch + 1] - off[f * batch:(f + 1) * batch]
-        bag_of = torch.repeat_interleave(torch.arange(batch, device=grad.device), lengths)
-        ids = values[s:e].long()
-        dots = (w.detach()[ids].to(grad.dtype) * grad[bag_of, col:col + dim]).sum(1)
-        if padding_idx[t] >= 0:
-            dots = dots.masked_fill(ids == padding_idx[t], 0)
-        out[s:e] = dots
-        col += dim
-    return out
 
 
 # The C++ EmbeddingIndexError names the feature and table by index (csrc/cpu/bag_collection.cpp:
@@ -167,6 +148,9 @@ class EmbeddingBagCollection(torch.nn.Module):
                 table.weight.uniform_(-bound, bound)
                 if cfg.padding_idx is not None:
                     table.weight[cfg.padding_idx].zero_()
+            if hasattr(self.embedding_bags, name) or "." in name:
+                raise ValueError(f"EmbeddingBagCollection: table name {name!r} cannot be a key "
+                                 "of nn.ModuleDict (an attribute of it, or a dotted name)")
             self.embedding_bags[name] = table
             self._table_names.append(name)
             for feature in cfg.feature_names:
@@ -199,7 +183,13 @@ class EmbeddingBagCollection(torch.nn.Module):
         if per_sample_weights is not None:
             per_sample_weights = per_sample_weights.to(weights[0].dtype)
         layout = (self._feature_table, self._modes, self._padding, self.sparse)
+        fused = self._fused_optimizer()
         try:
+            if fused is not None:
+                for w in weights:
+                    refuse_inside_ddp(w)
+                return fused_collection_lookup(layout, values, offsets, per_sample_weights,
+                                               batch, fused, weights)
             return EmbeddingBagCollectionFunction.apply(layout, values, offsets,
                                                         per_sample_weights, batch, *weights)
         except IndexError as exc:
@@ -210,6 +200,31 @@ class EmbeddingBagCollection(torch.nn.Module):
             table = self._table_names[int(match.group(2))]
             raise EmbeddingIndexError(f"EmbeddingBagCollection: feature {feature!r} (table "
                                       f"{table!r}): {exc}") from None
+
+    # The optimizer fused into the backward (ee.fuse_optimizer(ebc, ...)): a weak reference,
+    # None on the class, dropped from copies and pickles (which are not fused).
+    _ee_fused_ref = None
+
+    def _fused_optimizer(self) -> CollectionFusedOptimizer | None:
+        if self._ee_fused_ref is None or not torch.is_grad_enabled():
+            return None
+        optimizer = collection_fused_optimizer_of(self)
+        if optimizer is not None and any(
+                p is not self.embedding_bags[n].weight
+                for p, n in zip(optimizer.param_groups[0]["params"], self._table_names)):
+            raise RuntimeError("fuse_optimizer: a table's weight was replaced after fusing "
+                               "the collection; call ee.fuse_optimizer again after replacing "
+                               "it, and drop the old optimizer")
+        return optimizer
+
+    def _make_fused_optimizer(self, optimizer_class: type,
+                              **kwargs: object) -> CollectionFusedOptimizer:
+        return CollectionFusedOptimizer(self, optimizer_class, **kwargs)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_ee_fused_ref", None)
+        return state
 
     def split(self, out: Tensor) -> dict[str, Tensor]:
         """``{feature: (B, D)}`` views of a :meth:`forward` output."""

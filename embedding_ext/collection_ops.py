@@ -48,6 +48,28 @@ def collection_sparse_backward(grad_output: Tensor, values: Tensor, offsets: Ten
         list(padding_idx), per_sample_weights, list(num_weights), list(dims))
 
 
+def per_sample_weights_grad(grad, values, offsets, weights, feature_table, padding_idx):
+    """d out / d psw[i] = <grad[bag of i, feature's columns], weight[values[i]]>, feature by
+    feature (0 at padding ids and at ids in no bag)."""
+    batch = grad.shape[0]
+    out = torch.zeros(values.shape[0], dtype=grad.dtype, device=grad.device)
+    col = 0
+    off = offsets.long()
+    for f, t in enumerate(feature_table):
+        w = weights[t]
+        dim = w.shape[1]
+        s, e = int(off[f * batch]), int(off[(f + 1) * batch])
+        lengths = off[f * batch + 1:(f + 1) * batch + 1] - off[f * batch:(f + 1) * batch]
+        bag_of = torch.repeat_interleave(torch.arange(batch, device=grad.device), lengths)
+        ids = values[s:e].long()
+        dots = (w.detach()[ids].to(grad.dtype) * grad[bag_of, col:col + dim]).sum(1)
+        if padding_idx[t] >= 0:
+            dots = dots.masked_fill(ids == padding_idx[t], 0)
+        out[s:e] = dots
+        col += dim
+    return out
+
+
 def _check_layout(rows, dims, values, offsets, feature_table, modes, padding_idx,
                   per_sample_weights, batch_size, op: str) -> int:
     """The shape rules of make_layout (C++); returns the output's column count."""

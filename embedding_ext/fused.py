@@ -38,8 +38,11 @@ def _state_dtype(weight: Tensor) -> torch.dtype:
 def fuse_optimizer(module: torch.nn.Module, optimizer_class: type,
                    **kwargs: object) -> "FusedOptimizer":
     """Fuses ``optimizer_class(module.parameters(), **kwargs)`` into the backward of
-    ``module`` (an ``ee.Embedding``, or an ``ee.EmbeddingBag`` in mode sum or mean); returns
-    the optimizer (see :class:`FusedOptimizer`)."""
+    ``module`` (``ee.Embedding``; ``ee.EmbeddingBag`` or ``ee.EmbeddingBagCollection``
+    pooling sum or mean); returns the optimizer (:class:`FusedOptimizer`)."""
+    make = getattr(module, "_make_fused_optimizer", None)  # a collection: every table
+    if make is not None:
+        return make(optimizer_class, **kwargs)
     return FusedOptimizer(module, optimizer_class, **kwargs)
 
 

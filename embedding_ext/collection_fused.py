@@ -1,0 +1,142 @@
+"""An optimizer fused into an :class:`~embedding_ext.EmbeddingBagCollection`'s backward:
+every table's sparse gradient from one op, then each table's update as ``ee.fuse_optimizer``
+applies it to one table (no gradient is stored, no optimizer step reads one)."""
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import collection_ops
+from .fused import FusedOptimizer
+
+_MAX = 2  # the collection's mode code of max pooling
+
+
+class CollectionFusedOptimizer(torch.optim.Optimizer):
+    """``optimizer_class(ebc.parameters(), **kwargs)``, applied inside the collection's
+    backward (made by ``ee.fuse_optimizer(ebc, ...)``).
+
+    The rules, options and refusals of :class:`~embedding_ext.FusedOptimizer`, for every
+    table (tables pooled with ``max`` are refused: their gradient is per column). One
+    parameter group over the tables' weights in table order: ``param_groups[0]["lr"]`` (an
+    LR scheduler) reaches every table at the next backward, and :meth:`state_dict` is the
+    torch optimizer's over ``ebc.parameters()``, so checkpoints move between the fused
+    collection and an unfused one trained with ``optimizer_class``.
+    """
+
+    def __init__(self, collection: torch.nn.Module, optimizer_class: type, **kwargs: object):
+        names = collection._table_names
+        maxed = [n for n, m in zip(names, collection._modes) if m == _MAX]
+        if maxed:
+            raise NotImplementedError(
+                f"fuse_optimizer: table(s) {maxed} pool with 'max', which cannot be fused (the "
+                "gradient is per column, not per row: no per-row update); use sum or mean")
+        if collection_fused_optimizer_of(collection) is not None:
+            raise RuntimeError("fuse_optimizer: this collection already has a fused optimizer")
+        # Each table's optimizer validates the arguments; built together, so a refusal
+        # leaves no table fused (dropping an optimizer unfuses its table).
+        self._tables = [FusedOptimizer(collection.embedding_bags[n], optimizer_class, **kwargs)
+                        for n in names]
+        super().__init__([collection.embedding_bags[n].weight for n in names],
+                         self._tables[0].defaults)
+        collection._ee_fused_ref = weakref.ref(self)
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "param_groups", None):
+            raise RuntimeError("fuse_optimizer: a fused collection's optimizer has one "
+                               "parameter group (its tables); use another optimizer for "
+                               "other parameters")
+        super().add_param_group(param_group)
+
+    def _update(self, rows: Sequence[Tensor], values: Sequence[Tensor]) -> None:
+        """The backward: each table's rule on its rows (hyperparameters from this group)."""
+        hyper = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        for optimizer, r, v in zip(self._tables, rows, values):
+            optimizer.param_groups[0].update(hyper)
+            optimizer._update(v, r, -1, False)  # padding already left out of the rows
+
+    def state_dict(self) -> dict:
+        state = {}
+        for t, optimizer in enumerate(self._tables):
+            table_state = optimizer.state_dict()["state"]
+            if 0 in table_state:
+                state[t] = table_state[0]
+        group = dict(self.param_groups[0], params=list(range(len(self._tables))))
+        return {"state": state, "param_groups": [group]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        groups = state_dict.get("param_groups", [])
+        if len(groups) != 1 or len(groups[0]["params"]) != len(self._tables):
+            raise ValueError(f"fuse_optimizer: the state_dict must have one parameter group of "
+                             f"{len(self._tables)} parameters (the collection's tables), got "
+                             f"{[len(g['params']) for g in groups]}")
+        group = groups[0]
+        state = state_dict.get("state", {})
+        for t, (param_id, optimizer) in enumerate(zip(group["params"], self._tables)):
+            table = {"state": {0: state[param_id]} if param_id in state else {},
+                     "param_groups": [dict(group, params=[0])]}
+            optimizer.load_state_dict(table)
+        self.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """The updates already happened in the backward: runs ``closure`` and re-arms."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for optimizer in self._tables:
+            optimizer.step()
+        return loss
+
+
+def collection_fused_optimizer_of(collection: torch.nn.Module) -> CollectionFusedOptimizer | None:
+    ref = getattr(collection, "_ee_fused_ref", None)
+    return None if ref is None else ref()
+
+
+class FusedCollectionFunction(torch.autograd.Function):
+    """The collection's pooled lookup whose backward is the fused update of every table
+    (per_sample_weights still get their gradient, from the weights before the update)."""
+
+    @staticmethod
+    def forward(ctx, layout, values: Tensor, offsets: Tensor, psw: Tensor | None, batch: int,
+                optimizer: CollectionFusedOptimizer, *weights: Tensor) -> Tensor:
+        feature_table, modes, padding_idx, _ = layout
+        out, arg_max = collection_ops.collection_forward(
+            weights, values, offsets, feature_table, modes, padding_idx, psw, batch)
+        ctx.save_for_backward(values, offsets, arg_max, psw, *weights)
+        ctx.layout, ctx.optimizer = layout, optimizer
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError("fuse_optimizer: backward(create_graph=True) is not supported "
+                               "with a fused optimizer (the update has no graph)")
+        values, offsets, arg_max, psw, *weights = ctx.saved_tensors
+        feature_table, modes, padding_idx, _ = ctx.layout
+        psw_grad = None
+        if psw is not None and ctx.needs_input_grad[3]:
+            psw_grad = collection_ops.per_sample_weights_grad(grad, values, offsets, weights,
+                                                              feature_table, padding_idx)
+        rows, vals = collection_ops.collection_sparse_backward(
+            grad, values, offsets, arg_max, feature_table, modes, padding_idx, psw,
+            [w.shape[0] for w in weights], [w.shape[1] for w in weights])
+        ctx.optimizer._update(rows, vals)
+        return (None, None, None, psw_grad, None, None) + (None,) * len(weights)
+
+
+_NOT_COMPILED = ("a fused collection's lookup runs eagerly (its backward is the optimizer "
+                 "step); compile without fullgraph=True, or unfuse")
+
+
+@torch.compiler.disable(reason=_NOT_COMPILED)
+def fused_collection_lookup(layout, values: Tensor, offsets: Tensor, psw: Tensor | None,
+                            batch: int, optimizer: CollectionFusedOptimizer,
+                            weights: Sequence[Tensor]) -> Tensor:
+    return FusedCollectionFunction.apply(layout, values, offsets, psw, batch, optimizer,
+                                         *weights)
