@@ -264,11 +264,37 @@ void fused_update_inplace(c10::DispatchKeySet keys, const at::Tensor& weight,
   }
 }
 
+using CollectionUpdateSig = void(at::TensorList, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
+                                 at::IntArrayRef, const std::optional<at::Tensor>&, int64_t,
+                                 at::TensorList, at::TensorList, double, double, double, double,
+                                 double, at::IntArrayRef);
+
+void collection_fused_update_inplace(
+    c10::DispatchKeySet keys, at::TensorList weights, const at::Tensor& grad,
+    const at::Tensor& values, const at::Tensor& offsets, at::IntArrayRef feature_table,
+    at::IntArrayRef modes, at::IntArrayRef padding_idx, const std::optional<at::Tensor>& psw,
+    int64_t rule, at::TensorList state1, at::TensorList state2, double lr, double eps,
+    double beta1, double beta2, double lr_decay, at::IntArrayRef steps) {
+  static const auto op = find_op<CollectionUpdateSig>(
+      "embedding_ext::embedding_bag_collection_fused_update_");
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    op.redispatch(keys & c10::after_ADInplaceOrView_keyset, weights, grad, values, offsets,
+                  feature_table, modes, padding_idx, psw, rule, state1, state2, lr, eps, beta1,
+                  beta2, lr_decay, steps);
+  }
+  for (at::TensorList list : {weights, state1, state2}) {
+    for (const at::Tensor& t : list) torch::autograd::impl::bump_version(t);
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(embedding_ext, ADInplaceOrView, m) {
   m.impl("embedding_renorm_", &renorm_inplace);
   m.impl("embedding_fused_update_", &fused_update_inplace);
+  m.impl("embedding_bag_collection_fused_update_", &collection_fused_update_inplace);
 }
 
 TORCH_LIBRARY_IMPL(embedding_ext, CompositeExplicitAutograd, m) {

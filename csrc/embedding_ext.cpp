@@ -131,4 +131,16 @@ TORCH_LIBRARY(embedding_ext, m) {
       "embedding_bag_collection_sparse_backward(Tensor grad_output, Tensor values, "
       "Tensor offsets, Tensor arg_max, int[] feature_table, int[] modes, int[] padding_idx, "
       "Tensor? per_sample_weights, SymInt[] num_weights, int[] dims) -> (Tensor[], Tensor[])");
+
+  // The fused optimizer step of every table from grad_output (B, sum D) of
+  // embedding_bag_collection_forward (sum/mean tables): each table's rows summed as the
+  // sparse gradient's values would be, then the rule of embedding_fused_update_ applied once
+  // per row, with that table's state (state1/state2: one per table where the rule keeps
+  // state, else empty) and step count (steps[t]). Ids are checked against their tables
+  // before any write.
+  m.def(
+      "embedding_bag_collection_fused_update_(Tensor(a!)[] weights, Tensor grad_output, "
+      "Tensor values, Tensor offsets, int[] feature_table, int[] modes, int[] padding_idx, "
+      "Tensor? per_sample_weights, int rule, Tensor(b!)[] state1, Tensor(c!)[] state2, "
+      "float lr, float eps, float beta1, float beta2, float lr_decay, int[] steps) -> ()");
 }

@@ -1,6 +1,7 @@
 """An optimizer fused into an :class:`~embedding_ext.EmbeddingBagCollection`'s backward:
-every table's sparse gradient from one op, then each table's update as ``ee.fuse_optimizer``
-applies it to one table (no gradient is stored, no optimizer step reads one)."""
+every table's step in one op, straight from the collection's output gradient, by the rules
+``ee.fuse_optimizer`` applies to one table (no gradient is stored, no optimizer step reads
+one)."""
 from __future__ import annotations
 
 import weakref
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import collection_ops
-from .fused import FusedOptimizer
+from .fused import _SGD, _SPARSE_ADAM, FusedOptimizer
 
 _MAX = 2  # the collection's mode code of max pooling
 
@@ -51,12 +52,30 @@ class CollectionFusedOptimizer(torch.optim.Optimizer):
                                "other parameters")
         super().add_param_group(param_group)
 
-    def _update(self, rows: Sequence[Tensor], values: Sequence[Tensor]) -> None:
-        """The backward: each table's rule on its rows (hyperparameters from this group)."""
-        hyper = {k: v for k, v in self.param_groups[0].items() if k != "params"}
-        for optimizer, r, v in zip(self._tables, rows, values):
+    def _update(self, grad: Tensor, values: Tensor, offsets: Tensor, psw: Tensor | None,
+                layout) -> None:
+        """The backward: every table's step from the collection's output gradient, in one
+        op (hyperparameters from this group; each table's own state and step count)."""
+        group = self.param_groups[0]
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        prepared = []
+        for optimizer in self._tables:
             optimizer.param_groups[0].update(hyper)
-            optimizer._update(v, r, -1, False)  # padding already left out of the rows
+            prepared.append(optimizer._prepare())
+        rule = self._tables[0]._rule
+        local = [p[1] for p in prepared]
+        betas = group.get("betas", (0.0, 0.0))
+        feature_table, modes, padding_idx, _ = layout
+        with torch.no_grad():
+            collection_ops.collection_fused_update_(
+                [w for w, _, _ in local], grad.to(local[0][0].dtype), values, offsets,
+                feature_table, modes, padding_idx, psw, rule,
+                [s for _, s, _ in local] if rule != _SGD else [],
+                [s for _, _, s in local] if rule == _SPARSE_ADAM else [], float(group["lr"]),
+                float(group.get("eps", 0.0)), float(betas[0]), float(betas[1]),
+                float(group.get("lr_decay", 0.0)), [p[2] for p in prepared])
+        for optimizer, (weight, _, _) in zip(self._tables, local):
+            optimizer._finish(values, weight)
 
     def state_dict(self) -> dict:
         state = {}
@@ -117,16 +136,13 @@ class FusedCollectionFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("fuse_optimizer: backward(create_graph=True) is not supported "
                                "with a fused optimizer (the update has no graph)")
-        values, offsets, arg_max, psw, *weights = ctx.saved_tensors
-        feature_table, modes, padding_idx, _ = ctx.layout
+        values, offsets, _, psw, *weights = ctx.saved_tensors
+        feature_table, _, padding_idx, _ = ctx.layout
         psw_grad = None
         if psw is not None and ctx.needs_input_grad[3]:
             psw_grad = collection_ops.per_sample_weights_grad(grad, values, offsets, weights,
                                                               feature_table, padding_idx)
-        rows, vals = collection_ops.collection_sparse_backward(
-            grad, values, offsets, arg_max, feature_table, modes, padding_idx, psw,
-            [w.shape[0] for w in weights], [w.shape[1] for w in weights])
-        ctx.optimizer._update(rows, vals)
+        ctx.optimizer._update(grad, values, offsets, psw, ctx.layout)
         return (None, None, None, psw_grad, None, None) + (None,) * len(weights)
 
 

@@ -169,3 +169,42 @@ def _sparse_gradients(grad_output, values, num_weights, dims):
 
 _register_backward_fake("embedding_bag_collection_dense_backward", _dense_gradients)
 _register_backward_fake("embedding_bag_collection_sparse_backward", _sparse_gradients)
+
+
+def collection_fused_update_(weights: Sequence[Tensor], grad_output: Tensor, values: Tensor,
+                             offsets: Tensor, feature_table: Sequence[int],
+                             modes: Sequence[int], padding_idx: Sequence[int],
+                             per_sample_weights: Tensor | None, rule: int,
+                             state1: Sequence[Tensor], state2: Sequence[Tensor], lr: float,
+                             eps: float, beta1: float, beta2: float, lr_decay: float,
+                             steps: Sequence[int]) -> None:
+    """Every table's fused optimizer step from the collection's ``grad_output``, in place."""
+    _ops.embedding_bag_collection_fused_update_(
+        list(weights), grad_output, values, offsets, list(feature_table), list(modes),
+        list(padding_idx), per_sample_weights, rule, list(state1), list(state2), lr, eps,
+        beta1, beta2, lr_decay, list(steps))
+
+
+@torch.library.register_fake("embedding_ext::embedding_bag_collection_fused_update_")
+def _fused_update_fake(weights, grad_output, values, offsets, feature_table, modes, padding_idx,
+                       per_sample_weights, rule, state1, state2, lr, eps, beta1, beta2,
+                       lr_decay, steps):
+    op = "embedding_bag_collection_fused_update_"
+    tables = len(weights)
+    torch._check(tables > 0, lambda: f"{op}: 'weights' must hold at least one table")
+    torch._check(0 <= rule <= 3, lambda: f"{op}: 'rule' must be 0 (SGD), 1 (Adagrad), 2 "
+                 f"(SparseAdam) or 3 (RowWiseAdagrad), got {rule}")
+    torch._check(len(steps) == tables, lambda: f"{op}: 'steps' must have one entry per table")
+    torch._check(len(state1) == (tables if rule != 0 else 0),
+                 lambda: f"{op}: rule {rule} needs one 'state1' tensor per table (none for SGD)")
+    torch._check(len(state2) == (tables if rule == 2 else 0),
+                 lambda: f"{op}: rule {rule} needs one 'state2' tensor per table (SparseAdam)")
+    for t, w in enumerate(weights):
+        torch._check(w.dim() == 2 and w.dtype == weights[0].dtype,
+                     lambda: f"{op}: 'weights[{t}]' must be a contiguous 2-D "
+                     f"{weights[0].dtype} tensor, got {w.dtype} of shape {tuple(w.shape)}")
+    torch._check(all(m != 2 for m in modes),
+                 lambda: f"{op}: a table pools with max, which has no per-row update")
+    _check_backward(grad_output, values, offsets, None, feature_table, modes, padding_idx,
+                    per_sample_weights, [w.shape[0] for w in weights],
+                    [w.shape[1] for w in weights], op)

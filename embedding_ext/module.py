@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .functional import embedding, embedding_bag
-from . import fused
+from . import fused, fused_bags
 
 
 class Embedding(fused.Fusable, torch.nn.Embedding):
@@ -46,7 +46,7 @@ class EmbeddingBag(fused.Fusable, torch.nn.EmbeddingBag):
                 per_sample_weights: Tensor | None = None) -> Tensor:
         optimizer = self._fused_optimizer()
         if optimizer is not None:
-            return fused.fused_bag_lookup(self, input, offsets, per_sample_weights, optimizer)
+            return fused_bags.fused_bag_lookup(self, input, offsets, per_sample_weights, optimizer)
         return embedding_bag(input, self.weight, offsets, self.max_norm, self.norm_type,
                              self.scale_grad_by_freq, self.mode, self.sparse,
                              per_sample_weights, self.include_last_offset, self.padding_idx)

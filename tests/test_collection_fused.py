@@ -200,3 +200,36 @@ def test_copies_are_not_fused_and_no_grad_is_plain():
     del opt  # dropping the optimizer unfuses
     ebc(values, offsets).sum().backward()
     assert all(w.grad is not None for w in ebc.parameters())
+
+
+def _op_args(ebc, values, offsets, rule=1):
+    weights = [ebc.embedding_bags[n].weight.detach() for n in ebc._table_names]
+    grad = torch.randn((offsets.numel() - 1) // len(ebc.feature_names),
+                       sum(w.shape[1] for w in [weights[0], weights[0], weights[1], weights[2]]))
+    state1 = [torch.full_like(w, 0.1) for w in weights]
+    return (weights, grad, values, offsets, list(ebc._feature_table), list(ebc._modes),
+            list(ebc._padding), None, rule, state1, [], 0.1, 1e-10, 0.0, 0.0, 0.0,
+            [1] * len(weights))
+
+
+def test_the_step_op_checks_every_id_before_writing_and_bumps_versions():
+    ebc = ee.EmbeddingBagCollection(configs())
+    values, offsets = batch(5)
+    args = _op_args(ebc, values, offsets)
+    weights, state1 = args[0], args[9]
+    before = [w.clone() for w in weights]
+    versions = [w._version for w in weights + state1]
+    bad = values.clone()
+    bad[-1] = 9  # past the last feature's 9-row table
+    op = torch.ops.embedding_ext.embedding_bag_collection_fused_update_
+    with pytest.raises(IndexError, match="9"):
+        op(*args[:2], bad, *args[3:])
+    assert all(torch.equal(w, b) for w, b in zip(weights, before))
+    assert [w._version for w in weights + state1] == versions
+    with pytest.raises(RuntimeError, match="state1"):
+        op(*args[:9], state1[:2], *args[10:])
+    op(*args)
+    assert all(not torch.equal(w, b) for w, b in zip(weights, before))
+    assert all(t._version > v for t, v in zip(weights + state1, versions))
+    torch.library.opcheck(op, _op_args(ebc, values, offsets),
+                          test_utils=("test_schema", "test_faketensor"))

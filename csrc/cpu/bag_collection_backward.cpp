@@ -19,37 +19,6 @@ namespace embedding_ext {
 namespace cpu {
 namespace {
 
-// Calls visit(i, k, coef, g) for every non-padding id i (row k) of table t's features, in
-// position order, where g is its bag's grad_output slice and coef its sum/mean factor; max
-// mode passes coef 0 and leaves the choice of columns to the caller (arg_pos).
-template <typename scalar_t, typename index_t, typename Visit>
-void for_each_term(const Layout& L, int64_t t, const scalar_t* grad, const scalar_t* psw,
-                   Visit&& visit) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const index_t* idx = L.values.const_data_ptr<index_t>();
-  const int64_t* off = L.offsets.const_data_ptr<int64_t>();
-  const int64_t pad = L.pad[t], mode = L.mode[t];
-  for (int64_t f : L.features_of[t]) {
-    for (int64_t b = 0; b < L.batch; ++b) {
-      const int64_t s = off[f * L.batch + b], e = off[f * L.batch + b + 1];
-      const scalar_t* g = grad + b * L.total_dim + L.col_of[f];
-      int64_t count = 0;
-      if (mode == kBagMean) {
-        for (int64_t i = s; i < e; ++i) count += static_cast<int64_t>(idx[i]) != pad;
-      }
-      const acc_t scale = count > 0 ? acc_t(1) / acc_t(count) : acc_t(1);
-      for (int64_t i = s; i < e; ++i) {
-        const int64_t k = static_cast<int64_t>(idx[i]);
-        if (k == pad) continue;
-        const acc_t coef = mode == kBagMax ? acc_t(0)
-                           : psw != nullptr ? static_cast<acc_t>(psw[i])
-                                            : scale;
-        visit(i, k, coef, b, f, g);
-      }
-    }
-  }
-}
-
 template <bool kSparse>
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> collection_backward(
     const at::Tensor& grad_output, const at::Tensor& values, const at::Tensor& offsets,
@@ -88,7 +57,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> collection_backward
                                   "embedding_bag_collection", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_options = grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const scalar_t* g_all = grad.const_data_ptr<scalar_t>();
+    const at::Tensor by_feature = empty_output({L.batch * L.total_dim}, grad.options());
+    grad_by_feature(L, grad.const_data_ptr<scalar_t>(), by_feature.mutable_data_ptr<scalar_t>());
+    const scalar_t* g_all = by_feature.const_data_ptr<scalar_t>();
     const scalar_t* p = psw.defined() ? psw.const_data_ptr<scalar_t>() : nullptr;
     const int64_t* ap = L.any_max ? arg_pos.const_data_ptr<int64_t>() : nullptr;
     AT_DISPATCH_INDEX_TYPES(L.values.scalar_type(), "embedding_bag_collection", [&] {

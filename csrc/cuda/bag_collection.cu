@@ -42,12 +42,20 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_backward_cud
   not_yet("embedding_bag_collection_sparse_backward");
 }
 
+void fused_update_cuda(at::TensorList, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                       at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                       const c10::optional<at::Tensor>&, int64_t, at::TensorList, at::TensorList,
+                       double, double, double, double, double, at::IntArrayRef) {
+  not_yet("embedding_bag_collection_fused_update_");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(embedding_ext, CUDA, m) {
   m.impl("embedding_bag_collection_forward", &forward_cuda);
   m.impl("embedding_bag_collection_dense_backward", &dense_backward_cuda);
   m.impl("embedding_bag_collection_sparse_backward", &sparse_backward_cuda);
+  m.impl("embedding_bag_collection_fused_update_", &fused_update_cuda);
 }
 
 }  // namespace cuda
