@@ -100,14 +100,11 @@ class CollectionFusedOptimizer(torch.optim.Optimizer):
             optimizer.load_state_dict(table)
         self.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
-        """The updates already happened in the backward: runs ``closure`` and re-arms."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for optimizer in self._tables:
+        """The updates already happened in the backward: re-arms every table (``closure``
+        runs once, in the first table's step)."""
+        loss = self._tables[0].step(closure)
+        for optimizer in self._tables[1:]:
             optimizer.step()
         return loss
 

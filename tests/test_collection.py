@@ -183,25 +183,20 @@ def test_matches_per_table_embedding_bag_loop():
     values, offsets = make_batch(ebc, 32, max_len=6)
     out = ebc(values, offsets)
     batch = 32
-    expected, f = [], 0
-    for name, cfg in zip(ebc._table_names, ebc._configs):
-        for _ in cfg.feature_names:
-            s, e = int(offsets[f * batch]), int(offsets[(f + 1) * batch])
-            expected.append(F.embedding_bag(values[s:e], ebc.embedding_bags[name].weight,
-                                            offsets[f * batch:(f + 1) * batch] - s,
-                                            mode=cfg.pooling, padding_idx=cfg.padding_idx))
-            f += 1
-    torch.testing.assert_close(out, torch.cat(expected, 1), atol=1e-5, rtol=1e-5)
+
+    def per_table(lookup):
+        outs, f = [], 0
+        for name, cfg in zip(ebc._table_names, ebc._configs):
+            for _ in cfg.feature_names:
+                s, e = int(offsets[f * batch]), int(offsets[(f + 1) * batch])
+                outs.append(lookup(values[s:e], ebc.embedding_bags[name].weight,
+                                   offsets[f * batch:(f + 1) * batch] - s,
+                                   mode=cfg.pooling, padding_idx=cfg.padding_idx))
+                f += 1
+        return torch.cat(outs, 1)
+    torch.testing.assert_close(out, per_table(F.embedding_bag), atol=1e-5, rtol=1e-5)
     # The same kernels as the single-table lookup: the same bits as a loop of ee.embedding_bag.
-    ours, f = [], 0
-    for name, cfg in zip(ebc._table_names, ebc._configs):
-        for _ in cfg.feature_names:
-            s, e = int(offsets[f * batch]), int(offsets[(f + 1) * batch])
-            ours.append(ee.embedding_bag(values[s:e], ebc.embedding_bags[name].weight,
-                                         offsets[f * batch:(f + 1) * batch] - s,
-                                         mode=cfg.pooling, padding_idx=cfg.padding_idx))
-            f += 1
-    assert torch.equal(out, torch.cat(ours, 1))
+    assert torch.equal(out, per_table(ee.embedding_bag))
 
 
 def test_per_sample_weights_forward_and_gradients():
