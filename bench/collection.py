@@ -219,17 +219,19 @@ def time_case(name: str, cap: int, rounds: int, ops=OPS) -> list[dict]:
 
 
 def collection_rows(threads: int = 1, rounds: int = 9, cap: int = 200_000) -> list[dict]:
-    """The summary rows of the main benchmark job: forward of both cases, ms per call;
-    torch_ms is the F.embedding_bag loop, peer_ms FBGEMM's TBE (None where not importable)."""
+    """The summary rows of the main benchmark job, ms per call: the forward of both cases and
+    the fused steps of the Criteo case; torch_ms is the F.embedding_bag loop (None where the
+    loop has no such step), peer_ms FBGEMM's TBE (None where not importable)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         out = []
-        for name in ("criteo", "dlrm"):
-            for row in time_case(name, cap, rounds, ops=("forward",)):
+        for name, ops in (("criteo", ("forward", "fused SGD step", "fused row-wise Adagrad step")),
+                          ("dlrm", ("forward",))):
+            for row in time_case(name, cap, rounds, ops=ops):
                 out.append(dict(family="collection", case=f"{row['label']} {row['op']}",
                                 ours_ms=row["ms"]["ours"],
-                                torch_ms=row["ms"]["F.embedding_bag loop"],
+                                torch_ms=row["ms"].get("F.embedding_bag loop"),
                                 peer_ms=row["ms"].get("FBGEMM TBE")))
         return out
     finally:

@@ -37,7 +37,10 @@ FUSED_RULES = [o for o in fused_step.OPTIMIZERS if o[0] in ("SGD", "RowWiseAdagr
 SHARDED_CASES, SHARDED_PLANS = [(100_000, 64, 16_384)], ["row->replicate"]
 
 
-def _row(family: str, case: str, ours_ms: float, torch_ms: float, peer_ms: float) -> dict:
+def _row(family: str, case: str, ours_ms: float, torch_ms: float | None,
+         peer_ms: float | None) -> dict:
+    torch_ms = math.nan if torch_ms is None else torch_ms  # no PyTorch / peer equivalent
+    peer_ms = math.nan if peer_ms is None else peer_ms
     return {"family": family, "case": case, "ours_ms": ours_ms, "torch_ms": torch_ms,
             "speedup": torch_ms / ours_ms, "peer_ms": peer_ms, "vs_peer": peer_ms / ours_ms}
 
@@ -54,9 +57,8 @@ def summary_rows(device: str, threads: int, rounds: int) -> list[dict]:
     rows += [_row(f"fused step: {r['optimizer']}", r["case"], r["ours_ms"], r["torch_ms"],
                   r["peer_ms"]) for r in fused]
     if device == "cpu":  # the table-batched collection has CPU kernels only so far
-        rows += [_row("collection forward (many tables)", r["case"], r["ours_ms"], r["torch_ms"],
-                      math.nan if r["peer_ms"] is None else r["peer_ms"])
-                 for r in collection.collection_rows(threads, rounds + 4)]
+        rows += [_row("collection (many tables)", r["case"], r["ours_ms"], r["torch_ms"],
+                      r["peer_ms"]) for r in collection.collection_rows(threads, rounds + 4)]
     if device == "cpu" and torch.distributed.is_available():
         for r in sharded.run(2, rounds, 5, SHARDED_CASES, SHARDED_PLANS):
             rows.append(_row("tensor-parallel step, 2 ranks", f"{r['V']}x{r['D']} {r['ids']} ids "
