@@ -5,7 +5,8 @@
 #                table and a plot in bench/out/. Builds the CPU kernels only where no GPU is
 #                visible (the CUDA kernels are compiled by `make test` and CI).
 #   make test    the test suite (builds the CUDA kernels too wherever torch is a CUDA build
-#                and nvcc exists)
+#                and nvcc exists; installs TorchRec and FBGEMM's CPU kernels for the tests that
+#                compare the many-table collection with TorchRec's)
 # Extra:
 #   make bench-full       the full sweeps: presets quick and bag at 1 and 2 threads, every
 #                         fused rule and shape, both tensor-parallel plans, the many-table
@@ -68,7 +69,18 @@ build: setup
 build-cpu: setup
 	EMBEDDING_EXT_FORCE_CPU=1 $(BUILD_IN_PLACE)
 
-test: build
+# TorchRec, for the tests that run the collection next to TorchRec's (installed without its
+# dependencies, which name the GPU FBGEMM wheel: the CPU one above stands in). In the default
+# venv only: both are built against its torch; elsewhere those tests skip.
+TORCHREC_SPEC ?= torchrec==1.9.2
+$(VENV)/.torchrec: $(VENV)/.fbgemm
+	$(PY) -m pip install -q --no-deps "$(TORCHREC_SPEC)" && $(PY) -m pip install -q tensordict "torchmetrics==1.0.3" pyre-extensions "$(TORCH_SPEC)" || echo "$(TORCHREC_SPEC) not installed: the TorchRec comparison tests skip"
+	touch $@
+ifeq ($(VENV),.venv)
+TEST_PEERS := $(VENV)/.torchrec
+endif
+
+test: build $(TEST_PEERS)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 $(VENV)/.fbgemm: $(VENV)/.installed

@@ -171,8 +171,13 @@ class EmbeddingBagCollection(torch.nn.Module):
     def is_weighted(self) -> bool:
         return False
 
-    def forward(self, values: Tensor, offsets: Tensor,
+    def forward(self, values: Tensor, offsets: Tensor | None = None,
                 per_sample_weights: Tensor | None = None) -> Tensor:
+        if offsets is None and hasattr(values, "length_per_key"):  # a TorchRec KeyedJaggedTensor
+            return self._forward_kjt(values)
+        if offsets is None:
+            raise TypeError("EmbeddingBagCollection: 'offsets' is required unless the input is "
+                            "a TorchRec KeyedJaggedTensor")
         num_features = len(self.feature_names)
         if offsets.dim() != 1 or offsets.shape[0] < 1 or (offsets.shape[0] - 1) % num_features:
             raise ValueError(f"EmbeddingBagCollection: 'offsets' must be 1-D with "
@@ -200,6 +205,51 @@ class EmbeddingBagCollection(torch.nn.Module):
             table = self._table_names[int(match.group(2))]
             raise EmbeddingIndexError(f"EmbeddingBagCollection: feature {feature!r} (table "
                                       f"{table!r}): {exc}") from None
+
+    def _forward_kjt(self, kjt: Any) -> Any:
+        """TorchRec's call: a KeyedJaggedTensor in any key order (keys this collection does
+        not look up are ignored; its weights, if any, are the per_sample_weights) -> a
+        KeyedTensor of this collection's features."""
+        from torchrec.sparse.jagged_tensor import KeyedTensor  # only a KJT's caller has it
+
+        keys = list(kjt.keys())
+        missing = [f for f in self.feature_names if f not in keys]
+        if missing:
+            raise ValueError(f"EmbeddingBagCollection: the KeyedJaggedTensor lacks the "
+                             f"feature(s) {missing} (it has {keys})")
+        if kjt.variable_stride_per_key():
+            raise ValueError("EmbeddingBagCollection: a KeyedJaggedTensor with a batch size "
+                             "per feature (variable stride) is not supported")
+        batch, lengths = kjt.stride(), kjt.lengths()
+        starts = [0]
+        for n in kjt.length_per_key():
+            starts.append(starts[-1] + n)
+        weights = kjt.weights_or_none()
+        parts = {name: [] for name in ("values", "lengths", "weights")}
+        for f in self.feature_names:  # the features in this collection's order
+            k = keys.index(f)
+            parts["values"].append(kjt.values()[starts[k]:starts[k + 1]])
+            parts["lengths"].append(lengths[k * batch:(k + 1) * batch])
+            if weights is not None:
+                parts["weights"].append(weights[starts[k]:starts[k + 1]])
+        lengths = torch.cat(parts["lengths"]).long()
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        out = self(torch.cat(parts["values"]), offsets,
+                   torch.cat(parts["weights"]) if weights is not None else None)
+        return KeyedTensor(keys=list(self.feature_names), length_per_key=list(self._feature_dims),
+                           values=out, key_dim=1)
+
+    @classmethod
+    def from_torchrec(cls, collection: torch.nn.Module, *,
+                      sparse: bool = False) -> "EmbeddingBagCollection":
+        """This collection from a TorchRec ``EmbeddingBagCollection`` (its tables, features,
+        pooling, device and dtype), with a copy of its weights; ``state_dict`` keys are the
+        same, so either loads the other's."""
+        configs = [_config_from(c) for c in collection.embedding_bag_configs()]
+        weight = next(iter(collection.parameters()))
+        ours = cls(configs, device=weight.device, dtype=weight.dtype, sparse=sparse)
+        ours.load_state_dict(collection.state_dict())
+        return ours
 
     # The optimizer fused into the backward (ee.fuse_optimizer(ebc, ...)): a weak reference,
     # None on the class, dropped from copies and pickles (which are not fused).
