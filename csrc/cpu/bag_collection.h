@@ -1,5 +1,7 @@
-// The checked description of a table-batched pooled lookup, shared by the forward
-// (bag_collection.cpp) and the backward (bag_collection_backward.cpp) CPU kernels.
+// What the CPU kernels of the table-batched pooled lookup share: the checked description of
+// a call (Layout), the output gradient regrouped by feature, and the walk over one table's
+// terms, used by the forward (bag_collection.cpp), the gradients (bag_collection_backward.cpp)
+// and the fused step (bag_collection_fused.cpp).
 #pragma once
 
 #include <ATen/OpMathType.h>
