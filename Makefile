@@ -116,7 +116,8 @@ WHEEL_DIR ?= dist
 WHEEL_CUDA_ARCH ?= 8.0;9.0+PTX
 wheel: setup
 	rm -f $(WHEEL_DIR)/embedding_ext-*.whl
-	TORCH_CUDA_ARCH_LIST="$(WHEEL_CUDA_ARCH)" $(PY) -m pip wheel -q --no-build-isolation --no-deps -w $(WHEEL_DIR) .
+	TORCH_CUDA_ARCH_LIST="$(WHEEL_CUDA_ARCH)" EMBEDDING_EXT_BUILD_TEMP=build/$(notdir $(VENV)) \
+		$(PY) -m pip wheel -q --no-build-isolation --no-deps -w $(WHEEL_DIR) .
 	ls $(WHEEL_DIR)/embedding_ext-*.whl
 
 package-check:

@@ -113,6 +113,10 @@ class BuildChecked(BuildExtension):
         # Always compile: without ninja, setuptools' up-to-date check could package a binary
         # that an earlier build made against another torch.
         self.force = True
+        # make wheel: the in-place build's folder of this venv, so that ninja reuses the
+        # objects compiled with the same commands (only what differs, e.g. other CUDA
+        # architectures, is compiled again).
+        self.build_temp = os.environ.get("EMBEDDING_EXT_BUILD_TEMP") or self.build_temp
 
     def run(self):
         super().run()
