@@ -31,11 +31,14 @@ def torchrec_collection(weighted=False):
                                   device=torch.device("cpu"))
 
 
-def kjt(seed, keys=("item", "cat", "user", "last_user", "extra"), batch=6, weighted=False):
+ROWS = {"user": 30, "last_user": 30, "item": 12, "cat": 5, "extra": 3}
+
+
+def kjt(seed, keys=("item", "cat", "user", "last_user", "extra"), batch=6, weighted=False,
+        rows=ROWS):
     """Keys in an order other than the collection's, an extra key, duplicates, empty bags,
     ids at each table's end."""
     gen = torch.Generator().manual_seed(seed)
-    rows = {"user": 30, "last_user": 30, "item": 12, "cat": 5, "extra": 3}
     values, lengths = [], []
     for key in keys:
         n = torch.randint(0, 4, (batch,), generator=gen)
@@ -99,3 +102,38 @@ def test_a_missing_feature_or_variable_batch_is_a_clear_error():
         ours(kjt(0, keys=("item", "user", "last_user")))
     with pytest.raises(TypeError, match="'offsets' is required"):
         ours(torch.tensor([1, 2]))
+
+
+def test_torchrec_dlrm_trains_alike_with_our_collection():
+    """TorchRec's own DLRM model, with our collection in place of its own: the same losses
+    and tables over several SGD steps (dense MLPs and tables alike)."""
+    from torchrec.models.dlrm import DLRM
+
+    tables = [EmbeddingBagConfig(num_embeddings=n, embedding_dim=8, name=f"t{i}",
+                                 feature_names=[f"f{i}"]) for i, n in enumerate((20, 7, 50))]
+    torch.manual_seed(3)
+    theirs = DLRM(embedding_bag_collection=EmbeddingBagCollection(tables=tables),
+                  dense_in_features=5, dense_arch_layer_sizes=[16, 8],
+                  over_arch_layer_sizes=[8, 1])
+    ours = DLRM(embedding_bag_collection=ee.EmbeddingBagCollection.from_torchrec(
+        theirs.sparse_arch.embedding_bag_collection), dense_in_features=5,
+        dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[8, 1])
+    ours.load_state_dict(theirs.state_dict())
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ours, theirs)]
+    gen = torch.Generator().manual_seed(4)
+    for step in range(5):
+        dense = torch.randn(6, 5, generator=gen)
+        features = kjt(step, keys=("f2", "f0", "f1"), rows={"f0": 20, "f1": 7, "f2": 50})
+        labels = torch.randint(0, 2, (6,), generator=gen).float()
+        losses = []
+        for model, opt in zip((ours, theirs), opts):
+            opt.zero_grad()
+            logits = model(dense_features=dense, sparse_features=features).squeeze(1)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[0], losses[1], msg=f"step {step}")
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, atol=1e-6, rtol=1e-5,
+                                   msg=key)
