@@ -1,10 +1,12 @@
 """Many tables in one call: ee.EmbeddingBagCollection against a per-table loop of
-F.embedding_bag, a per-table loop of ee.embedding_bag and FBGEMM's CPU TBE (when importable).
+F.embedding_bag, a per-table loop of ee.embedding_bag, FBGEMM's CPU TBE and TorchRec's own
+(unsharded) EmbeddingBagCollection (each when importable).
 
     python -m bench.collection --threads 1 --rounds 15 [--cap 200000] [--json out.json]
 
 Cases: "criteo" (26 tables of Criteo's cardinalities capped to --cap rows, D=64, B=2048, one
-id per feature) and "dlrm" (8 tables, dims 16/64/128, 1-30 ids per bag, B=512). Ops: forward,
+id per feature), "dlrm" (8 tables, dims 16/64/128, 1-30 ids per bag, B=512) and "wide" (100
+tables of 10,000 rows, dims 32..256, 1-50 ids per bag, B=512). Ops: forward,
 forward+backward with dense gradients, forward+backward with sparse gradients (FBGEMM: its
 fused exact-SGD step, its only CPU training path with sparse updates), and the fused training
 steps (ours: ee.fuse_optimizer on the collection; FBGEMM: its fused exact SGD and exact
@@ -48,6 +50,13 @@ def make_case(name: str, cap: int, seed: int = 0):
         batch = 512
         lengths = [torch.randint(1, 31, (batch,), generator=gen) for _ in tables]
         label = f"dlrm 8 tables (rows<={min(100_000, cap)}) D=16/64/128 B=512 1-30 ids"
+    elif name == "wide":
+        # Many tables of mixed widths (multiples of 8, so FBGEMM's CPU TBE takes them too).
+        dims = (torch.randint(4, 33, (100,), generator=gen) * 8).tolist()
+        tables = [(min(10_000, cap), d, "sum") for d in dims]
+        batch = 512
+        lengths = [torch.randint(1, 51, (batch,), generator=gen) for _ in tables]
+        label = f"wide 100 tables (rows<={min(10_000, cap)}) D=32..256 B=512 1-50 ids"
     else:
         raise ValueError(f"unknown case {name!r}")
     values = torch.cat([torch.randint(0, r, (int(n.sum()),), generator=gen)
@@ -131,7 +140,43 @@ def build_columns(tables, batch, values, offsets):
     fb = _fbgemm()
     if fb is not None and all(d % 4 == 0 for _, d, _ in tables):
         cols["FBGEMM TBE"] = _fbgemm_columns(fb, tables, weights, values, offsets, grad)
+    torchrec_col = _torchrec_column(dense, batch, values, offsets, grad)
+    if torchrec_col is not None:
+        cols["TorchRec EBC"] = torchrec_col
     return cols
+
+
+def _torchrec_column(ours, batch, values, offsets, grad):
+    """TorchRec's unsharded EmbeddingBagCollection (a Python loop over nn.EmbeddingBag with
+    dense gradients) holding our weights, called as its users call it, with a
+    KeyedJaggedTensor; None where torchrec does not import."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+            from torchrec.modules.embedding_modules import EmbeddingBagCollection
+            from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+    except Exception:  # noqa: BLE001 - any import failure means "no column"
+        return None
+    configs = [EmbeddingBagConfig(num_embeddings=c.num_embeddings, embedding_dim=c.embedding_dim,
+                                  name=c.name, feature_names=c.feature_names,
+                                  pooling=PoolingType.SUM)
+               for c in ours.embedding_bag_configs()]
+    theirs = EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
+    theirs.load_state_dict(ours.state_dict())
+    kjt = KeyedJaggedTensor.from_offsets_sync(keys=list(ours.feature_names), values=values,
+                                              offsets=offsets, stride=batch)
+    params = list(theirs.parameters())
+
+    def step(backward):
+        for p in params:
+            p.grad = None
+        out = theirs(kjt).values()
+        if backward:
+            out.backward(grad)
+        return out, [p.grad for p in params] if backward else None
+
+    return {"forward": lambda: step(False), "fwd+bwd dense": lambda: step(True)}
 
 
 def _fbgemm_columns(fb, tables, weights, values, offsets, grad):

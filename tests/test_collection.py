@@ -126,8 +126,9 @@ def test_config_pooling_forms():
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
 @pytest.mark.parametrize("sparse", [False, True])
-# The general loop, and the register blocks (sum/mean with D a multiple of 16; max general)
-@pytest.mark.parametrize("dims", [(3, 8, 5), (16, 64, 48)])
+# The general loop, the register blocks (sum/mean, D a multiple of 16; max general), and
+# register blocks for the first 16k columns then the general loop for the rest
+@pytest.mark.parametrize("dims", [(3, 8, 5), (16, 64, 48), (24, 72, 40)])
 def test_forward_backward_vs_float64_reference(dtype, index_dtype, sparse, dims):
     ebc = make_ebc(dtype=dtype, sparse=sparse, dims=dims)
     values, offsets = make_batch(ebc, 5, index_dtype=index_dtype, empty_feature="f2")
@@ -232,7 +233,7 @@ def test_sparse_gradient_trains_like_dense():
         torch.testing.assert_close(sparse.state_dict()[key], value)
 
 
-@pytest.mark.parametrize("dims", [(3, 8, 5), (16, 64, 128)])  # the general and fixed-width loops
+@pytest.mark.parametrize("dims", [(3, 8, 5), (16, 64, 128), (24, 72, 40)])  # generic, blocks, both
 def test_errors_name_the_argument_and_mutate_nothing(dims):
     ebc = make_ebc(dims=dims)
     values, offsets = make_batch(ebc, 3)

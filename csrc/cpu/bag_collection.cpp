@@ -11,7 +11,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -100,18 +99,19 @@ namespace {
                               value));
 }
 
-// One feature's bags for the generic loop: max mode, or a dim that is not a multiple of 16.
-// (Sum and mean with such dims take the single-table kernel's register blocks, bag_pool.h.)
+// One feature's bags (or the last dim % 16 columns of them) for the generic loop: max mode,
+// a dim under 16, or the columns after the register blocks (bag_pool.h) of sum and mean.
 template <typename scalar_t, typename index_t>
 struct FeatureBags {
-  const scalar_t* weight;
+  const scalar_t* weight;  // the first pooled column of row 0
   const index_t* idx;
   const int64_t* off;  // the feature's first bag: off[b] for its bag b
   const scalar_t* psw;
-  scalar_t* out;       // the feature's first column of output row 0
+  scalar_t* out;       // the feature's first pooled column of output row 0
   int64_t* arg_pos;    // likewise in the positions (max mode)
   int64_t out_stride, dim, mode, pad;
   uint64_t num_rows;
+  int64_t row_stride;  // the table's dim
 };
 
 // Rows fetched ahead of the pooling, across bag boundaries within the run of bags (a
@@ -131,7 +131,7 @@ __attribute__((always_inline)) inline void pool_feature_bags(const FeatureBags<s
   acc_t* __restrict acc = acc_buffer.data();
   const auto prefetch = [&](int64_t i) {
     const uint64_t k = static_cast<uint64_t>(static_cast<int64_t>(r.idx[i]));
-    if (k < r.num_rows) prefetch_row(r.weight + k * dim, dim * sizeof(scalar_t));
+    if (k < r.num_rows) prefetch_row(r.weight + k * r.row_stride, dim * sizeof(scalar_t));
   };
   for (int64_t i = r.off[b0]; i < std::min(r.off[b0] + kAhead, run_end); ++i) prefetch(i);
   for (int64_t b = b0; b < b1; ++b) {
@@ -147,7 +147,7 @@ __attribute__((always_inline)) inline void pool_feature_bags(const FeatureBags<s
       }
       if (k == pad) continue;
       ++count;
-      const scalar_t* __restrict row = r.weight + k * dim;
+      const scalar_t* __restrict row = r.weight + k * r.row_stride;
       if (mode == kBagMax) {
         for (int64_t d = 0; d < dim; ++d) {
           const acc_t v = static_cast<acc_t>(row[d]);
@@ -254,17 +254,33 @@ void pool_all(const Layout& L, const std::vector<const scalar_t*>& weights, cons
     const int64_t* feature_off = off + f * L.batch;
     scalar_t* feature_out = out + L.col_of[f];
     const uint64_t rows = static_cast<uint64_t>(L.rows[t]);
-    if (dim > 0 && dim % 16 == 0 && mode != kBagMax) {
+    const int64_t head = mode == kBagMax ? 0 : dim - dim % 16;  // register-block columns
+    if (head == dim) {
       const PoolArgs<scalar_t, index_t> args{weights[t], dim, idx, feature_off, dim, mode, psw,
                                               L.pad[t], feature_out, nullptr, rows,
                                               /*out_stride=*/L.total_dim};
       if (pool_register_blocks_any<false>(args, b0, b1)) skipped = true;
-    } else {
-      const FeatureBags<scalar_t, index_t> run{
-          weights[t], idx, feature_off, psw, feature_out,
-          arg_pos == nullptr ? nullptr : arg_pos + L.col_of[f], L.total_dim, dim, mode,
-          L.pad[t], rows};
-      generic(run, b0, b1, first_bad);
+      return;
+    }
+    const FeatureBags<scalar_t, index_t> tail{
+        weights[t] + head, idx, feature_off, psw, feature_out + head,
+        arg_pos == nullptr ? nullptr : arg_pos + L.col_of[f], L.total_dim, dim - head, mode,
+        L.pad[t], rows, dim};
+    if (head == 0) {
+      generic(tail, b0, b1, first_bad);
+      return;
+    }
+    // D = 16k + r: the first 16k columns in register blocks, then the last r columns of the
+    // same few bags while their rows are still in cache (a generic loop over all D columns
+    // ran at half the bytes per second: 100 tables of D = 16k + 8).
+    const PoolArgs<scalar_t, index_t> args{weights[t], dim, idx, feature_off, head, mode, psw,
+                                            L.pad[t], feature_out, nullptr, rows,
+                                            /*out_stride=*/L.total_dim};
+    constexpr int64_t kTailChunk = 8;
+    for (int64_t c0 = b0; c0 < b1; c0 += kTailChunk) {
+      const int64_t c1 = std::min(b1, c0 + kTailChunk);
+      if (pool_register_blocks_any<false>(args, c0, c1)) skipped = true;
+      generic(tail, c0, c1, first_bad);
     }
   };
   at::parallel_for(0, bags, grain, [&](int64_t begin, int64_t end) {
