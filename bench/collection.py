@@ -65,16 +65,16 @@ def make_case(name: str, cap: int, seed: int = 0):
     return label, tables, batch, values, offsets
 
 
-def build_columns(tables, batch, values, offsets):
+def build_columns(tables, batch, values, offsets, device="cpu"):
     """{column: {op: callable returning (output, [weight gradients])}}."""
     configs = [ee.EmbeddingBagConfig(r, d, [f"f{t}"], name=f"t{t}", pooling=p)
                for t, (r, d, p) in enumerate(tables)]
-    dense = ee.EmbeddingBagCollection(configs)
-    sparse = ee.EmbeddingBagCollection(configs, sparse=True)
+    dense = ee.EmbeddingBagCollection(configs, device=device)
+    sparse = ee.EmbeddingBagCollection(configs, device=device, sparse=True)
     sparse.load_state_dict(dense.state_dict())
     weights = [dense.embedding_bags[f"t{t}"].weight for t in range(len(tables))]
     sparse_weights = [sparse.embedding_bags[f"t{t}"].weight for t in range(len(tables))]
-    grad = torch.randn(batch, sum(d for _, d, _ in tables))
+    grad = torch.randn(batch, sum(d for _, d, _ in tables), device=device)
     # Per-table slices for the loops: local offsets, as a caller of the loop would keep them.
     parts = []
     for t in range(len(tables)):
@@ -101,8 +101,10 @@ def build_columns(tables, batch, values, offsets):
     # same tables. The loop's step is what a user would otherwise write: sparse gradients,
     # then torch.optim.SGD (torch has no row-wise Adagrad).
     fused = {}
-    for op, rule in (("fused SGD step", torch.optim.SGD),
-                     ("fused row-wise Adagrad step", ee.optim.RowWiseAdagrad)):
+    # The collection's fused update has no CUDA kernel yet: CPU only.
+    for op, rule in () if device != "cpu" else (
+            ("fused SGD step", torch.optim.SGD),
+            ("fused row-wise Adagrad step", ee.optim.RowWiseAdagrad)):
         model = ee.EmbeddingBagCollection(configs)
         model.load_state_dict(dense.state_dict())
         fused[op] = (model, ee.fuse_optimizer(model, rule, lr=0.0))
@@ -137,6 +139,10 @@ def build_columns(tables, batch, values, offsets):
             "fwd+bwd dense": lambda: run(ee_loop(weights, False), weights, True),
             "fwd+bwd sparse": lambda: run(ee_loop(sparse_weights, True), sparse_weights, True)},
     }
+    if device != "cpu":  # the CPU peers' columns
+        for op in ("fused SGD step", "fused row-wise Adagrad step"):
+            cols["ours"].pop(op)
+        return cols
     fb = _fbgemm()
     if fb is not None and all(d % 4 == 0 for _, d, _ in tables):
         cols["FBGEMM TBE"] = _fbgemm_columns(fb, tables, weights, values, offsets, grad)
@@ -243,9 +249,16 @@ def verify(cols, op):
                                            msg=lambda m: f"{name} {op}: gradient differs: {m}")
 
 
-def time_case(name: str, cap: int, rounds: int, ops=OPS) -> list[dict]:
+def time_case(name: str, cap: int, rounds: int, ops=OPS, device="cpu") -> list[dict]:
     label, tables, batch, values, offsets = make_case(name, cap)
-    cols = build_columns(tables, batch, values, offsets)
+    # What the forward must move: every id's row, the ids and offsets, the output.
+    itemsize = 4
+    moved = sum(int(offsets[(t + 1) * batch] - offsets[t * batch]) * d * itemsize
+                for t, (_, d, _) in enumerate(tables))
+    moved += values.numel() * 8 + offsets.numel() * 8 + batch * sum(d for _, d, _ in tables) * 4
+    values, offsets = values.to(device), offsets.to(device)
+    cols = build_columns(tables, batch, values, offsets, device)
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
     rows = []
     for op in ops:
         verify(cols, op)
@@ -255,11 +268,13 @@ def time_case(name: str, cap: int, rounds: int, ops=OPS) -> list[dict]:
         times = {c: [] for c in here}
         for _ in range(rounds):
             for c, col in here.items():
+                sync()
                 start = time.perf_counter()
                 col[op]()
+                sync()
                 times[c].append(time.perf_counter() - start)
         medians = {c: statistics.median(t) * 1e3 for c, t in times.items()}
-        rows.append(dict(case=name, label=label, op=op, ms=medians))
+        rows.append(dict(case=name, label=label, op=op, ms=medians, bytes=moved))
     return rows
 
 
@@ -288,16 +303,20 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--cap", type=int, default=200_000, help="most rows of a table")
-    parser.add_argument("--cases", default="criteo,dlrm")
+    parser.add_argument("--cases", default="criteo,dlrm,wide")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (CUDA: ours and the "
+                        "loops; the fused steps and the CPU peers are left out)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), CPU, median of {args.rounds} "
-          f"alternating rounds, ms per call")
+    where = torch.cuda.get_device_name() if args.device != "cpu" else f"{args.threads} thread(s), CPU"
+    print(f"torch {torch.__version__}, {where}, median of {args.rounds} alternating rounds, "
+          "ms per call")
     all_rows = []
     for name in args.cases.split(","):
-        rows = time_case(name, args.cap, args.rounds)
+        rows = time_case(name, args.cap, args.rounds,
+                         OPS if args.device == "cpu" else OPS[:3], args.device)
         all_rows += rows
         print(f"\n{rows[0]['label']}")
         cols = list(rows[0]["ms"])
@@ -310,6 +329,8 @@ def main(argv=None) -> None:
             loop_ratio = f"{loop / ms['ours']:9.2f}" if loop else "        -"
             print(f"{row['op']:28s}" + "".join(f"{ms[c]:24.3f}" if c in ms else f"{'-':>24s}"
                                                for c in cols) + f"   {loop_ratio}  {ratio}")
+        print(f"ours, forward: {rows[0]['bytes'] / rows[0]['ms']['ours'] / 1e6:.1f} GB/s of the "
+              f"{rows[0]['bytes'] / 1e6:.1f} MB it must move")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(all_rows, f, indent=1)

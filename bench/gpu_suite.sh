@@ -2,7 +2,8 @@
 # The GPU check, for a fresh H100/H200 machine (its own torch, nvcc, pytest and
 # compute-sanitizer; no network): build, a probe of the bad-index round trip (rerun under
 # cuda-gdb for a backtrace if it crashes), CUDA tests (in crash-tolerant pytest-xdist workers
-# where the machine has xdist), the GPU benchmark, the fused step, a torch.profiler pass over
+# where the machine has xdist), the GPU benchmark, the fused step, the many-table collection,
+# a torch.profiler pass over
 # the rows that lose (bench/gpu_profile.py), then the sanitizers memcheck and initcheck
 # on the driver's quick case list (our kernels use no shared memory and no barriers, so
 # racecheck and synccheck have nothing to see). Each step has a time limit, and all of them
@@ -109,6 +110,8 @@ if [ $DRY = 0 ]; then
   # the plot.
   run benchmark 150 "$PY" -m bench.run --preset gpu --device cuda --min-run-time 0.05 --out "$OUT"
   run fused-step 60 "$PY" -m bench.fused_step --device cuda --rounds 3 --out "$OUT"
+  # The many-table collection against per-table loops (tables into steps.log).
+  run collection 45 "$PY" -m bench.collection --device cuda --rounds 20 --cases criteo,wide
   # Where the time goes in the rows that lose (tables into steps.log: no more OUTDIR files).
   run profile 60 "$PY" -m bench.gpu_profile --device cuda
   sanitize memcheck 90
@@ -120,6 +123,7 @@ else
   run benchmark-cpu-bags 120 "$PY" -m bench.run --preset bag --device cpu --filter rec-bags-small \
     --min-run-time 0.01 --rounds 1 --threads 1 --out "$SCRATCH/dry-bench"
   run fused-step-cpu 120 "$PY" -m bench.fused_step --device cpu --rounds 1 --filter 50000x768
+  run collection-cpu 60 "$PY" -m bench.collection --device cpu --rounds 1 --cases dlrm --cap 2000
   run profile-cpu 60 "$PY" -m bench.gpu_profile --device cpu --iters 3
   run selfcheck-cpu 60 "$PY" -m embedding_ext
   run sanitize-driver-cpu 120 "$PY" -m bench.sanitize_kernels cpu --quick

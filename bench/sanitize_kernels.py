@@ -214,6 +214,51 @@ def run_fused_case(dev, dtype, index_dtype, dim):
                                    msg=lambda m: f"{case} {cls.__name__}: {m}")
 
 
+def run_collection_case(dev, dtype, index_dtype, dim):
+    """The many-table collection (sum, mean and max tables, a shared table, padding, an empty
+    bag and feature): forward, dense and sparse gradients against the CPU kernels; on CUDA
+    also a bad id and a bad offset, reported and nothing read outside."""
+    print(f"case collection {dtype}, {index_dtype}, dim={dim}", flush=True)
+    configs = [ee.EmbeddingBagConfig(30, dim, ["a", "b"], name="t0", pooling="sum",
+                                     padding_idx=2),
+               ee.EmbeddingBagConfig(7, 3, ["c"], name="t1", pooling="mean"),
+               ee.EmbeddingBagConfig(12, dim + 1, ["d"], name="t2", pooling="max")]
+    lengths = torch.tensor([2, 0, 3, 1, 4, 2, 0, 5, 1, 1, 3, 0])  # 4 features x B=3
+    values = torch.cat([torch.randint(0, r, (int(n),)) for r, n in
+                        zip([30] * 6 + [7] * 3 + [12] * 3, lengths)]).to(index_dtype)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(index_dtype)
+    for sparse in (False, True):
+        cpu = ee.EmbeddingBagCollection(configs[:2] if sparse else configs, dtype=dtype,
+                                        sparse=sparse)
+        v, o = (values, offsets) if not sparse else (values[:int(offsets[9])], offsets[:10])
+        here = ee.EmbeddingBagCollection(configs[:2] if sparse else configs, dtype=dtype,
+                                         sparse=sparse).to(dev)
+        here.load_state_dict(cpu.state_dict())
+        full = here if not sparse else full  # the dense one has every table
+        out, ref = here(v.to(dev), o.to(dev)), cpu(v, o)
+        check("collection forward", out.cpu(), ref, dtype)
+        grad = torch.randn(ref.shape, dtype=dtype)
+        out.backward(grad.to(dev))
+        ref.backward(grad)
+        for (name, p), q in zip(here.named_parameters(), cpu.parameters()):
+            check(f"collection {name} grad", p.grad.cpu().to_dense(), q.grad.to_dense(), dtype)
+    if dev == "cuda":
+        for bad in ("id", "offset"):
+            v, o = values.clone(), offsets.clone()
+            if bad == "id":
+                v[-1] = 99
+            else:
+                o[5] = int(o[-1]) + 3
+            with torch.no_grad():
+                full(v.to(dev), o.to(dev))
+            try:
+                ee.check_cuda_index_errors()
+            except IndexError as err:
+                print("collection bad", bad, "reported:", err, flush=True)
+            else:
+                raise SystemExit(f"the collection's bad {bad} was not reported")
+
+
 def main():
     torch.manual_seed(0)
     args = sys.argv[1:]
@@ -228,6 +273,7 @@ def main():
             run_case(dev, dtype, index_dtype, dim)
             run_bag_case(dev, dtype, index_dtype, dim)
             run_fused_case(dev, dtype, index_dtype, dim)
+            run_collection_case(dev, dtype, index_dtype, dim)
     if dev == "cuda":
         torch.cuda.synchronize()
     print("sanitize_kernels: all kernels ran and matched the reference on", dev)

@@ -1,62 +1,136 @@
-// CUDA registrations of the table-batched pooled lookup (embedding_bag_collection_*). The GPU
-// kernels are not written yet: until they are, a CUDA call raises NotImplementedError with
-// a message that says so and names the way around (the tables on the CPU, or a loop of
-// ee.embedding_bag per table), instead of the dispatcher's "no kernel for CUDA" error.
+// CUDA table-batched pooled lookup (embedding_bag_collection_forward): every (feature, bag)
+// of every table in one launch (one per 256 features), a warp per bag, a lane per column,
+// rows in position order with an fp32 (fp64) accumulator: deterministic. Bad ids pool
+// nothing and are reported through the error record (a later call raises IndexError); bad
+// offsets likewise, as the single-table bag does (bag.cuh).
 #include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include <tuple>
 #include <vector>
 
-namespace embedding_ext {
-namespace cuda {
+#include "bag_collection.cuh"
+
+namespace embedding_ext::cuda {
 namespace {
 
-[[noreturn]] void not_yet(const char* op) {
-  TORCH_CHECK_NOT_IMPLEMENTED(false, op, ": the CUDA kernel of EmbeddingBagCollection is not "
-                              "written yet; keep the collection on the CPU, or loop "
-                              "ee.embedding_bag over the tables on the GPU");
-  __builtin_unreachable();
+template <typename scalar_t, typename index_t>
+__global__ void collection_pool_kernel(const CollectionChunk k, const index_t* __restrict__ idx,
+                                       const int64_t* __restrict__ off,
+                                       const scalar_t* __restrict__ psw,
+                                       scalar_t* __restrict__ out, int64_t* __restrict__ arg_pos,
+                                       ErrorSink sink) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for_each_chunk_bag(k, off, sink, [&](int64_t f, int64_t b, int64_t, const BagRange& r) {
+    const CollectionTable& t = k.table[f];
+    const scalar_t* __restrict__ weight = static_cast<const scalar_t*>(t.data);
+    if (threadIdx.x == 0) {  // every bad id of the bag, once
+      for (int64_t i = r.start; i < r.end; ++i) {
+        const int64_t id = idx[i];
+        if (!row_in_range(id, t.rows)) report_bad_index(sink, i, id, t.rows);
+      }
+    }
+    const int64_t count = t.mode == kBagMean ? pooled_count(idx, r, t) : 0;
+    scalar_t* o = out + b * k.total_dim + k.col[f];
+    for (int64_t d = threadIdx.x; d < t.dim; d += blockDim.x) {
+      acc_t acc = 0;
+      int64_t won = -1;
+      bool any = false;
+      for (int64_t i = r.start; i < r.end; ++i) {
+        const int64_t id = idx[i];
+        if (id == t.pad || !row_in_range(id, t.rows)) continue;
+        const acc_t v = static_cast<acc_t>(weight[id * t.dim + d]);
+        if (t.mode == kBagMax) {
+          // The first row as is (a NaN too), then strictly greater, as the CPU kernels.
+          if (!any || v > acc) {
+            acc = v;
+            won = i;
+          }
+        } else {
+          acc += psw != nullptr ? static_cast<acc_t>(psw[i]) * v : v;
+        }
+        any = true;
+      }
+      if (t.mode == kBagMean && count > 0) acc /= static_cast<acc_t>(count);
+      o[d] = static_cast<scalar_t>(acc);
+      if (t.mode == kBagMax) arg_pos[b * k.total_dim + k.col[f] + d] = won;
+    }
+  });
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_cuda(at::TensorList, const at::Tensor&,
-                                                const at::Tensor&, at::IntArrayRef,
-                                                at::IntArrayRef, at::IntArrayRef,
-                                                const c10::optional<at::Tensor>&, c10::SymInt) {
-  not_yet("embedding_bag_collection_forward");
+__global__ void collection_first_offset_kernel(const int64_t* __restrict__ off, int64_t n,
+                                               ErrorSink sink) {
+  if (off[0] != 0) report_bad_index(sink, 0, off[0], n, kBadOffset);
 }
 
-std::vector<at::Tensor> dense_backward_cuda(const at::Tensor&, const at::Tensor&,
-                                            const at::Tensor&, const at::Tensor&,
-                                            at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-                                            const c10::optional<at::Tensor>&,
-                                            c10::SymIntArrayRef, at::IntArrayRef) {
-  not_yet("embedding_bag_collection_dense_backward");
-}
-
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_backward_cuda(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef,
-    at::IntArrayRef, at::IntArrayRef, const c10::optional<at::Tensor>&, c10::SymIntArrayRef,
-    at::IntArrayRef) {
-  not_yet("embedding_bag_collection_sparse_backward");
-}
-
-void fused_update_cuda(at::TensorList, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                       at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-                       const c10::optional<at::Tensor>&, int64_t, at::TensorList, at::TensorList,
-                       double, double, double, double, double, at::IntArrayRef) {
-  not_yet("embedding_bag_collection_fused_update_");
+std::tuple<at::Tensor, at::Tensor> forward_cuda(
+    at::TensorList weights, const at::Tensor& values, const at::Tensor& offsets,
+    at::IntArrayRef feature_table, at::IntArrayRef modes, at::IntArrayRef padding_idx,
+    const c10::optional<at::Tensor>& per_sample_weights, c10::SymInt batch_size) {
+  constexpr const char* op = "embedding_bag_collection_forward";
+  TORCH_CHECK(!weights.empty(), op, ": 'weights' must hold at least one table");
+  std::vector<int64_t> rows, dims;
+  std::vector<at::Tensor> tables;
+  const auto dtype = weights[0].scalar_type();
+  for (size_t t = 0; t < weights.size(); ++t) {
+    const at::Tensor& w = weights[t];
+    TORCH_CHECK(w.dim() == 2, op, ": 'weights[", t, "]' must be 2-D, got shape ", w.sizes());
+    TORCH_CHECK(w.scalar_type() == dtype, op, ": every table must have one dtype; 'weights[", t,
+                "]' is ", w.scalar_type(), ", 'weights[0]' ", dtype);
+    check_same_device(w, "weights", values, "values", op);
+    rows.push_back(w.size(0));
+    dims.push_back(w.size(1));
+    tables.push_back(w.contiguous());
+  }
+  if (per_sample_weights.has_value()) {
+    TORCH_CHECK(per_sample_weights->scalar_type() == dtype, op, ": 'per_sample_weights' must "
+                "have the tables' dtype (", dtype, "), got ", per_sample_weights->scalar_type());
+  }
+  const CollectionCall c = collection_call(rows, dims, values, offsets, feature_table, modes,
+                                           padding_idx, per_sample_weights,
+                                           batch_size.expect_int(), op);
+  LaunchScope scope(values, op);
+  at::Tensor out = at::empty({c.batch, c.total_dim}, weights[0].options());
+  const auto long_options = values.options().dtype(at::kLong);
+  at::Tensor arg_pos = c.any_max ? at::full({c.batch, c.total_dim}, -1, long_options)
+                                 : at::empty({0}, long_options);
+  const at::Tensor psw = per_sample_weights.has_value() ? per_sample_weights->contiguous()
+                                                        : at::Tensor();
+  if (c.features * c.batch == 0) {
+    collection_first_offset_kernel<<<1, 1, 0, scope.stream>>>(
+        c.offsets.const_data_ptr<int64_t>(), c.n, scope.sink);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    scope.finish();
+    return {out, arg_pos};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, op, [&] {
+    AT_DISPATCH_INDEX_TYPES(c.values.scalar_type(), op, [&] {
+      for (int64_t first = 0; first < c.features; first += kChunkFeatures) {
+        const CollectionChunk k = collection_chunk(c, first, [&](int64_t t) -> const void* {
+          return tables[t].const_data_ptr<scalar_t>();
+        });
+        const RowLaunch launch = chunk_launch(k);
+        collection_pool_kernel<scalar_t, index_t><<<launch.grid, launch.block, 0, scope.stream>>>(
+            k, c.values.const_data_ptr<index_t>(), c.offsets.const_data_ptr<int64_t>(),
+            psw.defined() ? psw.const_data_ptr<scalar_t>() : nullptr,
+            out.mutable_data_ptr<scalar_t>(),
+            c.any_max ? arg_pos.mutable_data_ptr<int64_t>() : nullptr, scope.sink);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+  });
+  scope.finish();
+  return {out, arg_pos};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(embedding_ext, CUDA, m) {
   m.impl("embedding_bag_collection_forward", &forward_cuda);
-  m.impl("embedding_bag_collection_dense_backward", &dense_backward_cuda);
-  m.impl("embedding_bag_collection_sparse_backward", &sparse_backward_cuda);
-  m.impl("embedding_bag_collection_fused_update_", &fused_update_cuda);
 }
 
-}  // namespace cuda
-}  // namespace embedding_ext
+}  // namespace embedding_ext::cuda
