@@ -45,6 +45,7 @@ from . import ops  # noqa: E402  (registers fake kernels)
 from . import optim  # noqa: E402
 from .autograd import EmbeddingBagFunction, EmbeddingFunction  # noqa: E402
 from .collection import EmbeddingBagCollection, EmbeddingBagConfig  # noqa: E402
+from .embedding_collection import EmbeddingCollection, EmbeddingConfig  # noqa: E402
 from .functional import embedding, embedding_bag  # noqa: E402
 from .fused import FusedOptimizer, fuse_optimizer  # noqa: E402
 from .module import Embedding, EmbeddingBag  # noqa: E402
@@ -125,6 +126,8 @@ __all__ = [
     "EmbeddingBagFunction",
     "EmbeddingBagCollection",
     "EmbeddingBagConfig",
+    "EmbeddingCollection",
+    "EmbeddingConfig",
     "EmbeddingIndexError",
     "embedding",
     "embedding_bag",
