@@ -242,6 +242,15 @@ def run_collection_case(dev, dtype, index_dtype, dim):
         ref.backward(grad)
         for (name, p), q in zip(here.named_parameters(), cpu.parameters()):
             check(f"collection {name} grad", p.grad.cpu().to_dense(), q.grad.to_dense(), dtype)
+    # 300 features: two launches of up to 256 on CUDA.
+    wide = [ee.EmbeddingBagConfig(20, dim, [f"w{i}" for i in range(300)], name="w")]
+    wide_cpu = ee.EmbeddingBagCollection(wide, dtype=dtype)
+    wide_here = ee.EmbeddingBagCollection(wide, dtype=dtype).to(dev)
+    wide_here.load_state_dict(wide_cpu.state_dict())
+    ids = torch.randint(0, 20, (600,)).to(index_dtype)
+    offs = torch.arange(0, 601, 2).to(index_dtype)  # B=1, two ids per feature
+    check("collection 300 features", wide_here(ids.to(dev), offs.to(dev)).detach().cpu(),
+          wide_cpu(ids, offs).detach(), dtype)
     if dev == "cuda":
         for bad in ("id", "offset"):
             v, o = values.clone(), offsets.clone()

@@ -34,6 +34,20 @@ def _pooling_name(pooling: Any) -> str:
     return name.lower()
 
 
+def check_table_config(cfg: Any) -> None:
+    """The rules every table config follows (feature_names made a list, in place)."""
+    kind = type(cfg).__name__
+    if isinstance(cfg.feature_names, str):
+        raise TypeError(f"{kind}: 'feature_names' must be a list of names, got the string "
+                        f"{cfg.feature_names!r}")
+    cfg.feature_names = list(cfg.feature_names)
+    if not cfg.feature_names:
+        raise ValueError(f"{kind} {cfg.name!r}: 'feature_names' must name at least one feature")
+    if cfg.num_embeddings < 1 or cfg.embedding_dim < 1:
+        raise ValueError(f"{kind} {cfg.name!r}: 'num_embeddings' and 'embedding_dim' must be "
+                         f">= 1, got {cfg.num_embeddings} and {cfg.embedding_dim}")
+
+
 @dataclasses.dataclass
 class EmbeddingBagConfig:
     """One table: ``num_embeddings`` x ``embedding_dim``, looked up by every feature in
@@ -47,17 +61,7 @@ class EmbeddingBagConfig:
     padding_idx: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.feature_names, str):
-            raise TypeError("EmbeddingBagConfig: 'feature_names' must be a list of names, got "
-                            f"the string {self.feature_names!r}")
-        self.feature_names = list(self.feature_names)
-        if not self.feature_names:
-            raise ValueError(f"EmbeddingBagConfig {self.name!r}: 'feature_names' must name at "
-                             "least one feature")
-        if self.num_embeddings < 1 or self.embedding_dim < 1:
-            raise ValueError(f"EmbeddingBagConfig {self.name!r}: 'num_embeddings' and "
-                             f"'embedding_dim' must be >= 1, got {self.num_embeddings} and "
-                             f"{self.embedding_dim}")
+        check_table_config(self)
         self.pooling = _pooling_name(self.pooling)
         if self.padding_idx is not None:
             if not -self.num_embeddings <= self.padding_idx < self.num_embeddings:

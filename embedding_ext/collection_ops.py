@@ -55,12 +55,15 @@ def per_sample_weights_grad(grad, values, offsets, weights, feature_table, paddi
     out = torch.zeros(values.shape[0], dtype=grad.dtype, device=grad.device)
     col = 0
     off = offsets.long()
+    # Every feature's first position in one host copy (on CUDA, one synchronisation).
+    starts = off[::batch].tolist() if batch > 0 else [0] * (len(feature_table) + 1)
     for f, t in enumerate(feature_table):
         w = weights[t]
         dim = w.shape[1]
-        s, e = int(off[f * batch]), int(off[(f + 1) * batch])
+        s, e = starts[f], starts[f + 1]
         lengths = off[f * batch + 1:(f + 1) * batch + 1] - off[f * batch:(f + 1) * batch]
-        bag_of = torch.repeat_interleave(torch.arange(batch, device=grad.device), lengths)
+        bag_of = torch.repeat_interleave(torch.arange(batch, device=grad.device), lengths,
+                                         output_size=e - s)
         ids = values[s:e].long()
         dots = (w.detach()[ids].to(grad.dtype) * grad[bag_of, col:col + dim]).sum(1)
         if padding_idx[t] >= 0:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .collection import check_table_config
 from .errors import EmbeddingIndexError
 from .module import Embedding
 
@@ -30,17 +31,7 @@ class EmbeddingConfig:
     padding_idx: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.feature_names, str):
-            raise TypeError("EmbeddingConfig: 'feature_names' must be a list of names, got the "
-                            f"string {self.feature_names!r}")
-        self.feature_names = list(self.feature_names)
-        if not self.feature_names:
-            raise ValueError(f"EmbeddingConfig {self.name!r}: 'feature_names' must name at "
-                             "least one feature")
-        if self.num_embeddings < 1 or self.embedding_dim < 1:
-            raise ValueError(f"EmbeddingConfig {self.name!r}: 'num_embeddings' and "
-                             f"'embedding_dim' must be >= 1, got {self.num_embeddings} and "
-                             f"{self.embedding_dim}")
+        check_table_config(self)
 
 
 _POSITION = re.compile(r"at position (\d+)")

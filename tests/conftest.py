@@ -59,6 +59,21 @@ def each_cpu_isa(fn) -> dict:
 SHAPES = ["scalar", "empty", "empty3d", "1d", "3d", "noncontig"]
 
 
+def switched(get, put, value):
+    """A fixture's body: ``put(value)`` for one test, then the previous ``get()`` back."""
+    previous = get()
+    put(value)
+    yield
+    put(previous)
+
+
+@pytest.fixture
+def deterministic():
+    """torch.use_deterministic_algorithms(True) for one test."""
+    yield from switched(torch.are_deterministic_algorithms_enabled,
+                        torch.use_deterministic_algorithms, True)
+
+
 @pytest.fixture(autouse=True)
 def fresh_seed(request):
     """Fresh random inputs on every run; the seed is printed so a failure can be replayed

@@ -10,7 +10,7 @@ import torch
 
 import embedding_ext as ee
 
-from conftest import INDEX_DTYPES, TOL, poison
+from conftest import INDEX_DTYPES, TOL, poison, switched
 from test_collection import make_batch, make_ebc, ref_grad, reference
 
 pytestmark = [pytest.mark.cuda,
@@ -82,7 +82,32 @@ def test_cuda_one_kernel_per_pass():
     assert sum("collection_grad_kernel" in n for n in names) == 1, names
 
 
-def test_cuda_bad_id_raises_later_and_the_context_survives():
+@pytest.fixture
+def asynchronous_checks():
+    """The asynchronous error path, whatever EMBEDDING_EXT_SYNC_INDEX_CHECKS says."""
+    yield from switched(ee.synchronous_index_checks, ee.set_synchronous_index_checks, False)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_cuda_more_features_than_one_launch_takes(sparse):
+    """300 features (two launches of up to 256) over two shared tables."""
+    tables = [ee.EmbeddingBagConfig(40, 8, [f"a{i}" for i in range(150)], name="a"),
+              ee.EmbeddingBagConfig(9, 5, [f"b{i}" for i in range(150)], name="b",
+                                    pooling="mean", padding_idx=1)]
+    cpu = ee.EmbeddingBagCollection(tables, sparse=sparse)
+    gpu = copy.deepcopy(cpu).cuda()
+    values, offsets = make_batch(cpu, 3, max_len=2)
+    out, ref = gpu(values.cuda(), offsets.cuda()), cpu(values, offsets)
+    torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
+    grad = torch.randn(ref.shape)
+    out.backward(grad.cuda())
+    ref.backward(grad)
+    for (name, p), q in zip(gpu.named_parameters(), cpu.parameters()):
+        torch.testing.assert_close(p.grad.cpu().to_dense(), q.grad.to_dense(),
+                                   **TOL[torch.float32], msg=name)
+
+
+def test_cuda_bad_id_raises_later_and_the_context_survives(asynchronous_checks):
     ebc = make_ebc().cuda()
     values, offsets = make_batch(ebc, 4)
     values[-1] = 100  # past table_2's 2 rows
@@ -95,7 +120,7 @@ def test_cuda_bad_id_raises_later_and_the_context_survives():
                                ebc.cpu()(good, offsets))
 
 
-def test_cuda_bad_offsets_raise_later_and_pool_nothing_outside():
+def test_cuda_bad_offsets_raise_later_and_pool_nothing_outside(asynchronous_checks):
     ebc = make_ebc().cuda()
     values, offsets = make_batch(ebc, 4)
     offsets[3] = offsets[-1] + 5  # past the ids
@@ -105,17 +130,12 @@ def test_cuda_bad_offsets_raise_later_and_pool_nothing_outside():
         ee.check_cuda_index_errors()
 
 
-def test_cuda_dense_gradient_alerts_under_deterministic_algorithms():
+def test_cuda_dense_gradient_alerts_under_deterministic_algorithms(deterministic):
     ebc = make_ebc().cuda()
     values, offsets = make_batch(ebc, 4)
     out = ebc(values.cuda(), offsets.cuda())
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        with pytest.raises(RuntimeError, match="deterministic"):
-            out.sum().backward()
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    with pytest.raises(RuntimeError, match="deterministic"):
+        out.sum().backward()
 
 
 def test_cuda_fused_collection_is_refused_with_a_message():

@@ -14,14 +14,6 @@ def _grad(weight, idx, grad_out, **options):
     return w.grad
 
 
-@pytest.fixture
-def deterministic():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(previous)
-
-
 CUDA = [p for p in DEVICES if p.id == "cuda"]
 OPTIONS = [dict(), dict(padding_idx=0, scale_grad_by_freq=True)]
 

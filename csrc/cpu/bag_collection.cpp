@@ -30,57 +30,9 @@ Layout make_layout(const std::vector<int64_t>& rows, const std::vector<int64_t>&
                    at::IntArrayRef feature_table, at::IntArrayRef modes,
                    at::IntArrayRef padding_idx, const c10::optional<at::Tensor>& psw,
                    int64_t batch, const char* op) {
-  Layout L;
-  L.tables = static_cast<int64_t>(rows.size());
-  L.features = static_cast<int64_t>(feature_table.size());
-  L.batch = batch;
-  TORCH_CHECK(batch >= 0, op, ": 'batch_size' must be >= 0, got ", batch);
-  TORCH_CHECK(static_cast<int64_t>(modes.size()) == L.tables, op,
-              ": 'modes' must have one entry per table (", L.tables, "), got ", modes.size());
-  TORCH_CHECK(static_cast<int64_t>(padding_idx.size()) == L.tables, op,
-              ": 'padding_idx' must have one entry per table (", L.tables, "), got ",
-              padding_idx.size());
-  L.rows = rows;
-  L.dims = dims;
-  L.features_of.resize(L.tables);
-  for (int64_t t = 0; t < L.tables; ++t) {
-    check_bag_mode(modes[t], op);
-    TORCH_CHECK(padding_idx[t] < rows[t], op, ": 'padding_idx[", t, "]' must be < the table's ",
-                rows[t], " rows or negative for none, got ", padding_idx[t]);
-    L.mode.push_back(modes[t]);
-    L.pad.push_back(padding_idx[t]);
-    L.any_max = L.any_max || modes[t] == kBagMax;
-    L.max_dim = std::max(L.max_dim, dims[t]);
-  }
-  for (int64_t f = 0; f < L.features; ++f) {
-    const int64_t t = feature_table[f];
-    TORCH_CHECK(t >= 0 && t < L.tables, op, ": 'feature_table[", f, "]' must name one of the ",
-                L.tables, " tables, got ", t);
-    TORCH_CHECK(!psw.has_value() || modes[t] == kBagSum, op, ": 'per_sample_weights' needs sum "
-                "mode (0), but feature ", f, " pools table ", t, " in mode ", modes[t]);
-    L.table_of.push_back(t);
-    L.col_of.push_back(L.total_dim);
-    L.total_dim += dims[t];
-    L.features_of[t].push_back(f);
-  }
-  check_indices_dtype(values, op);
-  TORCH_CHECK(values.dim() == 1, op, ": 'values' must be 1-D, got shape ", values.sizes());
-  TORCH_CHECK(offsets.scalar_type() == at::kLong || offsets.scalar_type() == at::kInt, op,
-              ": 'offsets' must be an int64 or int32 tensor, got ", offsets.scalar_type());
-  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == L.features * batch + 1, op,
-              ": 'offsets' must be 1-D with features * batch_size + 1 = ", L.features, " * ", batch,
-              " + 1 = ", L.features * batch + 1, " entries, got shape ", offsets.sizes());
-  check_same_device(offsets, "offsets", values, "values", op);
-  L.n = values.size(0);
-  if (psw.has_value()) {
-    TORCH_CHECK(psw->dim() == 1 && psw->size(0) == L.n, op,
-                ": 'per_sample_weights' must have the shape of 'values' ", values.sizes(),
-                ", got ", psw->sizes());
-    check_same_device(*psw, "per_sample_weights", values, "values", op);
-  }
-  L.values = values.contiguous();
-  L.offsets = offsets.to(at::kLong).contiguous();
-  check_bag_offsets(L.offsets.const_data_ptr<int64_t>(), L.features * batch + 1, L.n, op);
+  Layout L = collection_layout(rows, dims, values, offsets, feature_table, modes, padding_idx,
+                               psw, batch, op);
+  check_layout_offsets(L, op);
   return L;
 }
 
@@ -301,25 +253,10 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_collection_forward_cpu(
     at::IntArrayRef feature_table, at::IntArrayRef modes, at::IntArrayRef padding_idx,
     const c10::optional<at::Tensor>& per_sample_weights, c10::SymInt batch_size) {
   const char* op = "embedding_bag_collection_forward";
-  TORCH_CHECK(!weights.empty(), op, ": 'weights' must hold at least one table");
-  std::vector<int64_t> rows, dims;
-  std::vector<at::Tensor> tables;
+  const CollectionTables T = collection_tables(weights, values, per_sample_weights, op);
+  const std::vector<at::Tensor>& tables = T.tables;
   const auto dtype = weights[0].scalar_type();
-  for (size_t t = 0; t < weights.size(); ++t) {
-    const at::Tensor& w = weights[t];
-    TORCH_CHECK(w.dim() == 2, op, ": 'weights[", t, "]' must be 2-D, got shape ", w.sizes());
-    TORCH_CHECK(w.scalar_type() == dtype, op, ": every table must have one dtype; 'weights[", t,
-                "]' is ", w.scalar_type(), ", 'weights[0]' ", dtype);
-    check_same_device(w, "weights", values, "values", op);
-    rows.push_back(w.size(0));
-    dims.push_back(w.size(1));
-    tables.push_back(w.contiguous());
-  }
-  if (per_sample_weights.has_value()) {
-    TORCH_CHECK(per_sample_weights->scalar_type() == dtype, op, ": 'per_sample_weights' must "
-                "have the tables' dtype (", dtype, "), got ", per_sample_weights->scalar_type());
-  }
-  Layout L = make_layout(rows, dims, values, offsets, feature_table, modes, padding_idx,
+  Layout L = make_layout(T.rows, T.dims, values, offsets, feature_table, modes, padding_idx,
                          per_sample_weights, batch_size.expect_int(), op);
   // From the cache of freed large outputs: a fresh (B, sum D) block page-faulted on every
   // call (output_allocator.h).

@@ -13,23 +13,22 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../collection_checks.h"
 
 namespace embedding_ext {
 namespace cpu {
 
-// Everything the kernels need once the arguments are checked. Tables are described by
-// their shapes only, so the forward and both backwards share it.
-struct Layout {
-  int64_t features = 0, tables = 0, batch = 0, total_dim = 0, max_dim = 0, n = 0;
-  std::vector<int64_t> table_of, col_of;   // per feature
-  std::vector<int64_t> rows, dims, mode, pad;  // per table
-  std::vector<std::vector<int64_t>> features_of;  // per table, in feature order
-  bool any_max = false;
-  at::Tensor values, offsets;  // contiguous; offsets int64
-};
+// Everything the kernels need once the arguments are checked (csrc/collection_checks.h).
+using Layout = CollectionLayout;
 
-// Checks every argument the ops share (one message per rule, naming the argument) and
-// returns the layout; offsets are validated entry by entry.
+// The offsets' values, entry by entry (the checks that read data; the CPU does them before
+// any work).
+inline void check_layout_offsets(const Layout& L, const char* op) {
+  check_bag_offsets(L.offsets.const_data_ptr<int64_t>(), L.features * L.batch + 1, L.n, op);
+}
+
+// Every argument the ops share checked (one message per rule, naming the argument), offsets
+// entry by entry, and the layout.
 Layout make_layout(const std::vector<int64_t>& rows, const std::vector<int64_t>& dims,
                    const at::Tensor& values, const at::Tensor& offsets,
                    at::IntArrayRef feature_table, at::IntArrayRef modes,

@@ -26,33 +26,13 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> collection_backward
     const at::Tensor& arg_max, at::IntArrayRef feature_table, at::IntArrayRef modes,
     at::IntArrayRef padding_idx, const c10::optional<at::Tensor>& per_sample_weights,
     c10::SymIntArrayRef num_weights, at::IntArrayRef dims, const char* op) {
-  TORCH_CHECK(num_weights.size() == dims.size(), op, ": 'num_weights' and 'dims' must both have "
-              "one entry per table, got ", num_weights.size(), " and ", dims.size());
-  std::vector<int64_t> rows, dim_list(dims.begin(), dims.end());
-  for (size_t t = 0; t < num_weights.size(); ++t) {
-    rows.push_back(num_weights[t].expect_int());
-    TORCH_CHECK(rows.back() >= 0 && dims[t] >= 0, op, ": table ", t, " must have rows >= 0 and "
-                "dim >= 0, got (", rows.back(), ", ", dims[t], ")");
-  }
-  TORCH_CHECK(grad_output.dim() == 2, op, ": 'grad_output' must be 2-D (B, sum D), got shape ",
-              grad_output.sizes());
-  Layout L = make_layout(rows, dim_list, values, offsets, feature_table, modes, padding_idx,
-                         per_sample_weights, grad_output.size(0), op);
-  check_same_device(grad_output, "grad_output", values, "values", op);
-  TORCH_CHECK(grad_output.size(1) == L.total_dim, op,
-              ": 'grad_output' must have shape (B, sum of the features' dims = ", L.total_dim,
-              "), got ", grad_output.sizes());
-  TORCH_CHECK(!L.any_max || (arg_max.scalar_type() == at::kLong &&
-                             arg_max.sizes() == grad_output.sizes()), op,
-              ": 'arg_max' must be int64 of grad_output's shape ", grad_output.sizes(),
-              " when a table is in max mode, got ", arg_max.scalar_type(), " ", arg_max.sizes());
+  Layout L = collection_grad_layout(grad_output, values, offsets, arg_max, feature_table, modes,
+                                    padding_idx, per_sample_weights, num_weights, dims, op);
+  check_layout_offsets(L, op);
   const at::Tensor grad = grad_output.contiguous();
   const at::Tensor arg_pos = L.any_max ? arg_max.contiguous() : arg_max;
-  at::Tensor psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
-  if (psw.defined()) {
-    TORCH_CHECK(psw.scalar_type() == grad.scalar_type(), op, ": 'per_sample_weights' must have "
-                "grad_output's dtype (", grad.scalar_type(), "), got ", psw.scalar_type());
-  }
+  const at::Tensor psw = per_sample_weights.has_value() ? per_sample_weights->contiguous()
+                                                        : at::Tensor();
   std::vector<at::Tensor> first(L.tables), second(kSparse ? L.tables : 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
                                   "embedding_bag_collection", [&] {

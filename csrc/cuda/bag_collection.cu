@@ -62,37 +62,17 @@ __global__ void collection_pool_kernel(const CollectionChunk k, const index_t* _
   });
 }
 
-__global__ void collection_first_offset_kernel(const int64_t* __restrict__ off, int64_t n,
-                                               ErrorSink sink) {
-  if (off[0] != 0) report_bad_index(sink, 0, off[0], n, kBadOffset);
-}
-
 std::tuple<at::Tensor, at::Tensor> forward_cuda(
     at::TensorList weights, const at::Tensor& values, const at::Tensor& offsets,
     at::IntArrayRef feature_table, at::IntArrayRef modes, at::IntArrayRef padding_idx,
     const c10::optional<at::Tensor>& per_sample_weights, c10::SymInt batch_size) {
   constexpr const char* op = "embedding_bag_collection_forward";
-  TORCH_CHECK(!weights.empty(), op, ": 'weights' must hold at least one table");
-  std::vector<int64_t> rows, dims;
-  std::vector<at::Tensor> tables;
+  const CollectionTables T = collection_tables(weights, values, per_sample_weights, op);
+  const std::vector<at::Tensor>& tables = T.tables;
   const auto dtype = weights[0].scalar_type();
-  for (size_t t = 0; t < weights.size(); ++t) {
-    const at::Tensor& w = weights[t];
-    TORCH_CHECK(w.dim() == 2, op, ": 'weights[", t, "]' must be 2-D, got shape ", w.sizes());
-    TORCH_CHECK(w.scalar_type() == dtype, op, ": every table must have one dtype; 'weights[", t,
-                "]' is ", w.scalar_type(), ", 'weights[0]' ", dtype);
-    check_same_device(w, "weights", values, "values", op);
-    rows.push_back(w.size(0));
-    dims.push_back(w.size(1));
-    tables.push_back(w.contiguous());
-  }
-  if (per_sample_weights.has_value()) {
-    TORCH_CHECK(per_sample_weights->scalar_type() == dtype, op, ": 'per_sample_weights' must "
-                "have the tables' dtype (", dtype, "), got ", per_sample_weights->scalar_type());
-  }
-  const CollectionCall c = collection_call(rows, dims, values, offsets, feature_table, modes,
-                                           padding_idx, per_sample_weights,
-                                           batch_size.expect_int(), op);
+  const CollectionCall c = collection_layout(T.rows, T.dims, values, offsets, feature_table, modes,
+                                             padding_idx, per_sample_weights,
+                                             batch_size.expect_int(), op);
   LaunchScope scope(values, op);
   at::Tensor out = at::empty({c.batch, c.total_dim}, weights[0].options());
   const auto long_options = values.options().dtype(at::kLong);
@@ -101,9 +81,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(
   const at::Tensor psw = per_sample_weights.has_value() ? per_sample_weights->contiguous()
                                                         : at::Tensor();
   if (c.features * c.batch == 0) {
-    collection_first_offset_kernel<<<1, 1, 0, scope.stream>>>(
-        c.offsets.const_data_ptr<int64_t>(), c.n, scope.sink);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_first_offset(c, scope);
     scope.finish();
     return {out, arg_pos};
   }

@@ -95,34 +95,12 @@ GradCall grad_call(const at::Tensor& grad_output, const at::Tensor& values,
                    at::IntArrayRef feature_table, at::IntArrayRef modes,
                    at::IntArrayRef padding_idx, const c10::optional<at::Tensor>& psw,
                    c10::SymIntArrayRef num_weights, at::IntArrayRef dims, const char* op) {
-  TORCH_CHECK(num_weights.size() == dims.size(), op, ": 'num_weights' and 'dims' must both have "
-              "one entry per table, got ", num_weights.size(), " and ", dims.size());
-  std::vector<int64_t> rows, dim_list(dims.begin(), dims.end());
-  for (size_t t = 0; t < num_weights.size(); ++t) {
-    rows.push_back(num_weights[t].expect_int());
-    TORCH_CHECK(rows.back() >= 0 && dims[t] >= 0, op, ": table ", t, " must have rows >= 0 and "
-                "dim >= 0, got (", rows.back(), ", ", dims[t], ")");
-  }
   check_cuda_grad_output(grad_output, op);
-  TORCH_CHECK(grad_output.dim() == 2, op, ": 'grad_output' must be 2-D (B, sum D), got shape ",
-              grad_output.sizes());
-  GradCall g{collection_call(rows, dim_list, values, offsets, feature_table, modes, padding_idx,
-                             psw, grad_output.size(0), op)};
-  check_same_device(grad_output, "grad_output", values, "values", op);
-  TORCH_CHECK(grad_output.size(1) == g.c.total_dim, op,
-              ": 'grad_output' must have shape (B, sum of the features' dims = ", g.c.total_dim,
-              "), got ", grad_output.sizes());
-  TORCH_CHECK(!g.c.any_max || (arg_max.scalar_type() == at::kLong &&
-                               arg_max.sizes() == grad_output.sizes()), op,
-              ": 'arg_max' must be int64 of grad_output's shape ", grad_output.sizes(),
-              " when a table is in max mode, got ", arg_max.scalar_type(), " ", arg_max.sizes());
+  GradCall g{collection_grad_layout(grad_output, values, offsets, arg_max, feature_table, modes,
+                                    padding_idx, psw, num_weights, dims, op)};
   g.grad = grad_output.contiguous();
   g.arg_pos = g.c.any_max ? arg_max.contiguous() : at::Tensor();
-  if (psw.has_value()) {
-    TORCH_CHECK(psw->scalar_type() == g.grad.scalar_type(), op, ": 'per_sample_weights' must "
-                "have grad_output's dtype (", g.grad.scalar_type(), "), got ", psw->scalar_type());
-    g.psw = psw->contiguous();
-  }
+  if (psw.has_value()) g.psw = psw->contiguous();
   return g;
 }
 
@@ -163,7 +141,9 @@ std::vector<at::Tensor> dense_backward_cuda(
     for (int64_t t = 0; t < g.c.tables; ++t) {
       acc.push_back(at::zeros({g.c.rows[t], g.c.dims[t]}, acc_options));
     }
-    if (g.c.features * g.c.batch > 0) {
+    if (g.c.features * g.c.batch == 0) {
+      check_first_offset(g.c, scope);
+    } else {
       AT_DISPATCH_INDEX_TYPES(g.c.values.scalar_type(), op, [&] {
         launch_pass<0, scalar_t, index_t>(g, scope, nullptr, nullptr,
                                           [&](int64_t, int64_t t, CollectionTable& d) {
@@ -196,6 +176,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_backward_cud
       row_ids[t] = at::zeros({0}, long_options);
       vals[t] = at::zeros({0, c.dims[t]}, g.grad.options());
     }
+    check_first_offset(c, scope);
+    scope.finish();
     return {row_ids, vals};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.grad.scalar_type(), op, [&] {
