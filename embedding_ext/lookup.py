@@ -7,9 +7,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from torch._dynamo import compiled_autograd
+
 from . import ops
 from ._torch_private import direct_call
-from .autograd import EmbeddingBagFunction, _EmbeddingBagEagerFunction
+from .autograd import EmbeddingBagFunction, EmbeddingFunction, _EmbeddingBagEagerFunction
 
 # The lookup op; its autograd, forward-mode AD and torch.func support are in C++
 # (csrc/autograd.cpp). Called through its direct C++ entry: per-call cost matters for small
@@ -148,6 +150,14 @@ def embedding_local(input: Tensor, weight: Tensor, padding_idx: int, max_norm: f
     """The lookup of a plain weight; padding_idx normalised (-1: none)."""
     if max_norm is not None:
         input = renorm_rows(weight, input, max_norm, norm_type)
+    if compiled_autograd.compiled_autograd_enabled and not torch.compiler.is_compiling():
+        # Compiled autograd captures a C++ node only through its compiled_args /
+        # apply_with_saved, an internal interface that changed between the torch releases we
+        # build against; it captures a Python Function's backward on every one of them. So
+        # while it is on, the lookup records the Python Function (same ops, same gradients).
+        # Eager calls pay one flag read for this (docs/lookup.md, "Compiled autograd").
+        return EmbeddingFunction.apply(weight, input, padding_idx, bool(scale_grad_by_freq),
+                                       bool(sparse))
     return _embedding_direct(weight, input, padding_idx, bool(scale_grad_by_freq), bool(sparse))
 
 
