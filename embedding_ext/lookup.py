@@ -151,11 +151,13 @@ def embedding_local(input: Tensor, weight: Tensor, padding_idx: int, max_norm: f
     if max_norm is not None:
         input = renorm_rows(weight, input, max_norm, norm_type)
     if compiled_autograd.compiled_autograd_enabled and not torch.compiler.is_compiling():
-        # Compiled autograd captures a C++ node only through its compiled_args /
-        # apply_with_saved, an internal interface that changed between the torch releases we
-        # build against; it captures a Python Function's backward on every one of them. So
-        # while it is on, the lookup records the Python Function (same ops, same gradients).
-        # Eager calls pay one flag read for this (docs/lookup.md, "Compiled autograd").
+        # Compiled autograd captures a C++ node of ours only through compiled_args /
+        # apply_with_saved and an internal interface that keeps changing between torch
+        # releases; a Python Function's backward it captures on every release we build
+        # against. So while it is on (and Dynamo is not tracing: a compiled forward keeps the
+        # op, its backward derived by AOTAutograd), the lookup records the Python Function:
+        # same ops, same gradients. Eager calls pay one flag read for this (docs/lookup.md,
+        # "Compiled autograd and CUDA graphs").
         return EmbeddingFunction.apply(weight, input, padding_idx, bool(scale_grad_by_freq),
                                        bool(sparse))
     return _embedding_direct(weight, input, padding_idx, bool(scale_grad_by_freq), bool(sparse))
