@@ -176,3 +176,55 @@ def test_compiled_autograd_sparse_table_trains_as_eager(compile_forward):
 
 def _sparse_break(reason: str) -> bool:
     return "sparse Tensor" in reason or "sparse_coo_tensor" in reason
+
+
+def _sharded_training(lookup, placement, capture):
+    """Losses, final table and graph breaks of 3 steps on a one-rank DTensor table."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+    mesh = init_device_mesh("cpu", (1,))
+    weight = torch.nn.Parameter(distribute_tensor(
+        torch.randn(20, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)),
+        mesh, [placement]))
+    opt = torch.optim.SGD([weight], lr=0.1)
+    compiler = torch.compile(backend="aot_eager")
+    gen = torch.Generator().manual_seed(2)
+    torch._dynamo.reset()
+    counters.clear()
+    losses = []
+    for _ in range(3):
+        ids = torch.randint(0, 20, (4, 5), generator=gen)
+        with compiled_autograd._enable(compiler) if capture else contextlib.nullcontext():
+            loss = lookup(ids, weight, mesh).full_tensor().tanh().square().sum()
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+    assert not capture or counters["compiled_autograd"]["captures"] > 0
+    return torch.stack(losses), weight.full_tensor(), set(counters["graph_break"])
+
+
+def _torch_lookup(ids, weight, mesh):
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    return torch.nn.functional.embedding(distribute_tensor(ids, mesh, [Replicate()]), weight)
+
+
+@pytest.mark.parametrize("placement", ["row", "column"])
+def test_compiled_autograd_sharded_lookup_trains_as_eager(tmp_path, placement):
+    """A DTensor table (one rank, gloo): the same training, and no graph break beyond those
+    torch's own embedding has on the same table (DTensor's own, in the backward)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        shard = Shard(0 if placement == "row" else 1)
+        ours = lambda ids, weight, mesh: ee.embedding(ids, weight)  # noqa: E731
+        losses, table, _ = _sharded_training(ours, shard, capture=False)
+        got_losses, got_table, breaks = _sharded_training(ours, shard, capture=True)
+        *_, torch_breaks = _sharded_training(_torch_lookup, shard, capture=True)
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(got_losses, losses)
+    torch.testing.assert_close(got_table, table)
+    assert breaks <= torch_breaks, breaks - torch_breaks
