@@ -7,10 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torch._dynamo import compiled_autograd
-
 from . import ops
-from ._torch_private import direct_call
+from ._torch_private import compiled_autograd_state, direct_call
 from .autograd import EmbeddingBagFunction, EmbeddingFunction, _EmbeddingBagEagerFunction
 
 # The lookup op; its autograd, forward-mode AD and torch.func support are in C++
@@ -150,7 +148,7 @@ def embedding_local(input: Tensor, weight: Tensor, padding_idx: int, max_norm: f
     """The lookup of a plain weight; padding_idx normalised (-1: none)."""
     if max_norm is not None:
         input = renorm_rows(weight, input, max_norm, norm_type)
-    if compiled_autograd.compiled_autograd_enabled and not torch.compiler.is_compiling():
+    if compiled_autograd_state.compiled_autograd_enabled and not torch.compiler.is_compiling():
         # Compiled autograd captures a C++ node of ours only through compiled_args /
         # apply_with_saved and an internal interface that keeps changing between torch
         # releases; a Python Function's backward it captures on every release we build
