@@ -8,7 +8,15 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch._dynamo import compiled_autograd
 from torch._ops import OpOverload
+
+# Compiled autograd's state: its module-level flag ``compiled_autograd_enabled`` (private,
+# in torch since before 2.11) is True while its context (``compiled_autograd._enable``, or
+# ``torch._dynamo.config.compiled_autograd`` inside a compiled function) is on. Read as
+# ``compiled_autograd_state.compiled_autograd_enabled`` on every lookup: an attribute read,
+# where a function call would cost a frame.
+compiled_autograd_state = compiled_autograd
 
 
 @functools.cache  # substitute_in_graph accepts one registration per callable

@@ -58,10 +58,12 @@ def _sparse_gradient(grad_output, indices, num_weights, padding_idx, scale_grad_
         raise NotImplementedError(
             "embedding_ext: double backward through sparse=True gradients is not supported; "
             "use sparse=False for higher-order gradients")
-    if padding_idx < 0 and not scale_grad_by_freq:
+    if padding_idx < 0 and not scale_grad_by_freq and indices.device.type == "cpu":
         # Nothing to drop or scale: the values are grad_output itself (as in PyTorch), so no
-        # kernel and no copy. The forward already checked these ids, and autograd's version
-        # counter guarantees they have not changed since.
+        # kernel and no copy. The CPU forward raised on a bad id, and autograd's version
+        # counter guarantees these ids have not changed since. Not on CUDA (as in
+        # csrc/autograd.cpp): its forward only records a bad id, and the raw id would send
+        # an optimizer's step out of bounds; the kernel writes it as a zero row 0.
         rows = indices.reshape(1, -1).to(torch.int64)
         values = grad_output.reshape(rows.shape[1], grad_output.shape[-1])
     else:

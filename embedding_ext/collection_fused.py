@@ -12,6 +12,7 @@ from torch import Tensor
 
 from . import collection_ops
 from .fused import _SGD, _SPARSE_ADAM, FusedOptimizer
+from .step_boundary import fused_step_backward
 
 _MAX = 2  # the collection's mode code of max pooling
 
@@ -129,6 +130,7 @@ class FusedCollectionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @fused_step_backward
     def backward(ctx, grad: Tensor):
         if torch.is_grad_enabled():
             raise RuntimeError("fuse_optimizer: backward(create_graph=True) is not supported "

@@ -47,6 +47,7 @@ from torch.autograd.function import once_differentiable
 from . import ops
 from .errors import EmbeddingIndexError
 from .lookup import embedding_local, renorm_rows
+from .step_boundary import fused_step_backward
 
 _DTENSOR = None
 
@@ -317,6 +318,7 @@ class _RowShardFusedLookup(torch.autograd.Function):
         return out.reshape(*ids.shape, dim)
 
     @staticmethod
+    @fused_step_backward
     def backward(ctx, grad):
         owned, local_ids = ctx.saved_tensors
         # Every rank runs the update (an empty shard or no owned ids included): the step

@@ -23,6 +23,7 @@ from . import distributed, ops
 from .fused_skips import SkippedUpdates
 from .lookup import normalize_padding_idx, renorm_rows
 from .optim import RowWiseAdagrad
+from .step_boundary import fused_step_backward
 
 _SGD, _ADAGRAD, _SPARSE_ADAM, _ROWWISE_ADAGRAD = 0, 1, 2, 3
 _RULES = {torch.optim.SGD: _SGD, torch.optim.Adagrad: _ADAGRAD,
@@ -297,6 +298,7 @@ class FusedLookupFunction(torch.autograd.Function):
         return ops.embedding_forward(weight, indices)
 
     @staticmethod
+    @fused_step_backward
     def backward(ctx, grad_output: Tensor):
         (indices,) = ctx.saved_tensors
         ctx.optimizer._update(grad_output, indices, ctx.padding_idx, ctx.scale)

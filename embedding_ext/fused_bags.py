@@ -9,6 +9,7 @@ from . import distributed, lookup, ops
 from .autograd import bag_sparse_gradient
 from .fused import _MAX_MODE_REFUSAL, _NOT_COMPILED, FusedOptimizer, refuse_inside_ddp
 from .lookup import bag_arguments, csr_may_end_early, renorm_rows
+from .step_boundary import fused_step_backward
 
 
 class FusedBagFunction(torch.autograd.Function):
@@ -29,6 +30,7 @@ class FusedBagFunction(torch.autograd.Function):
         return output
 
     @staticmethod
+    @fused_step_backward
     def backward(ctx, grad_output: Tensor):
         ids, csr, psw, weight = ctx.saved_tensors
         grad_psw = None

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._torch_private import direct_call
-from .autograd import EmbeddingBagFunction, _EmbeddingBagEagerFunction
+from ._torch_private import compiled_autograd_state, direct_call
+from .autograd import EmbeddingBagFunction, EmbeddingFunction, _EmbeddingBagEagerFunction
 
 # The lookup op; its autograd, forward-mode AD and torch.func support are in C++
 # (csrc/autograd.cpp). Called through its direct C++ entry: per-call cost matters for small
@@ -148,6 +148,16 @@ def embedding_local(input: Tensor, weight: Tensor, padding_idx: int, max_norm: f
     """The lookup of a plain weight; padding_idx normalised (-1: none)."""
     if max_norm is not None:
         input = renorm_rows(weight, input, max_norm, norm_type)
+    if compiled_autograd_state.compiled_autograd_enabled and not torch.compiler.is_compiling():
+        # Compiled autograd captures a C++ node of ours only through compiled_args /
+        # apply_with_saved and an internal interface that keeps changing between torch
+        # releases; a Python Function's backward it captures on every release we build
+        # against. So while it is on (and Dynamo is not tracing: a compiled forward keeps the
+        # op, its backward derived by AOTAutograd), the lookup records the Python Function:
+        # same ops, same gradients. Eager calls pay one flag read for this (docs/lookup.md,
+        # "Compiled autograd and CUDA graphs").
+        return EmbeddingFunction.apply(weight, input, padding_idx, bool(scale_grad_by_freq),
+                                       bool(sparse))
     return _embedding_direct(weight, input, padding_idx, bool(scale_grad_by_freq), bool(sparse))
 
 

@@ -231,3 +231,21 @@ def test_two_devices_failing_at_once_are_both_reported():
             ee.embedding(torch.tensor([-1], device=d), weights[d])
             with pytest.raises(IndexError, match="index -1"):
                 ee.check_cuda_index_errors()
+
+
+def test_python_function_sparse_gradient_never_carries_a_bad_id():
+    """ee.EmbeddingFunction (what a lookup records under compiled autograd) makes its sparse
+    gradient as the C++ node does: a bad id becomes a zero row 0, never the raw id."""
+    weight = make_weight(10, 4, device="cuda").requires_grad_()
+    ids = torch.tensor([1, 12, 3], device="cuda")
+    out = ee.EmbeddingFunction.apply(weight, ids, -1, False, True)
+    with pytest.raises(IndexError, match="index 12 at position 1"):
+        ee.check_cuda_index_errors()  # the forward's report, before the backward's call
+    out.sum().backward()
+    try:
+        ee.check_cuda_index_errors()  # the sparse backward's own report, if any
+    except IndexError:
+        pass
+    grad = weight.grad.coalesce()
+    assert int(grad.indices().max()) < 10
+    assert torch.equal(grad.to_dense()[1], torch.ones(4, device="cuda"))

@@ -20,3 +20,14 @@ def test_direct_call_is_the_op_without_its_python_frame():
     # The same autograd kernel ran: a C++ node from csrc/autograd.cpp.
     assert out.grad_fn.name() == "embedding_ext::LookupBackward"
     assert ee.embedding(idx, weight, padding_idx=2).grad_fn.name() == "embedding_ext::LookupBackward"
+
+
+def test_compiled_autograd_flag_is_on_inside_its_context_only():
+    """The flag the lookup reads to record a Python Function under compiled autograd."""
+    state = _torch_private.compiled_autograd_state
+    assert state.compiled_autograd_enabled is False
+    with state._enable(torch.compile(backend="eager")):
+        assert state.compiled_autograd_enabled is True
+        weight = make_weight(9, 4).requires_grad_()
+        assert "EmbeddingFunction" in type(ee.embedding(make_indices((5,), 9), weight).grad_fn).__name__
+    assert state.compiled_autograd_enabled is False
