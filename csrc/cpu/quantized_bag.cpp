@@ -1,0 +1,189 @@
+// CPU pooled lookup of quantized tables (quantized_embedding_bag_forward): each bag's rows
+// dequantized and pooled in fp32 registers/rows, in position order (deterministic). The
+// pooling loop has portable, AVX2 and AVX-512 copies (isa.h) chosen at run time; the row
+// arithmetic is quantized_rows.h's, vectorised by the compiler for each copy.
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <vector>
+
+#include "common.h"
+#include "isa.h"
+#include "output_allocator.h"
+#include "quantized_rows.h"
+#include "row_convert.h"
+
+namespace embedding_ext::cpu {
+namespace {
+
+// Rows fetched ahead while pooling, across bag boundaries within a task: a random row of a
+// large table is a DRAM miss, and a bag's first rows would otherwise each wait for one.
+constexpr int64_t kQuantPrefetch = 16;
+
+template <typename index_t>
+struct QuantBagArgs {
+  const uint8_t* table;
+  int64_t row_bytes, dim;
+  uint64_t num_rows;
+  const index_t* idx;
+  const int64_t* off;
+  int64_t mode;
+  const float* psw;  // per_sample_weights (sum mode) or nullptr
+  int64_t padding_idx;
+};
+
+// Pools bags [b0, b1) into out (row b - b0 of `dim` floats each). Ids are checked as they
+// are read: an id outside the table is skipped and reported (true), and the caller raises.
+// Max mode: the first pooled row as is, then strictly greater values (the float bag's rule);
+// an empty or all-padding bag gives zeros, as mean's and sum's do.
+template <QuantFormat F, typename index_t>
+EMBEDDING_EXT_ALWAYS_INLINE bool pool_quant_bags(const QuantBagArgs<index_t>& a, int64_t b0,
+                                                 int64_t b1, float* out) {
+  const int64_t dim = a.dim, rb = a.row_bytes, task_end = a.off[b1];
+  const auto row_of = [&](int64_t k) { return a.table + static_cast<uint64_t>(k) * rb; };
+  for (int64_t i = a.off[b0]; i < std::min(a.off[b0] + kQuantPrefetch, task_end); ++i) {
+    prefetch_quant_row(row_of(a.idx[i]), rb);
+  }
+  bool bad = false;
+  for (int64_t b = b0; b < b1; ++b) {
+    float* acc = out + (b - b0) * dim;
+    int64_t count = 0;
+    for (int64_t i = a.off[b]; i < a.off[b + 1]; ++i) {
+      // A prefetch of any address is harmless: ids ahead are not checked yet.
+      if (i + kQuantPrefetch < task_end) prefetch_quant_row(row_of(a.idx[i + kQuantPrefetch]), rb);
+      const int64_t k = a.idx[i];
+      if (k == a.padding_idx) continue;
+      if (static_cast<uint64_t>(k) >= a.num_rows) {
+        bad = true;
+        continue;
+      }
+      const uint8_t* row = row_of(k);
+      const RowParams p = row_params<F>(row, dim);
+      if (a.mode == kBagMax) {
+        if (count++ == 0) add_codes<F, true>(row, dim, p.scale, p.bias, acc);
+        else max_codes<F>(row, dim, p.scale, p.bias, acc);
+        continue;
+      }
+      const float w = a.psw ? a.psw[i] : 1.0f;
+      // w * (scale * q + bias) as (w * scale) * q + w * bias: one multiply and add a code.
+      const float scale = a.psw ? p.scale * w : p.scale, bias = a.psw ? p.bias * w : p.bias;
+      if (count++ == 0) add_codes<F, true>(row, dim, scale, bias, acc);
+      else add_codes<F, false>(row, dim, scale, bias, acc);
+    }
+    if (count == 0) {
+      std::fill(acc, acc + dim, 0.0f);
+    } else if (a.mode == kBagMean && count > 1) {  // a division, as the float bag
+      const float c = static_cast<float>(count);
+      for (int64_t d = 0; d < dim; ++d) acc[d] /= c;
+    }
+  }
+  return bad;
+}
+
+template <typename index_t>
+EMBEDDING_EXT_ALWAYS_INLINE bool pool_quant_bags_any_format(QuantFormat f, const QuantBagArgs<index_t>& a,
+                                                            int64_t b0, int64_t b1, float* out) {
+  switch (f) {
+    case QuantFormat::kInt8: return pool_quant_bags<QuantFormat::kInt8>(a, b0, b1, out);
+    case QuantFormat::kInt4: return pool_quant_bags<QuantFormat::kInt4>(a, b0, b1, out);
+    case QuantFormat::kFp8: return pool_quant_bags<QuantFormat::kFp8>(a, b0, b1, out);
+  }
+  return false;
+}
+
+// One copy per instruction set: the same source, vectorised for each.
+template <typename index_t>
+EMBEDDING_EXT_TARGET_PORTABLE bool pool_quant_portable(QuantFormat f, const QuantBagArgs<index_t>& a,
+                                                       int64_t b0, int64_t b1, float* out) {
+  return pool_quant_bags_any_format(f, a, b0, b1, out);
+}
+#if defined(__x86_64__)
+template <typename index_t>
+EMBEDDING_EXT_TARGET_AVX2 bool pool_quant_avx2(QuantFormat f, const QuantBagArgs<index_t>& a,
+                                               int64_t b0, int64_t b1, float* out) {
+  return pool_quant_bags_any_format(f, a, b0, b1, out);
+}
+template <typename index_t>
+EMBEDDING_EXT_TARGET_AVX512 bool pool_quant_avx512(QuantFormat f, const QuantBagArgs<index_t>& a,
+                                                   int64_t b0, int64_t b1, float* out) {
+  return pool_quant_bags_any_format(f, a, b0, b1, out);
+}
+#endif
+
+template <typename index_t>
+bool pool_quant_any_isa(QuantFormat f, const QuantBagArgs<index_t>& a, int64_t b0, int64_t b1,
+                        float* out) {
+#if defined(__x86_64__)
+  switch (cpu_isa()) {
+    case kAvx512: return pool_quant_avx512(f, a, b0, b1, out);
+    case kAvx2: return pool_quant_avx2(f, a, b0, b1, out);
+    default: break;
+  }
+#endif
+  return pool_quant_portable(f, a, b0, b1, out);
+}
+
+// Bags converted to fp16/bf16 are pooled this many at a time into an fp32 buffer.
+constexpr int64_t kConvertChunk = 64;
+
+at::Tensor quantized_embedding_bag_forward_cpu(const at::Tensor& packed, c10::string_view format,
+                                               const at::Tensor& indices, const at::Tensor& offsets,
+                                               int64_t mode,
+                                               const c10::optional<at::Tensor>& per_sample_weights,
+                                               int64_t padding_idx, at::ScalarType dtype) {
+  constexpr const char* op = "quantized_embedding_bag_forward";
+  const QuantTable t = quant_table(packed, format, op);
+  const BagInputs in = quant_bag_inputs(t, indices, offsets, mode, per_sample_weights, dtype, op);
+  const at::Tensor psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
+  at::Tensor out = empty_output({in.bags, in.dim}, packed.options().dtype(dtype));
+  const int64_t* off = in.offsets.const_data_ptr<int64_t>();
+  AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), op, [&] {
+    const index_t* idx = in.indices.const_data_ptr<index_t>();
+    const QuantBagArgs<index_t> args{t.packed.const_data_ptr<uint8_t>(), t.row_bytes, t.dim,
+                                     static_cast<uint64_t>(t.num_rows), idx, off, mode,
+                                     psw.defined() ? psw.const_data_ptr<float>() : nullptr,
+                                     padding_idx};
+    // dim 0 pools nothing: the ids are still checked, all of them, below.
+    std::atomic<bool> bad{t.dim == 0};
+    for (int64_t i = off[in.bags]; i < in.n; ++i) {  // ids after the last bag (CSR)
+      if (static_cast<uint64_t>(static_cast<int64_t>(idx[i])) >= args.num_rows) bad = true;
+    }
+    const int64_t avg_ids = in.bags ? std::max<int64_t>(1, off[in.bags] / in.bags) : 1;
+    if (t.dim > 0) {
+      at::parallel_for(0, in.bags, grain_for(avg_ids * t.row_bytes), [&](int64_t begin, int64_t end) {
+        bool task_bad = false;
+        if (dtype == at::kFloat) {
+          task_bad = pool_quant_any_isa(t.format, args, begin, end,
+                                        out.mutable_data_ptr<float>() + begin * t.dim);
+        } else {
+          std::vector<float> buffer(std::min(kConvertChunk, end - begin) * t.dim);
+          for (int64_t b0 = begin; b0 < end; b0 += kConvertChunk) {
+            const int64_t b1 = std::min(end, b0 + kConvertChunk);
+            task_bad |= pool_quant_any_isa(t.format, args, b0, b1, buffer.data());
+            const int64_t count = (b1 - b0) * t.dim;
+            if (dtype == at::kHalf) {
+              store_row(buffer.data(), 1.0f, out.mutable_data_ptr<c10::Half>() + b0 * t.dim, count);
+            } else {
+              store_row(buffer.data(), 1.0f, out.mutable_data_ptr<c10::BFloat16>() + b0 * t.dim, count);
+            }
+          }
+        }
+        if (task_bad) bad = true;
+      });
+    }
+    if (bad) check_index_range(idx, in.n, t.num_rows, op);  // raises for the first bad position
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(embedding_ext, CPU, m) {
+  m.impl("quantized_embedding_bag_forward", &quantized_embedding_bag_forward_cpu);
+}
+
+}  // namespace embedding_ext::cpu
