@@ -3,7 +3,8 @@
 # compute-sanitizer; no network): build, a probe of the bad-index round trip (rerun under
 # cuda-gdb for a backtrace if it crashes), CUDA tests (in crash-tolerant pytest-xdist workers
 # where the machine has xdist), the GPU benchmark, the fused step, a torch.profiler pass over
-# the rows that lose (bench/gpu_profile.py), then the sanitizers memcheck and initcheck
+# the rows that lose (bench/gpu_profile.py), the quantized tables' CUDA tests and benchmark
+# rows (bench/quantized.py), then the sanitizers memcheck and initcheck
 # on the driver's quick case list (our kernels use no shared memory and no barriers, so
 # racecheck and synccheck have nothing to see). Each step has a time limit, and all of them
 # share one deadline (BUDGET_S, default 540 s), so the script ends on time and says what it
@@ -109,6 +110,12 @@ if [ $DRY = 0 ]; then
   # the plot.
   run benchmark 150 "$PY" -m bench.run --preset gpu --device cuda --min-run-time 0.05 --out "$OUT"
   run fused-step 60 "$PY" -m bench.fused_step --device cuda --rounds 3 --out "$OUT"
+  # Quantized tables: their CUDA tests, then the quant preset's rows on this GPU (the table
+  # goes to steps.log and the summary; its files stay in the scratch folder).
+  TAIL_LINES=20 run tests-cuda-quantized 90 "$PY" -m pytest -q -p no:cacheprovider -m cuda \
+    -rfE --tb=short tests/test_quantized.py tests/test_quantized_bags.py
+  TAIL_LINES=16 run benchmark-quantized 90 "$PY" -m bench.quantized --device cuda --rounds 3 \
+    --out "$SCRATCH/quant"
   # Where the time goes in the rows that lose (tables into steps.log: no more OUTDIR files).
   run profile 60 "$PY" -m bench.gpu_profile --device cuda
   sanitize memcheck 90
@@ -120,6 +127,8 @@ else
   run benchmark-cpu-bags 120 "$PY" -m bench.run --preset bag --device cpu --filter rec-bags-small \
     --min-run-time 0.01 --rounds 1 --threads 1 --out "$SCRATCH/dry-bench"
   run fused-step-cpu 120 "$PY" -m bench.fused_step --device cpu --rounds 1 --filter 50000x768
+  run benchmark-quantized-cpu 60 "$PY" -m bench.quantized --device cpu --rounds 1 \
+    --num-rows 20000 --out "$SCRATCH/dry-bench"
   run profile-cpu 60 "$PY" -m bench.gpu_profile --device cpu --iters 3
   run selfcheck-cpu 60 "$PY" -m embedding_ext
   run sanitize-driver-cpu 120 "$PY" -m bench.sanitize_kernels cpu --quick

@@ -230,3 +230,18 @@ def test_compile_fullgraph(bits, fp8):
     ids, offsets = torch.randint(0, 30, (4, 3)), torch.tensor([0, 3, 6, 9, 12])
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(ids, offsets), model(ids, offsets))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+@pytest.mark.parametrize("bits,fp8", [(8, False), (4, False), (8, True)])
+def test_modules_move_to_cuda_and_match_the_cpu(bits, fp8):
+    bag = ee.QuantizedEmbeddingBag.from_float(torch.nn.EmbeddingBag(40, 32, mode="max"),
+                                              bits=bits, fp8=fp8)
+    emb = ee.QuantizedEmbedding.from_float(torch.nn.Embedding(40, 32).cuda(), bits=bits, fp8=fp8)
+    assert emb.packed.is_cuda
+    ids, offsets = torch.randint(0, 40, (30,)), torch.tensor([0, 4, 4, 17])
+    expected = bag(ids, offsets)
+    bag.cuda()
+    torch.testing.assert_close(bag(ids.cuda(), offsets.cuda()).cpu(), expected)
+    torch.testing.assert_close(emb(ids.cuda()).cpu(), emb.cpu()(ids))
