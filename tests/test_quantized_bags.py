@@ -60,7 +60,7 @@ def test_bag_equals_float_bag_of_dequantized_rows(device, format, mode, index_dt
 
 @pytest.mark.parametrize("format", FORMATS)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dim", [16, 128, 130])
+@pytest.mark.parametrize("dim", [16, 32, 64, 96, 128, 130, 256])
 def test_every_cpu_isa_copy_gives_the_same_bits(format, mode, dim):
     packed = qops.quantize_rows(torch.randn(60, dim), format)
     ids, csr = _bags(60, [5, 32, 0, 9], 3)

@@ -11,6 +11,10 @@
 #include <atomic>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 
 #include "common.h"
 #include "isa.h"
@@ -170,6 +174,78 @@ EMBEDDING_EXT_ALWAYS_INLINE bool pool_quant_bags_any_format(QuantFormat f, const
   return false;
 }
 
+#if defined(__x86_64__)
+// int8 and int4 sum/mean with D a multiple of 16 (int4: 32) up to 128, AVX-512 copy only:
+// codes widened by vpmovzxbd (the compiler's vectorisation widened in two steps, and for int4
+// assembled vectors byte by byte) and accumulated in registers across the bag; int4's 16
+// bytes -> 32 codes in column order by unpacking the low and high nibbles. The same
+// operations per element in the same order as the loops the other copies run (int8:
+// pool_block, from zero; int4: pool_quant_bags, the first row as is), so the same bits.
+template <QuantFormat F, int kVecs, typename index_t>
+EMBEDDING_EXT_TARGET_AVX512 bool pool_small_avx512(const QuantBagArgs<index_t>& a, int64_t b0,
+                                                   int64_t b1, float* out) {
+  constexpr int64_t dim = 16 * kVecs;
+  const int64_t rb = a.row_bytes, task_end = a.off[b1];
+  const auto row_of = [&](int64_t k) { return a.table + static_cast<uint64_t>(k) * rb; };
+  for (int64_t i = a.off[b0]; i < std::min(a.off[b0] + kQuantPrefetch, task_end); ++i) {
+    prefetch_quant_row(row_of(a.idx[i]), rb);
+  }
+  const __m128i low_nibbles = _mm_set1_epi8(15);
+  bool bad = false;
+  for (int64_t b = b0; b < b1; ++b) {
+    __m512 acc[kVecs];
+    #pragma GCC unroll 8
+    for (int v = 0; v < kVecs; ++v) acc[v] = _mm512_setzero_ps();
+    int64_t count = 0;
+    for (int64_t i = a.off[b]; i < a.off[b + 1]; ++i) {
+      if (i + kQuantPrefetch < task_end) prefetch_quant_row(row_of(a.idx[i + kQuantPrefetch]), rb);
+      const int64_t k = a.idx[i];
+      if (k == a.padding_idx) continue;
+      if (static_cast<uint64_t>(k) >= a.num_rows) {
+        bad = true;
+        continue;
+      }
+      const uint8_t* row = row_of(k);
+      const RowParams p = row_params<F>(row, dim);
+      const float w = a.psw ? a.psw[i] : 1.0f;
+      const __m512 scale = _mm512_set1_ps(a.psw ? p.scale * w : p.scale);
+      const __m512 bias = _mm512_set1_ps(a.psw ? p.bias * w : p.bias);
+      __m128i bytes[kVecs];  // 16 codes each, in column order
+      if constexpr (F == QuantFormat::kInt8) {
+        #pragma GCC unroll 8
+        for (int v = 0; v < kVecs; ++v) bytes[v] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * v));
+      } else {
+        #pragma GCC unroll 4
+        for (int c = 0; c < kVecs / 2; ++c) {
+          const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * c));
+          const __m128i lo = _mm_and_si128(packed, low_nibbles);
+          const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low_nibbles);
+          bytes[2 * c] = _mm_unpacklo_epi8(lo, hi);
+          bytes[2 * c + 1] = _mm_unpackhi_epi8(lo, hi);
+        }
+      }
+      #pragma GCC unroll 8
+      for (int v = 0; v < kVecs; ++v) {
+        const __m512 value = _mm512_add_ps(
+            _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes[v]))), bias);
+        const bool first_as_is = F == QuantFormat::kInt4 && count == 0;
+        acc[v] = first_as_is ? value : _mm512_add_ps(acc[v], value);
+      }
+      ++count;
+    }
+    float* dst = out + (b - b0) * dim;
+    const __m512 divisor = _mm512_set1_ps(static_cast<float>(count));
+    #pragma GCC unroll 8
+    for (int v = 0; v < kVecs; ++v) {
+      const __m512 total = count == 0 ? _mm512_setzero_ps()
+                           : a.mode == kBagMean && count > 1 ? _mm512_div_ps(acc[v], divisor) : acc[v];
+      _mm512_storeu_ps(dst + 16 * v, total);
+    }
+  }
+  return bad;
+}
+#endif
+
 // One copy per instruction set: the same source, vectorised for each.
 template <typename index_t>
 EMBEDDING_EXT_TARGET_PORTABLE bool pool_quant_portable(QuantFormat f, const QuantBagArgs<index_t>& a,
@@ -185,6 +261,19 @@ EMBEDDING_EXT_TARGET_AVX2 bool pool_quant_avx2(QuantFormat f, const QuantBagArgs
 template <typename index_t>
 EMBEDDING_EXT_TARGET_AVX512 bool pool_quant_avx512(QuantFormat f, const QuantBagArgs<index_t>& a,
                                                    int64_t b0, int64_t b1, float* out) {
+  if (f != QuantFormat::kFp8 && a.mode != kBagMax) {
+    const bool int8 = f == QuantFormat::kInt8;
+    switch (a.dim) {
+      case 16: if (int8) return pool_small_avx512<QuantFormat::kInt8, 1>(a, b0, b1, out); break;
+      case 32: return int8 ? pool_small_avx512<QuantFormat::kInt8, 2>(a, b0, b1, out)
+                           : pool_small_avx512<QuantFormat::kInt4, 2>(a, b0, b1, out);
+      case 64: return int8 ? pool_small_avx512<QuantFormat::kInt8, 4>(a, b0, b1, out)
+                           : pool_small_avx512<QuantFormat::kInt4, 4>(a, b0, b1, out);
+      case 128: return int8 ? pool_small_avx512<QuantFormat::kInt8, 8>(a, b0, b1, out)
+                            : pool_small_avx512<QuantFormat::kInt4, 8>(a, b0, b1, out);
+      default: break;
+    }
+  }
   return pool_quant_bags_any_format<128>(f, a, b0, b1, out);
 }
 #endif
