@@ -67,6 +67,14 @@ def test_fp8_error_bound():
     assert ((deq - w.double()).abs() <= bound * (1 + 1e-6)).all()
 
 
+def test_every_fp8_code_reads_as_e4m3():
+    codes = torch.arange(256, dtype=torch.uint8)
+    packed = torch.cat([codes, torch.tensor([1.0]).view(torch.uint8)])[None]  # scale 1
+    out = qops.quantized_embedding_forward(packed, "fp8", torch.tensor([0]), torch.float32)[0]
+    torch.testing.assert_close(out, codes.view(torch.float8_e4m3fn).float(), equal_nan=True,
+                               rtol=0, atol=0)
+
+
 def test_quantize_refuses_odd_int4_dims_and_non_finite_rows():
     with pytest.raises(RuntimeError, match="even embedding_dim"):
         qops.quantize_rows(torch.randn(3, 5), "int4")

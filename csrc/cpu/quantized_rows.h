@@ -4,11 +4,11 @@
 // (setup.py: -ffp-contract=off), so every copy gives the same bits.
 #pragma once
 
-#include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "../quantized_format.h"
 
@@ -16,19 +16,17 @@ namespace embedding_ext::cpu {
 
 #define EMBEDDING_EXT_ALWAYS_INLINE __attribute__((always_inline)) inline
 
-// The fp32 value of every e4m3 code: one table lookup instead of a bit-twiddling conversion.
-struct Fp8Values {
-  float value[256];
-  Fp8Values() {
-    for (int c = 0; c < 256; ++c) {
-      value[c] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(c),
-                                                       c10::Float8_e4m3fn::from_bits()));
-    }
-  }
-};
-inline const Fp8Values& fp8_values() {
-  static const Fp8Values table;
-  return table;
+// The fp32 value of an e4m3 code, branch-free so that loops over codes vectorise: the sign,
+// exponent and mantissa bits moved to their fp32 places, then scaled by 2^(127 - 7) (the
+// difference of the exponent biases), which is exact for normal and subnormal codes alike;
+// 0x7F / 0xFF are NaN (e4m3fn has no infinities).
+EMBEDDING_EXT_ALWAYS_INLINE float fp8_e4m3_value(uint8_t code) {
+  const uint32_t bits = (static_cast<uint32_t>(code & 0x80) << 24) |
+                        (static_cast<uint32_t>(code & 0x7F) << 20);
+  float magnitude;
+  std::memcpy(&magnitude, &bits, 4);
+  const float value = magnitude * 0x1p120f;
+  return (code & 0x7F) == 0x7F ? std::numeric_limits<float>::quiet_NaN() : value;
 }
 
 // A row's scale and bias (fp8: bias 0), widened to fp32.
@@ -72,9 +70,8 @@ EMBEDDING_EXT_ALWAYS_INLINE void add_codes(const uint8_t* __restrict row, int64_
       acc[2 * j + 1] = kStore ? hi : acc[2 * j + 1] + hi;
     }
   } else {
-    const float* values = fp8_values().value;
     for (int64_t d = 0; d < dim; ++d) {
-      const float v = a * values[row[d]];
+      const float v = a * fp8_e4m3_value(row[d]);
       acc[d] = kStore ? v : acc[d] + v;
     }
   }
@@ -98,9 +95,8 @@ EMBEDDING_EXT_ALWAYS_INLINE void max_codes(const uint8_t* __restrict row, int64_
       acc[2 * j + 1] = hi > acc[2 * j + 1] ? hi : acc[2 * j + 1];
     }
   } else {
-    const float* values = fp8_values().value;
     for (int64_t d = 0; d < dim; ++d) {
-      const float v = a * values[row[d]];
+      const float v = a * fp8_e4m3_value(row[d]);
       acc[d] = v > acc[d] ? v : acc[d];
     }
   }
