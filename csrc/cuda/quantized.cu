@@ -3,8 +3,9 @@
 // group of lanes per output row, each lane dequantizing columns d, d + lanes, ... in fp32.
 // Bad ids and offsets are reported through the error sink, without a synchronisation, as
 // in every CUDA op of the library (index_errors.h); their rows pool nothing.
-// Quantizing a table is CPU-only (quantize_rows): a table is packed once, then moved.
+// Quantizing (quantize_rows) runs on the CPU for CUDA tensors too: a table is packed once.
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <c10/util/BFloat16.h>
@@ -209,9 +210,19 @@ at::Tensor quantized_embedding_bag_forward_cuda(const at::Tensor& packed, c10::s
   return out;
 }
 
+// A CUDA table is packed by the CPU kernel: one copy each way, once per table (the rows'
+// min/max and the codes' rounding then come from one implementation, PyTorch's bit for bit).
+at::Tensor quantize_rows_cuda(const at::Tensor& weight, c10::string_view format) {
+  static const auto cpu_op = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("embedding_ext::quantize_rows", "")
+                                 .typed<at::Tensor(const at::Tensor&, c10::string_view)>();
+  return cpu_op.call(weight.cpu(), format).to(weight.device());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(embedding_ext, CUDA, m) {
+  m.impl("quantize_rows", &quantize_rows_cuda);
   m.impl("quantized_embedding_forward", &quantized_embedding_forward_cuda);
   m.impl("quantized_embedding_bag_forward", &quantized_embedding_bag_forward_cuda);
 }
