@@ -3,7 +3,7 @@
 # compute-sanitizer; no network): build, a probe of the bad-index round trip (rerun under
 # cuda-gdb for a backtrace if it crashes), CUDA tests (in crash-tolerant pytest-xdist workers
 # where the machine has xdist), the GPU benchmark, the fused step, the many-table collection,
-# a torch.profiler pass over
+# the quantized tables' rows (bench/quantized.py), a torch.profiler pass over
 # the rows that lose (bench/gpu_profile.py), then the sanitizers memcheck and initcheck
 # on the driver's quick case list (our kernels use no shared memory and no barriers, so
 # racecheck and synccheck have nothing to see). Each step has a time limit, and all of them
@@ -113,6 +113,10 @@ if [ $DRY = 0 ]; then
   run fused-step 60 "$PY" -m bench.fused_step --device cuda --rounds 3 --out "$OUT"
   # The many-table collection against per-table loops (tables into steps.log).
   run collection 45 "$PY" -m bench.collection --device cuda --rounds 20 --cases criteo,wide
+  # Quantized tables: the quant preset's rows on this GPU (the table goes to steps.log and the
+  # summary; its files stay in the scratch folder). Their CUDA tests ran with the others.
+  TAIL_LINES=16 run benchmark-quantized 90 "$PY" -m bench.quantized --device cuda --rounds 3 \
+    --out "$SCRATCH/quant"
   # Where the time goes in the rows that lose (tables into steps.log: no more OUTDIR files).
   run profile 60 "$PY" -m bench.gpu_profile --device cuda
   sanitize memcheck 90
@@ -125,6 +129,8 @@ else
     --min-run-time 0.01 --rounds 1 --threads 1 --out "$SCRATCH/dry-bench"
   run fused-step-cpu 120 "$PY" -m bench.fused_step --device cpu --rounds 1 --filter 50000x768
   run collection-cpu 60 "$PY" -m bench.collection --device cpu --rounds 1 --cases dlrm --cap 2000
+  run benchmark-quantized-cpu 60 "$PY" -m bench.quantized --device cpu --rounds 1 \
+    --num-rows 20000 --out "$SCRATCH/dry-bench"
   run profile-cpu 60 "$PY" -m bench.gpu_profile --device cpu --iters 3
   run selfcheck-cpu 60 "$PY" -m embedding_ext
   run sanitize-driver-cpu 120 "$PY" -m bench.sanitize_kernels cpu --quick

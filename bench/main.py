@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import collection, fused_step, run, sharded
+from . import collection, fused_step, quantized, run, sharded
 from .report import finish_plot
 from .cases import (BAG_FORWARD, BAG_FWD_BWD_SPARSE, DENSE, FORWARD, FWD_BWD, MAX_NORM, SPARSE)
 
@@ -59,6 +59,11 @@ def summary_rows(device: str, threads: int, rounds: int) -> list[dict]:
     if device == "cpu":  # the table-batched collection has CPU kernels only so far
         rows += [_row("collection (many tables)", r["case"], r["ours_ms"], r["torch_ms"],
                       r["peer_ms"]) for r in collection.collection_rows(threads, rounds + 4)]
+    # The quantized int8 bag against PyTorch's quantized op (bench.quantized: the full preset).
+    for r in quantized.measure(device, rounds=rounds, min_run_time=0.1, formats=("int8",),
+                               lookup=False, vs_fp32=False, same_table=False)[:-1]:
+        rows.append(_row("quantized bag (int8)", "1e+06x128 N=65536 bags of 32 sum",
+                         r["ours_ms"], r["peer_ms"], math.nan))
     if device == "cpu" and torch.distributed.is_available():
         for r in sharded.run(2, rounds, 5, SHARDED_CASES, SHARDED_PLANS):
             rows.append(_row("tensor-parallel step, 2 ranks", f"{r['V']}x{r['D']} {r['ids']} ids "

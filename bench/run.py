@@ -2,6 +2,7 @@
 
     python -m bench.run --preset quick            # sized for a 2-core CPU (about 3 minutes)
     python -m bench.run --preset gpu --device cuda --out DIR
+    python -m bench.run --preset quant            # quantized tables (bench/quantized.py)
 
 Results go to bench/out/ (ignored by git) unless --out names another folder;
 `make bench-results` writes the committed ones in bench/results/ on purpose.
@@ -285,7 +286,8 @@ def run(args) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="quick",
-                        help=f"comma-separated presets to run, of {', '.join(sorted(PRESETS))}")
+                        help=f"comma-separated presets to run, of {', '.join(sorted(PRESETS))}; or "
+                             "quant alone (bench.quantized: the quantized tables)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--threads", default=None,
                         help="CPU thread counts to run, comma-separated (default: 1 and all)")
@@ -307,6 +309,10 @@ def main(argv=None) -> int:
     args.ops = [o for o in args.ops.split(",") if o]
     args.command = "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv)
     presets = [p for p in args.preset.split(",") if p]
+    if presets == ["quant"]:  # the quantized tables' preset has its own driver
+        from . import quantized
+        return quantized.main(["--device", args.device, "--out", str(args.out),
+                               "--threads", str(args.threads[0]), "--rounds", str(args.rounds)])
     unknown = [p for p in presets if p not in PRESETS]
     if unknown or not presets:
         parser.error(f"--preset: unknown preset(s) {unknown}; choose from {sorted(PRESETS)}")

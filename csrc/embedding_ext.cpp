@@ -143,4 +143,30 @@ TORCH_LIBRARY(embedding_ext, m) {
       "Tensor values, Tensor offsets, int[] feature_table, int[] modes, int[] padding_idx, "
       "Tensor? per_sample_weights, int rule, Tensor(b!)[] state1, Tensor(c!)[] state2, "
       "float lr, float eps, float beta1, float beta2, float lr_decay, int[] steps) -> ()");
+
+  // --- Quantized tables, inference only (ee.QuantizedEmbedding, ee.QuantizedEmbeddingBag;
+  // docs/quantized.md). `packed` is (V, row_bytes) uint8, one row per embedding; `format`
+  // names its layout (csrc/quantized_format.h): "int8" = D codes + fp32 scale + fp32 bias,
+  // "int4" = D/2 bytes of two codes (low nibble first) + fp16 scale + fp16 bias (both exactly
+  // PyTorch's embedding_bag_byte_prepack / embedding_bag_4bit_prepack rows), "fp8" = D e4m3
+  // codes + an fp32 scale. A row dequantizes to scale * code + bias (fp8: scale * code). No
+  // gradients: these ops have no Autograd kernel.
+
+  // The rows of a float table (V, D) quantized per row (int8/int4: min/max affine, the codes
+  // of PyTorch's prepack ops bit for bit; fp8: amax scaling). CPU only.
+  m.def("quantize_rows(Tensor weight, str format) -> Tensor");
+
+  // out[i, :] = dequantized row indices[i], shape indices.shape + (D,), dtype `dtype`
+  // (fp32, fp16 or bf16; computed in fp32).
+  m.def(
+      "quantized_embedding_forward(Tensor packed, str format, Tensor indices, "
+      "ScalarType dtype) -> Tensor");
+
+  // embedding_bag_forward's pooling (CSR offsets, modes, padding_idx, empty bags give zeros)
+  // over dequantized rows, accumulated in fp32, output (B, D) in `dtype` (fp32, fp16, bf16).
+  // per_sample_weights: fp32, sum mode only. No arg_max (no backward).
+  m.def(
+      "quantized_embedding_bag_forward(Tensor packed, str format, Tensor indices, "
+      "Tensor offsets, int mode, Tensor? per_sample_weights, int padding_idx, "
+      "ScalarType dtype) -> Tensor");
 }

@@ -49,6 +49,8 @@ from .embedding_collection import EmbeddingCollection, EmbeddingConfig  # noqa: 
 from .functional import embedding, embedding_bag  # noqa: E402
 from .fused import FusedOptimizer, fuse_optimizer  # noqa: E402
 from .module import Embedding, EmbeddingBag  # noqa: E402
+from .quantized import (QuantizedEmbedding, QuantizedEmbeddingBag,  # noqa: E402
+                        quantize_embeddings)
 from .swap import replace_embeddings, restore_embeddings  # noqa: E402
 
 
@@ -136,6 +138,9 @@ __all__ = [
     "FusedOptimizer",
     "replace_embeddings",
     "restore_embeddings",
+    "QuantizedEmbedding",
+    "QuantizedEmbeddingBag",
+    "quantize_embeddings",
     "build_info",
     "check_cuda_index_errors",
     "set_synchronous_index_checks",

@@ -32,6 +32,14 @@ __device__ __forceinline__ BagRange bag_range(const int64_t* __restrict__ off, i
   return ok ? BagRange{start, end, true} : BagRange{0, 0, false};
 }
 
+// A call with no bags: only offsets[0] (which must be 0) to check. (A kernel each .cu that
+// includes this defines for itself: internal linkage.)
+namespace {
+__global__ void check_first_offset_kernel(const int64_t* __restrict__ off, int64_t n, ErrorSink sink) {
+  if (off[0] != 0) report_bad_index(sink, 0, off[0], n, kBadOffset);
+}
+}  // namespace
+
 // bag_of[i] = the bag pooling position i (left at -1 for ids in no bag: the CSR tail), and
 // per bag the count of pooled (non-padding, in-range) ids; with counts, the in-bag
 // occurrences of each row (scale_grad_by_freq's divisor). bag_of and bag_count start at -1

@@ -12,11 +12,6 @@
 namespace embedding_ext::cuda {
 namespace {
 
-// No bags: only offsets[0] (which must be 0) to check.
-__global__ void check_first_offset_kernel(const int64_t* __restrict__ off, int64_t n, ErrorSink sink) {
-  if (off[0] != 0) report_bad_index(sink, 0, off[0], n, kBadOffset);
-}
-
 template <typename scalar_t, typename index_t>
 __global__ void pool_bags_kernel(const scalar_t* __restrict__ weight, int64_t row_stride,
                                  const index_t* __restrict__ idx, const int64_t* __restrict__ off,
