@@ -3,6 +3,7 @@
 tables go to distributed.py, plain ones to lookup.py."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
@@ -10,6 +11,8 @@ from . import distributed, distributed_bag
 from .lookup import (_bag_layout, _embedding_direct, bag_arguments,  # noqa: F401 (tests)
                      csr_may_end_early, embedding_bag_local, embedding_local,
                      normalize_padding_idx)
+
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None,
@@ -33,7 +36,9 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None,
             raise RuntimeError(f"embedding: 'weight' must be 2-D, got a {weight.dim()}-D tensor "
                                f"of shape {tuple(weight.shape)}")
         padding = normalize_padding_idx(padding_idx, weight.shape[0])
-    if distributed.is_dtensor(weight, input):
+    # Plain tensors skip the DTensor test's call: the tiny lookup's per-call cost is Python's.
+    if (type(weight) not in _PLAIN or type(input) not in _PLAIN) and \
+            distributed.is_dtensor(weight, input):
         return distributed.embedding(input, weight, padding, max_norm, norm_type,
                                      scale_grad_by_freq, sparse)
     return embedding_local(input, weight, padding, max_norm, norm_type, scale_grad_by_freq,
