@@ -12,7 +12,9 @@ CASES = [
     (ee.optim.RowWiseAdagrad, dict(lr=0.2, eps=1e-8)),
 ]
 IDS = ["SGD", "Adagrad", "SparseAdam", "RowWiseAdagrad"]
-TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
+# fp32: a hot row sums up to 24 unit-sized gradient terms, in another order than torch's
+# coalesce; their rounding alone reaches 24 * 2^-24 * 3 = 4e-6 (1.2e-6 seen for one seed).
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=5e-6)}
 
 
 def batch(num_weights, n, padding_idx, dim, dtype):
