@@ -51,8 +51,8 @@ namespace {
                               value));
 }
 
-// One feature's bags (or the last dim % 16 columns of them) for the generic loop: max mode,
-// a dim under 16, or the columns after the register blocks (bag_pool.h) of sum and mean.
+// One feature's bags for the generic loop: max mode, or a dim under 16. (Sum and mean with
+// larger dims take the single-table kernel's register blocks, bag_pool.h.)
 template <typename scalar_t, typename index_t>
 struct FeatureBags {
   const scalar_t* weight;  // the first pooled column of row 0
@@ -206,33 +206,17 @@ void pool_all(const Layout& L, const std::vector<const scalar_t*>& weights, cons
     const int64_t* feature_off = off + f * L.batch;
     scalar_t* feature_out = out + L.col_of[f];
     const uint64_t rows = static_cast<uint64_t>(L.rows[t]);
-    const int64_t head = mode == kBagMax ? 0 : dim - dim % 16;  // register-block columns
-    if (head == dim) {
+    if (dim >= 16 && mode != kBagMax) {
       const PoolArgs<scalar_t, index_t> args{weights[t], dim, idx, feature_off, dim, mode, psw,
                                               L.pad[t], feature_out, nullptr, rows,
                                               /*out_stride=*/L.total_dim};
       if (pool_register_blocks_any<false>(args, b0, b1)) skipped = true;
-      return;
-    }
-    const FeatureBags<scalar_t, index_t> tail{
-        weights[t] + head, idx, feature_off, psw, feature_out + head,
-        arg_pos == nullptr ? nullptr : arg_pos + L.col_of[f], L.total_dim, dim - head, mode,
-        L.pad[t], rows, dim};
-    if (head == 0) {
-      generic(tail, b0, b1, first_bad);
-      return;
-    }
-    // D = 16k + r: the first 16k columns in register blocks, then the last r columns of the
-    // same few bags while their rows are still in cache (a generic loop over all D columns
-    // ran at half the bytes per second: 100 tables of D = 16k + 8).
-    const PoolArgs<scalar_t, index_t> args{weights[t], dim, idx, feature_off, head, mode, psw,
-                                            L.pad[t], feature_out, nullptr, rows,
-                                            /*out_stride=*/L.total_dim};
-    constexpr int64_t kTailChunk = 8;
-    for (int64_t c0 = b0; c0 < b1; c0 += kTailChunk) {
-      const int64_t c1 = std::min(b1, c0 + kTailChunk);
-      if (pool_register_blocks_any<false>(args, c0, c1)) skipped = true;
-      generic(tail, c0, c1, first_bad);
+    } else {
+      const FeatureBags<scalar_t, index_t> run{
+          weights[t], idx, feature_off, psw, feature_out,
+          arg_pos == nullptr ? nullptr : arg_pos + L.col_of[f], L.total_dim, dim, mode,
+          L.pad[t], rows, dim};
+      generic(run, b0, b1, first_bad);
     }
   };
   at::parallel_for(0, bags, grain, [&](int64_t begin, int64_t end) {

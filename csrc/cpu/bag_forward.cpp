@@ -1,7 +1,7 @@
 // CPU pooled lookup, forward (embedding_bag_forward): bags pooled in fp32 (fp64 for fp64), one
-// task per run of bags, rows in position order: deterministic. D a multiple of 16 takes the
-// register-block loops (bag_pool.h) of this CPU's instruction set; other D a loop over whole
-// rows.
+// task per run of bags, rows in position order: deterministic. D >= 16 takes the
+// register-block loops (bag_pool.h) of this CPU's instruction set; smaller D a loop over
+// whole rows.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
@@ -33,9 +33,9 @@ void pool_bags(const scalar_t* weight, int64_t row_stride, int64_t num_rows, con
   const int64_t avg_ids = bags ? std::max<int64_t>(1, off[bags] / bags) : 1;
   const int64_t grain = grain_for(avg_ids * dim * sizeof(scalar_t));
   // Max mode keeps arg-max positions as int32 lanes: bags of fewer than 2^31 ids.
-  // (dim 0 takes the generic loop: the register blocks would pool no column, so check no id.)
+  // (dims under 16 take the generic loop: the register blocks are 16 columns wide.)
   // Max mode's int32 positions are relative to a bag; the test on the total is conservative.
-  if (dim > 0 && dim % 16 == 0 && (mode != kBagMax || off[bags] <= std::numeric_limits<int32_t>::max())) {
+  if (dim >= 16 && (mode != kBagMax || off[bags] <= std::numeric_limits<int32_t>::max())) {
     const PoolArgs<scalar_t, index_t> args{weight, row_stride, idx, off, dim, mode, psw,
                                             padding_idx, out, arg_max, static_cast<uint64_t>(num_rows),
                                             /*out_stride=*/dim};

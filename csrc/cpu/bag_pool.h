@@ -1,5 +1,5 @@
-// The register-block loops of the bag pooling forward (bag_forward.cpp), for bags whose D is a
-// multiple of 16. They have portable, AVX2 and AVX-512 copies (isa.h), each compiled in a file
+// The register-block loops of the bag pooling forward (bag_forward.cpp), for bags whose D is
+// at least 16. They have portable, AVX2 and AVX-512 copies (isa.h), each compiled in a file
 // of its own (bag_pool_portable.cpp, bag_pool_avx2.cpp, bag_pool_avx512.cpp): the copies'
 // template instantiations are most of what bag pooling costs to compile, and in three files
 // they compile in parallel.
@@ -184,7 +184,7 @@ ColumnBlock<kCols, kRowLines, kIsa, scalar_t, index_t>::pool_sum(int64_t prefetc
   return bad;
 }
 
-// Bags [b0, b1), dim a multiple of 16: blocks of 8 vector registers of accumulator
+// Bags [b0, b1), dim at least 16: blocks of 8 vector registers of accumulator
 // (AVX2 fp32: 64 columns; AVX-512 fp32: 128) for sum/mean, 4 vectors then 16 columns for max (values and
 // their arg-max positions: int32 lanes for fp32, int64 for fp64), then 16-column blocks for the rest. Rows are prefetched
 // kBagPrefetch ids ahead, across bag boundaries within the task (a bag's first rows would
@@ -211,7 +211,8 @@ __attribute__((always_inline)) inline bool pool_register_blocks(
       // 1.5x slower than AVX2's 2-vector blocks.
       constexpr int kMaxWide = 4 * kLanesOf<acc_t, kIsa>;
       for (; d0 + kMaxWide <= a.dim; d0 += kMaxWide) ColumnBlock<kMaxWide, 0, kIsa, scalar_t, index_t>(a, b, d0).pool_max(d0 == 0 ? task_end : 0);
-      for (; d0 < a.dim; d0 += 16) ColumnBlock<16, 0, kIsa, scalar_t, index_t>(a, b, d0).pool_max(d0 == 0 ? task_end : 0);
+      for (; d0 + 16 <= a.dim; d0 += 16) ColumnBlock<16, 0, kIsa, scalar_t, index_t>(a, b, d0).pool_max(d0 == 0 ? task_end : 0);
+      if (d0 < a.dim) ColumnBlock<16, 0, kIsa, scalar_t, index_t>(a, b, a.dim - 16).pool_max(0);  // see below
     } else {
       // Rows of half, 1, 2 or 4 wide blocks (AVX2 fp32: D = 32, 64, 128, 256): the first
       // block prefetches the whole row with unrolled lines (a prefetch loop per row cost
@@ -240,7 +241,23 @@ __attribute__((always_inline)) inline bool pool_register_blocks(
         continue;
       }
       for (; d0 + kWide <= a.dim; d0 += kWide) bad |= ColumnBlock<kWide, 0, kIsa, scalar_t, index_t>(a, b, d0).pool_sum(d0 == 0 ? task_end : 0);
-      for (; d0 < a.dim; d0 += 16) bad |= ColumnBlock<16, 0, kIsa, scalar_t, index_t>(a, b, d0).pool_sum(d0 == 0 ? task_end : 0);
+      // Then half and quarter blocks, so a row of any D takes few passes over the bag (each
+      // pass pays the per-row loop again: D = 200 was 128 + 4 x 16 + 16 columns, 6 passes).
+      if (d0 + kWide / 2 <= a.dim) {
+        bad |= ColumnBlock<kWide / 2, 0, kIsa, scalar_t, index_t>(a, b, d0).pool_sum(d0 == 0 ? task_end : 0);
+        d0 += kWide / 2;
+      }
+      if constexpr (kWide / 4 >= 16) {
+        if (d0 + kWide / 4 <= a.dim) {
+          bad |= ColumnBlock<kWide / 4, 0, kIsa, scalar_t, index_t>(a, b, d0).pool_sum(d0 == 0 ? task_end : 0);
+          d0 += kWide / 4;
+        }
+      }
+      for (; d0 + 16 <= a.dim; d0 += 16) bad |= ColumnBlock<16, 0, kIsa, scalar_t, index_t>(a, b, d0).pool_sum(d0 == 0 ? task_end : 0);
+      // D = 16k + r: the last 16 columns once more, from D - 16. The overlapping columns are
+      // pooled by the same operations in the same order, so they are stored again with the
+      // same bits; a general loop for the last r columns ran at half the bytes per second.
+      if (d0 < a.dim) bad |= ColumnBlock<16, 0, kIsa, scalar_t, index_t>(a, b, a.dim - 16).pool_sum(0);
     }
   }
   return bad;
