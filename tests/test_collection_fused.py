@@ -89,8 +89,10 @@ def test_fused_collection_trains_as_the_unfused_one(cls, kwargs):
         out.square().sum().backward()
         opt.step()
         torch.testing.assert_close(out, ref_step(values, offsets))
+    # fp32: a row's gradient terms are summed in another order than torch's coalesce
+    # (1.4e-6 apart for seed 1445107443 after 4 steps).
     for key, value in ref.state_dict().items():
-        torch.testing.assert_close(ebc.state_dict()[key], value, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ebc.state_dict()[key], value, atol=5e-6, rtol=1e-5)
     assert torch.equal(ebc.embedding_bags["products"].weight[2], padding_row)
     assert all(w.grad is None for w in ebc.parameters())
 
@@ -119,7 +121,7 @@ def test_state_dict_moves_between_fused_and_torch(cls, kwargs):
         opt.step()
         ref_step(values, offsets)
     for key, value in ref.state_dict().items():
-        torch.testing.assert_close(ebc.state_dict()[key], value, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ebc.state_dict()[key], value, atol=5e-6, rtol=1e-5)
 
 
 def test_param_group_lr_reaches_every_table():
