@@ -65,6 +65,17 @@ inline void check_quant_output_dtype(at::ScalarType dtype, const char* op) {
               ": 'dtype' must be float32, float16 or bfloat16, got ", dtype);
 }
 
+// quantized_embedding_forward's checks: the table, the ids' dtype and device, the output dtype.
+inline QuantTable quant_lookup_table(const at::Tensor& packed, c10::string_view format,
+                                     const at::Tensor& indices, at::ScalarType dtype,
+                                     const char* op) {
+  QuantTable t = quant_table(packed, format, op);
+  check_indices_dtype(indices, op);
+  check_same_device(packed, "packed", indices, "indices", op);
+  check_quant_output_dtype(dtype, op);
+  return t;
+}
+
 // quantized_embedding_bag_forward's checks (offsets' values: each backend, as for bags).
 inline BagInputs quant_bag_inputs(const QuantTable& t, const at::Tensor& indices,
                                   const at::Tensor& offsets, int64_t mode,

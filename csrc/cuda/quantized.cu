@@ -137,10 +137,7 @@ void dispatch_format(QuantFormat f, const Fn& fn) {
 at::Tensor quantized_embedding_forward_cuda(const at::Tensor& packed, c10::string_view format,
                                             const at::Tensor& indices_in, at::ScalarType dtype) {
   constexpr const char* op = "quantized_embedding_forward";
-  const QuantTable t = quant_table(packed, format, op);
-  check_indices_dtype(indices_in, op);
-  check_same_device(packed, "packed", indices_in, "indices", op);
-  check_quant_output_dtype(dtype, op);
+  const QuantTable t = quant_lookup_table(packed, format, indices_in, dtype, op);
   LaunchScope scope(packed, op);
   const at::Tensor indices = indices_in.contiguous();
   const int64_t n = indices.numel();
