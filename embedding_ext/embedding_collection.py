@@ -99,15 +99,20 @@ class EmbeddingCollection(torch.nn.Module):
         if offsets.dtype not in (torch.int32, torch.int64) or values.dim() != 1:
             raise ValueError("EmbeddingCollection: 'values' must be 1-D and 'offsets' int32 or "
                              f"int64, got shapes {tuple(values.shape)} and dtype {offsets.dtype}")
-        off = offsets.tolist()
-        bad = next((i for i in range(1, len(off)) if off[i] < off[i - 1]), None)
-        if off[0] != 0 or off[-1] != values.shape[0] or bad is not None:
+        # One host copy of what the checks need (every feature's start, the end, whether any
+        # entry decreases) instead of every offset: a Python pass over F * B entries per call.
+        batch = (offsets.shape[0] - 1) // features
+        decreasing = offsets[1:] < offsets[:-1]
+        host = torch.cat([offsets[::batch] if batch else offsets[:1].repeat(features + 1),
+                          decreasing.any().to(offsets.dtype).view(1)]).tolist()
+        bounds, any_decreasing = host[:-1], host[-1]
+        if bounds[0] != 0 or bounds[-1] != values.shape[0] or any_decreasing:
+            bad = int(decreasing.nonzero()[0, 0]) + 1 if any_decreasing else None
             raise RuntimeError(f"EmbeddingCollection: 'offsets' must start at 0, never decrease "
                                f"and end at len(values) = {values.shape[0]}; got offsets[0] = "
-                               f"{off[0]}, offsets[-1] = {off[-1]}"
+                               f"{bounds[0]}, offsets[-1] = {bounds[-1]}"
                                + (f", offsets[{bad}] < offsets[{bad - 1}]" if bad else ""))
-        batch = (len(off) - 1) // features
-        return [off[f * batch] for f in range(features)] + [off[-1]]
+        return bounds
 
     def _rows(self, values: Tensor, bounds: list[int]) -> list[Tensor]:
         rows = []
